@@ -1,0 +1,49 @@
+r"""PSCH on Fashion-MNIST from scratch (small CNN, 28 x 28), preset "ssdh", 32 bits.
+
+Runs offline with the Debian package dataset-fashion-mnist:
+
+  python main.py --config=configs/fashion_mnist.py --workdir=workdirs/fmnist
+
+Hardware / time / result: see README.md "Expected results" (measured on the 2-core
+CPU this project is developed on; the figures there come with their command).
+
+Variants: `configs/fashion_mnist.py:tiny` is a seconds-long smoke run used by tests.
+"""
+from psch_jax import config as psch_config
+
+
+def get_config(variant: str = ""):
+  c = psch_config.base_config()
+  c.data.name = "fashion_mnist"
+  c.data.preset = "ssdh"
+  c.data.mean = (0.286,)
+  c.data.std = (0.353,)
+  c.model.backbone = "small_cnn"
+  c.model.image_size = 28
+  c.model.channels = 1
+  c.model.num_bits = 32
+  # A random network's features carry little class structure; raw pixels cluster
+  # better (method.md section 1, option for backbones trained from scratch).
+  c.pseudo_labels.features = "pixels"
+  c.pseudo_labels.num_clusters = 10
+  c.train.global_batch_size = 128
+  c.train.num_epochs = 30
+  if variant == "tiny":
+    _make_tiny(c)
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r}; use '' or 'tiny'")
+  return c
+
+
+def _make_tiny(c):
+  c.data.query_per_class = 4
+  c.data.train_per_class = 8
+  c.data.num_validation = 20
+  c.model.num_bits = 16
+  c.pseudo_labels.num_clusters = 4
+  c.pseudo_labels.n_init = 1
+  c.train.global_batch_size = 16
+  c.train.num_epochs = 2
+  c.train.checkpoint_every_steps = 2
+  c.eval.topk = (10,)
+  c.eval.batch_size = 64

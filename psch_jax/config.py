@@ -1,0 +1,144 @@
+"""The base configuration every config file in `configs/` starts from, and its checks.
+
+Every method choice of docs/method.md is a field here, with the default the method
+states; `configs/<dataset>.py` changes what differs per dataset. `validate` turns a
+config a user could have mistyped into a `UserError` that names the field and the fix,
+before anything is trained or written.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from psch_jax.errors import UserError
+
+PRESETS = ("ssdh", "modern")
+BACKBONES = ("small_cnn", "vgg16")
+FEATURE_SOURCES = ("global", "pooled", "pixels")
+SIMILARITY_SOURCES = ("initial", "online")
+OPTIMIZERS = ("adam", "sgd")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """PSCH defaults (docs/method.md); dataset configs override what differs."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "fashion_mnist"
+  c.data.data_dir = config_dict.placeholder(str)     # tfds data_dir
+  c.data.manual_dir = config_dict.placeholder(str)   # raw files (IDX, NUS-WIDE, ...)
+  c.data.preset = "ssdh"
+  # Per-class / total split sizes; None takes the preset's numbers (method.md table).
+  c.data.query_per_class = config_dict.placeholder(int)
+  c.data.train_per_class = config_dict.placeholder(int)
+  c.data.num_validation = config_dict.placeholder(int)
+  c.data.augment = "none"                            # preprocess.AUGMENTATIONS
+  c.data.mean = (0.5,)
+  c.data.std = (0.5,)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = "small_cnn"
+  c.model.num_bits = 32
+  c.model.image_size = 28
+  c.model.channels = 1
+  c.model.pretrained_path = config_dict.placeholder(str)  # torchvision VGG-16 weights
+  c.model.dropout_rate = 0.0
+
+  c.pseudo_labels = ml_collections.ConfigDict()
+  c.pseudo_labels.num_clusters = 10
+  c.pseudo_labels.keep_quantile = 0.7                # Eq. 2; 1.0 = no threshold
+  c.pseudo_labels.absolute_threshold = config_dict.placeholder(float)
+  c.pseudo_labels.features = "global"                # FEATURE_SOURCES
+  c.pseudo_labels.refresh_every_epochs = 0           # 0 = once, before training
+  c.pseudo_labels.n_init = 3
+  c.pseudo_labels.max_iter = 100
+  c.pseudo_labels.tol = 1e-4
+
+  c.attention = ml_collections.ConfigDict()
+  c.attention.num_parts = 4                          # P; 1 = single-part ablation
+  c.attention.temperature = 1.0                      # T of Eq. 3
+  c.attention.uniform = False                        # True = no-attention ablation
+
+  c.similarity = ml_collections.ConfigDict()
+  c.similarity.source = "initial"                    # SIMILARITY_SOURCES
+  c.similarity.hard = False                          # True = SSDH-like ablation
+  c.similarity.same_class_floor = 0.5                # lambda of Eq. 7
+  c.similarity.unlabelled_weight = 0.1               # mu of Eq. 7; 0 masks
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.alpha = 0.1                                 # L_cls weight; 0 = ablation
+  c.loss.beta = 0.01                                 # L_q weight; 0 = ablation
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adam"
+  c.optim.learning_rate = 1e-3                       # new layers (hash head, classifier)
+  c.optim.backbone_lr_multiplier = 1.0               # 0.1 for a pretrained backbone
+  c.optim.momentum = 0.9                             # sgd only
+  c.optim.weight_decay = 1e-5
+  c.optim.warmup_epochs = 1
+  c.optim.grad_clip_norm = 5.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.global_batch_size = 128
+  c.train.num_epochs = 30
+  c.train.checkpoint_every_steps = 200               # and at every epoch end
+  c.train.keep_checkpoints = 2
+  c.train.tensorboard = False
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.topk = (1000,)
+  c.eval.batch_size = 512
+  c.eval.validation_every_epochs = 0                 # 0 = only after training
+  return c
+
+
+def _require(condition: bool, message: str) -> None:
+  if not condition:
+    raise UserError(message)
+
+
+def _choice(value, choices, field: str) -> None:
+  _require(value in choices,
+           f"config.{field}={value!r} is not one of {list(choices)}; "
+           f"set --config.{field} to one of them.")
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
+  """Raises UserError on a config that cannot train, naming the field and the fix."""
+  _choice(config.data.preset, PRESETS, "data.preset")
+  _choice(config.model.backbone, BACKBONES, "model.backbone")
+  _choice(config.pseudo_labels.features, FEATURE_SOURCES, "pseudo_labels.features")
+  _choice(config.similarity.source, SIMILARITY_SOURCES, "similarity.source")
+  _choice(config.optim.name, OPTIMIZERS, "optim.name")
+  _require(config.model.num_bits >= 1,
+           f"config.model.num_bits={config.model.num_bits} must be a positive code "
+           "length (the paper uses 16, 32, 64 or 128).")
+  _require(config.model.channels in (1, 3),
+           f"config.model.channels={config.model.channels} must be 1 or 3.")
+  _require(len(config.data.mean) == len(config.data.std) and
+           len(config.data.mean) in (1, config.model.channels),
+           "config.data.mean and config.data.std must have 1 or "
+           f"model.channels={config.model.channels} entries each.")
+  _require(config.pseudo_labels.num_clusters >= 2,
+           "config.pseudo_labels.num_clusters must be at least 2.")
+  _require(0.0 < config.pseudo_labels.keep_quantile <= 1.0,
+           f"config.pseudo_labels.keep_quantile={config.pseudo_labels.keep_quantile} "
+           "must lie in (0, 1]; 1.0 keeps every image (no threshold).")
+  _require(config.attention.num_parts >= 1,
+           "config.attention.num_parts must be at least 1.")
+  _require(config.attention.temperature > 0, "config.attention.temperature must be > 0.")
+  _require(0.0 <= config.similarity.same_class_floor <= 1.0,
+           "config.similarity.same_class_floor (lambda) must lie in [0, 1].")
+  _require(config.similarity.unlabelled_weight >= 0,
+           "config.similarity.unlabelled_weight (mu) must be >= 0.")
+  _require(config.loss.alpha >= 0 and config.loss.beta >= 0,
+           "config.loss.alpha and config.loss.beta must be >= 0.")
+  _require(config.optim.learning_rate > 0, "config.optim.learning_rate must be > 0.")
+  _require(config.train.num_epochs >= 1, "config.train.num_epochs must be >= 1.")
+  batch = config.train.global_batch_size
+  _require(batch >= 2 and batch % num_devices == 0,
+           f"config.train.global_batch_size={batch} must be >= 2 and divisible by the "
+           f"{num_devices} devices of this run; use a multiple of {num_devices}.")
+  _require(config.eval.batch_size % num_devices == 0,
+           f"config.eval.batch_size={config.eval.batch_size} must be divisible by the "
+           f"{num_devices} devices of this run; use a multiple of {num_devices}.")
+  _require(all(k >= 1 for k in config.eval.topk), "config.eval.topk values must be >= 1.")
