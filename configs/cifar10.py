@@ -48,6 +48,7 @@ def get_config(variant: str = ""):
     c.data.augment = "flip"
     c.data.query_per_class = 2
     c.data.train_per_class = 4
+    c.data.allow_fewer = True
     c.data.num_validation = 10
     c.model.num_bits = 16
     c.pseudo_labels.num_clusters = 3

@@ -38,6 +38,8 @@ def get_config(variant: str = ""):
 def _make_tiny(c):
   c.data.query_per_class = 4
   c.data.train_per_class = 8
+  c.data.allow_fewer = True
+  c.data.num_database = 200
   c.data.num_validation = 20
   c.model.num_bits = 16
   c.pseudo_labels.num_clusters = 4

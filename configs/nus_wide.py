@@ -38,6 +38,7 @@ def get_config(variant: str = ""):
     c.data.std = (0.25, 0.25, 0.25)
     c.data.query_per_class = 1
     c.data.train_per_class = 2
+    c.data.allow_fewer = True
     c.data.num_validation = 4
     c.model.backbone = "small_cnn"
     c.model.image_size = 32

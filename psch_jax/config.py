@@ -31,6 +31,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.query_per_class = config_dict.placeholder(int)
   c.data.train_per_class = config_dict.placeholder(int)
   c.data.num_validation = config_dict.placeholder(int)
+  # A seeded random subset of the preset's database, for smoke runs only.
+  c.data.num_database = config_dict.placeholder(int)
+  # Take fewer images than asked where a class is too small (tiny and mock sets)
+  # instead of stopping with an error.
+  c.data.allow_fewer = False
   c.data.augment = "none"                            # preprocess.AUGMENTATIONS
   c.data.mean = (0.5,)
   c.data.std = (0.5,)

@@ -1,0 +1,322 @@
+"""Retrieval protocol splits: query, database, train and validation index sets.
+
+Two named presets (docs/method.md, "Training and evaluation protocols"); all
+counts are defaults that keyword arguments of `make_splits` override:
+
+cifar10
+  "ssdh":   query 100 per class from all 60,000; database the rest (59,000);
+            train 500 per class from the database.
+  "modern": query = the test split (10,000); database = train = the train split.
+fashion_mnist
+  "ssdh":   query 100 per class from the test split; database the rest (69,000);
+            train 500 per class from the database.
+  "modern": query = the test split (10,000); database = train = the train split.
+nus_wide, both presets
+            query 100 per concept (2,100); database the rest; train 500 per
+            concept (10,500) from the database.
+mirflickr25k, both presets
+            query 2,000 uniformly; database the rest; train 5,000 uniformly from
+            the database.
+
+Sampling rules:
+- "per class" (one-hot labels) or "per concept" (multi-hot): concepts are taken
+  in column order; for each, the count is drawn uniformly without replacement
+  among the images that carry the concept and are not drawn yet. With one-hot
+  labels this is exactly per-class sampling; with multi-hot labels an image
+  drawn for one concept also counts as a member of its other concepts, as in
+  public hashing code.
+- "uniformly": drawn among the images with at least one label.
+- The query of "modern" CIFAR-10 / Fashion-MNIST is the whole official test split.
+- validation: `num_validation` images (default: as many as the query) drawn
+  uniformly among the labelled images of the database minus the train set, for
+  model selection. When the train set is the whole database ("modern" CIFAR-10
+  / Fashion-MNIST) it is drawn from the database, so it is then a subset of the
+  train set. It never overlaps the query; it is part of the database, so score
+  it against the database minus the validation images.
+
+Everything is drawn by `np.random.default_rng(seed)` in a fixed order, so a
+(dataset, preset, seed, counts) tuple always gives the same splits. Every split
+is a sorted int64 array of global indices (see `psch_jax.data.sources`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from psch_jax import io_utils
+from psch_jax.errors import UserError
+
+PRESETS = ("ssdh", "modern")
+SPLIT_NAMES = ("query", "database", "train", "validation")
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """How one preset splits one dataset.
+
+  Attributes:
+    query: "per_class" (query_count per class or concept), "uniform"
+      (query_count in all) or "official_test" (the whole test split).
+    query_from_test: draw the query from the official test split only.
+    query_count: see `query`.
+    train: "per_class", "uniform" (from the database, train_count per class or
+      in all) or "database" (the whole database).
+    train_count: see `train`.
+  """
+  query: str
+  query_from_test: bool
+  query_count: int
+  train: str
+  train_count: int
+
+
+_SSDH_SINGLE_LABEL = Protocol("per_class", False, 100, "per_class", 500)
+_OFFICIAL = Protocol("official_test", True, 0, "database", 0)
+_PER_CONCEPT = Protocol("per_class", False, 100, "per_class", 500)
+_UNIFORM = Protocol("uniform", False, 2000, "uniform", 5000)
+
+PROTOCOLS: dict[tuple[str, str], Protocol] = {
+    ("cifar10", "ssdh"): _SSDH_SINGLE_LABEL,
+    ("cifar10", "modern"): _OFFICIAL,
+    ("fashion_mnist", "ssdh"): dataclasses.replace(_SSDH_SINGLE_LABEL,
+                                                   query_from_test=True),
+    ("fashion_mnist", "modern"): _OFFICIAL,
+    ("nus_wide", "ssdh"): _PER_CONCEPT,
+    ("nus_wide", "modern"): _PER_CONCEPT,
+    ("mirflickr25k", "ssdh"): _UNIFORM,
+    ("mirflickr25k", "modern"): _UNIFORM,
+}
+
+
+def _count(scheme: str, default: int, *, per_class: int | None,
+           total: int | None, num_labels: int, what: str, context: str) -> int:
+  """The number of `what` images to draw: the protocol's, or an override.
+
+  A per-class scheme takes `per_class`; a uniform one takes `total`, or
+  `per_class * num_labels` so that one tiny config fits every dataset.
+  """
+  per_class_name, total_name = f"{what}_per_class", f"num_{what}"
+  if scheme not in ("per_class", "uniform"):
+    if per_class is not None or total is not None:
+      raise UserError(f"{context} fixes its {what} set ({scheme!r}); unset "
+                      f"{per_class_name} / {total_name}.")
+    return default
+  if per_class is not None and total is not None:
+    raise UserError(f"{context}: pass {per_class_name}= or {total_name}=, not both.")
+  if scheme == "per_class" and total is not None:
+    raise UserError(f"{context} draws the {what} set per class; pass "
+                    f"{per_class_name}= instead of {total_name}=.")
+  value = per_class if scheme == "per_class" else (
+      total if per_class is None else per_class * num_labels)
+  if value is None:
+    return default
+  if value < 0:
+    raise UserError(f"{context}: the {what} count {value} must be >= 0.")
+  return int(value)
+
+
+def _sample_per_class(rng: np.random.Generator, labels: np.ndarray,
+                      candidates: np.ndarray, per_class: int, *, allow_fewer: bool,
+                      what: str, fix: str) -> np.ndarray:
+  """Draws `per_class` images per label column among `candidates`.
+
+  Args:
+    rng: the generator, advanced in a fixed order.
+    labels: uint8 (N, num_labels).
+    candidates: bool (N,), the images that may be drawn.
+    per_class: images per column.
+    allow_fewer: take all remaining members of a column that has fewer.
+    what: the split being drawn, for the error message.
+    fix: what the user should do when a column has too few images.
+
+  Returns:
+    bool (N,) mask of the drawn images.
+  """
+  remaining = candidates.copy()
+  for column in range(labels.shape[1]):
+    members = np.flatnonzero(remaining & (labels[:, column] > 0))
+    if members.size < per_class and not allow_fewer:
+      raise UserError(f"{what}: class {column} has {members.size} candidate images, "
+                      f"{per_class} asked. {fix}")
+    drawn = rng.choice(members, size=min(per_class, members.size), replace=False)
+    remaining[drawn] = False
+  return candidates & ~remaining
+
+
+def _sample_uniform(rng: np.random.Generator, candidates: np.ndarray, count: int,
+                    *, allow_fewer: bool, what: str, fix: str) -> np.ndarray:
+  """Draws `count` of the `candidates` (bool (N,)); returns a bool (N,) mask."""
+  members = np.flatnonzero(candidates)
+  if members.size < count and not allow_fewer:
+    raise UserError(f"{what}: {members.size} candidate images, {count} asked. {fix}")
+  drawn = rng.choice(members, size=min(count, members.size), replace=False)
+  mask = np.zeros_like(candidates)
+  mask[drawn] = True
+  return mask
+
+
+def make_splits(labels: np.ndarray, official_split: np.ndarray, *, dataset: str,
+                preset: str, seed: int, num_validation: int | None = None,
+                query_per_class: int | None = None,
+                train_per_class: int | None = None, num_query: int | None = None,
+                num_train: int | None = None,
+                allow_fewer: bool = False) -> dict[str, np.ndarray]:
+  """Draws the query / database / train / validation splits of a preset.
+
+  Args:
+    labels: uint8 (N, num_labels) multi-hot (one-hot for single-label sets).
+    official_split: str (N,), "train" or "test" per image.
+    dataset: a dataset of `PROTOCOLS` ("cifar10", "fashion_mnist", "nus_wide",
+      "mirflickr25k").
+    preset: one of `PRESETS`.
+    seed: seeds `np.random.default_rng`; same arguments, same splits.
+    num_validation: validation size (default: the query size).
+    query_per_class, train_per_class: override the per-class (per-concept)
+      counts of presets that sample per class; for presets that sample
+      uniformly they ask for `count * num_labels` images in all.
+    num_query, num_train: override the totals of presets that sample uniformly.
+    allow_fewer: when a class (or the candidate pool) has fewer images than
+      asked, take what there is instead of raising (for tiny test datasets).
+
+  Returns:
+    {"query", "database", "train", "validation"}: sorted int64 global indices.
+  """
+  labels = np.asarray(labels)
+  official_split = np.asarray(official_split)
+  if labels.ndim != 2:
+    raise UserError(f"labels must be (N, num_labels), got shape {labels.shape}.")
+  if official_split.shape != labels.shape[:1] or not np.isin(
+      official_split, ("train", "test")).all():
+    raise UserError("official_split must hold 'train' or 'test' for each of the "
+                    f"{labels.shape[0]} images (ImageSource.official_split).")
+  if (dataset, preset) not in PROTOCOLS:
+    raise UserError(f"No protocol for dataset={dataset!r}, preset={preset!r}; "
+                    f"datasets {sorted({d for d, _ in PROTOCOLS})}, presets {PRESETS}.")
+  protocol = PROTOCOLS[(dataset, preset)]
+  context = f"{dataset} preset {preset!r}"
+  num_labels = labels.shape[1]
+  query_count = _count(protocol.query, protocol.query_count,
+                       per_class=query_per_class, total=num_query,
+                       num_labels=num_labels, what="query", context=context)
+  train_count = _count(protocol.train, protocol.train_count,
+                       per_class=train_per_class, total=num_train,
+                       num_labels=num_labels, what="train", context=context)
+  fix = ("Pass smaller counts (query_per_class=, train_per_class=, num_query=, "
+         "num_train=, num_validation=) or allow_fewer=True for a tiny dataset.")
+  rng = np.random.default_rng(seed)
+  labelled = labels.any(axis=1)
+
+  pool = labelled & (official_split == "test" if protocol.query_from_test else True)
+  if protocol.query == "official_test":
+    query = official_split == "test"
+  elif protocol.query == "per_class":
+    query = _sample_per_class(rng, labels, pool, query_count, allow_fewer=allow_fewer,
+                              what=f"{context}, query", fix=fix)
+  else:
+    query = _sample_uniform(rng, pool, query_count, allow_fewer=allow_fewer,
+                            what=f"{context}, query", fix=fix)
+  database = ~query
+
+  if protocol.train == "database":
+    train = database.copy()
+  elif protocol.train == "per_class":
+    train = _sample_per_class(rng, labels, database & labelled, train_count,
+                              allow_fewer=allow_fewer, what=f"{context}, train",
+                              fix=fix)
+  else:
+    train = _sample_uniform(rng, database & labelled, train_count,
+                            allow_fewer=allow_fewer, what=f"{context}, train", fix=fix)
+
+  # Model selection should not score images the model trained on, unless the
+  # protocol trains on the whole database and leaves nothing else.
+  validation_pool = labelled & (database if protocol.train == "database"
+                                else database & ~train)
+  if num_validation is None:
+    num_validation = int(query.sum())
+  if num_validation < 0:
+    raise UserError(f"{context}: num_validation={num_validation} must be >= 0.")
+  validation = _sample_uniform(rng, validation_pool, num_validation,
+                               allow_fewer=allow_fewer,
+                               what=f"{context}, validation", fix=fix)
+
+  splits = {name: np.flatnonzero(mask).astype(np.int64) for name, mask in
+            zip(SPLIT_NAMES, (query, database, train, validation))}
+  check_splits(splits, num_examples=labels.shape[0])
+  if protocol.train == "database" and not np.array_equal(splits["train"],
+                                                         splits["database"]):
+    raise AssertionError("a 'modern' protocol must train on the whole database")
+  return splits
+
+
+def check_splits(splits: dict[str, np.ndarray], *, num_examples: int | None = None
+                 ) -> None:
+  """Raises UserError unless `splits` is a consistent set of protocol splits.
+
+  Consistent: exactly the keys of `SPLIT_NAMES`, each a 1-D strictly increasing
+  integer array; query and database disjoint; train and validation inside the
+  database; all indices in [0, num_examples) when num_examples is given.
+  """
+  if set(splits) != set(SPLIT_NAMES):
+    raise UserError(f"splits have keys {sorted(splits)}, expected {list(SPLIT_NAMES)}.")
+  for name in SPLIT_NAMES:
+    indices = np.asarray(splits[name])
+    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+      raise UserError(f"split {name!r} must be a 1-D integer array, got "
+                      f"{indices.dtype} {indices.shape}.")
+    if indices.size and (np.any(np.diff(indices) <= 0) or indices[0] < 0):
+      raise UserError(f"split {name!r} must be sorted, unique and non-negative.")
+    if num_examples is not None and indices.size and indices[-1] >= num_examples:
+      raise UserError(f"split {name!r} holds index {indices[-1]}, but the dataset "
+                      f"has {num_examples} images: the splits belong to another "
+                      f"dataset; draw them again.")
+  overlap = np.intersect1d(splits["query"], splits["database"])
+  if overlap.size:
+    raise UserError(f"query and database share {overlap.size} images "
+                    f"(e.g. {overlap[0]}); retrieval would find the query itself. "
+                    f"Draw the splits again with make_splits.")
+  for name in ("train", "validation"):
+    outside = np.setdiff1d(splits[name], splits["database"])
+    if outside.size:
+      raise UserError(f"{outside.size} {name} images (e.g. {outside[0]}) are not "
+                      f"in the database. Draw the splits again with make_splits.")
+
+
+def save_splits(splits: dict[str, np.ndarray], directory: str) -> None:
+  """Writes each split to `<directory>/<name>.npy`, each file atomically.
+
+  A file is written to a temporary name in `directory` and renamed over the
+  final one (`os.replace`), so a crash never leaves a half-written split.
+  """
+  check_splits(splits)
+  for name in SPLIT_NAMES:
+    io_utils.save_npy(os.path.join(directory, f"{name}.npy"),
+                      np.asarray(splits[name], np.int64))
+
+
+def load_splits(directory: str, *, num_examples: int | None = None
+                ) -> dict[str, np.ndarray]:
+  """Reads the splits `save_splits` wrote and checks them (`check_splits`).
+
+  Args:
+    directory: where `save_splits` wrote them.
+    num_examples: the dataset size, to check every index is in range.
+
+  Returns:
+    {"query", "database", "train", "validation"}: sorted int64 global indices.
+  """
+  splits = {}
+  for name in SPLIT_NAMES:
+    path = os.path.join(directory, f"{name}.npy")
+    if not os.path.isfile(path):
+      raise UserError(f"Missing split file {path}; draw the splits with "
+                      f"make_splits and save_splits, or point to the directory "
+                      f"that holds them.")
+    try:
+      splits[name] = np.load(path, allow_pickle=False).astype(np.int64)
+    except (ValueError, OSError, EOFError) as e:
+      raise UserError(f"Cannot read split file {path} ({e}); delete it and draw "
+                      f"the splits again.") from e
+  check_splits(splits, num_examples=num_examples)
+  return splits
