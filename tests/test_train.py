@@ -1,0 +1,197 @@
+"""The whole pipeline on tiny configs: train, checkpoint, resume, evaluate.
+
+These are the tests that the product holds together: a config file goes in, codes and
+metrics come out, the same seed gives the same bits, a killed run resumes to the same
+codes, and the data-parallel step is the single-device step.
+"""
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from psch_jax import train
+from psch_jax.data import sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION_MNIST = os.path.isdir(sources.DEFAULT_FASHION_MNIST_DIR)
+needs_fashion_mnist = pytest.mark.skipif(
+    not FASHION_MNIST, reason="apt-get install dataset-fashion-mnist")
+
+
+def load_config(name: str, variant: str = "tiny"):
+  path = os.path.join(ROOT, "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def read_outputs(workdir: str) -> tuple[dict, dict]:
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  codes = {name: np.load(os.path.join(workdir, "codes", f"{name}.npy"))
+           for name in ("query", "database")}
+  return results, codes
+
+
+def assert_same_run(workdir_a: str, workdir_b: str, compare=None) -> None:
+  """Bitwise-equal packed codes, and equal results (all keys, or those in `compare`)."""
+  results_a, codes_a = read_outputs(workdir_a)
+  results_b, codes_b = read_outputs(workdir_b)
+  for name in codes_a:
+    np.testing.assert_array_equal(codes_a[name], codes_b[name])
+  if compare is not None:
+    results_a = {k: results_a[k] for k in compare}
+    results_b = {k: results_b[k] for k in compare}
+  assert results_a == results_b
+
+
+def run_main(workdir, *extra, env=None, **kwargs) -> subprocess.Popen:
+  return subprocess.Popen(
+      [sys.executable, "main.py", "--config=configs/fashion_mnist.py:tiny",
+       f"--workdir={workdir}", *extra],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      **kwargs)
+
+
+def test_cifar10_tiny_trains_and_evaluates_on_mock_data(tmp_path):
+  import tensorflow_datasets as tfds
+  config = load_config("cifar10")
+  with tfds.testing.mock_data(num_examples=60):
+    results = train.train_and_evaluate(config, str(tmp_path))
+  assert results["dataset"] == "cifar10" and results["protocol"] == "ssdh"
+  for key in ("map@10", "map@all", "map@all_tie_aware", "precision@radius2"):
+    assert 0.0 <= results[key] <= 1.0
+  saved, codes = read_outputs(str(tmp_path))
+  assert saved == json.loads(json.dumps(results))
+  assert codes["query"].shape == (results["num_query"], 1)  # 16 bits -> one word
+  assert os.listdir(tmp_path / "checkpoints")
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  epochs = [r for r in records if "epoch" in r and "loss" in r]
+  assert epochs and all(np.isfinite(r["loss"]) for r in epochs)
+  assert 0.0 <= epochs[-1]["data_wait_fraction"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """One uninterrupted Fashion-MNIST tiny run, the reference the others match."""
+  if not FASHION_MNIST:
+    pytest.skip("apt-get install dataset-fashion-mnist")
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  train.train_and_evaluate(load_config("fashion_mnist"), workdir)
+  return workdir
+
+
+@needs_fashion_mnist
+def test_same_seed_gives_bitwise_identical_codes_and_metrics(reference_run, tmp_path):
+  train.train_and_evaluate(load_config("fashion_mnist"), str(tmp_path))
+  assert_same_run(reference_run, str(tmp_path))
+
+
+@needs_fashion_mnist
+def test_eval_mode_reproduces_the_final_metrics(reference_run, tmp_path):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(reference_run, workdir)
+  os.remove(os.path.join(workdir, "results.json"))
+  with open(os.path.join(reference_run, "results.json")) as f:
+    results = json.load(f)
+  again = train.evaluate_checkpoint(load_config("fashion_mnist"), workdir)
+  assert again["selection"] == "latest checkpoint"
+  metrics = [k for k in results if k.startswith(("map", "precision"))]
+  assert metrics and all(again[k] == results[k] for k in metrics)
+  assert_same_run(reference_run, workdir, compare=metrics)
+
+
+@needs_fashion_mnist
+def test_sigkill_mid_training_then_rerun_resumes_to_the_same_codes(reference_run,
+                                                                   tmp_path):
+  workdir = str(tmp_path)
+  proc = run_main(workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 300
+  # Kill once the first checkpoint is complete (Orbax renames it from *-tmp-*).
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(checkpoints) and any(
+        name.isdigit() for name in os.listdir(checkpoints)):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be killed:\n" + \
+      proc.stdout.read()
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  rerun = run_main(workdir)
+  output, _ = rerun.communicate(timeout=600)
+  assert rerun.returncode == 0, output
+  assert "resumed from step" in output
+  assert_same_run(reference_run, workdir)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@needs_fashion_mnist
+def test_two_processes_train_together_and_report_the_same_metrics(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [run_main(str(tmp_path), f"--coordinator_address={address}",
+                    "--num_processes=2", f"--process_id={i}", env=env)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out
+  reports = [out[out.index("[process"):].split("\n", 1)[1] for out in outputs]
+  assert "map@all" in reports[0] and reports[0] == reports[1]
+
+
+def test_eight_devices_and_one_device_give_the_same_loss_after_20_steps():
+  config = load_config("cifar10")
+  config.unlock()
+  config.train.global_batch_size = 32
+  config.train.num_epochs = 20
+  model = train.build_model(config)
+  num_train = 64
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (num_train, 32, 32, 3), dtype=np.uint8)
+  fmap_parts = config.attention.num_parts
+  targets = {"pseudo_labels": rng.integers(-1, 3, num_train).astype(np.int32),
+             "part_descriptors": rng.random((num_train, fmap_parts, 32), np.float32),
+             "part_weights": np.full((num_train, fmap_parts), 1 / fmap_parts, np.float32)}
+  abstract = train._abstract_targets(config, num_train, model, None)
+  assert abstract["part_descriptors"].shape == targets["part_descriptors"].shape
+
+  def losses(devices):
+    mesh = train.make_mesh(devices)
+    tx = train.build_optimizer(config, steps_per_epoch=1)
+    step_fn = train.make_train_step(config, model, tx, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec("data"))
+    state = jax.device_put(train._fresh_state(config, model, tx), replicated)
+    t = jax.device_put(targets, replicated)
+    out = []
+    for step in range(20):
+      pos = np.random.default_rng(step).choice(num_train, 32, replace=False)
+      batch = jax.device_put({"images": images[pos], "position": pos.astype(np.int32)},
+                             sharded)
+      state, metrics = step_fn(state, batch, t)
+      out.append(float(metrics["loss"]))
+    return np.array(out)
+
+  one, eight = losses(jax.devices()[:1]), losses(jax.devices()[:8])
+  assert len(jax.devices()) == 8
+  assert abs(one[-1] - eight[-1]) <= 1e-4, (one, eight)
