@@ -19,7 +19,7 @@ Conventions
   smaller distances. A relevant item of the group lands on each of the n places with
   probability 1/n; with k group members before it, E[relevant among them] =
   k (r - 1) / (n - 1) (hypergeometric), so its expected precision is
-      (1/n) sum_{k=0}^{n-1} (R' + 1 + k b) / (C + 1 + k),   b = (r - 1) / (n - 1)  (0 if n = 1)
+      (1/n) sum_{k=0}^{n-1} (R' + 1 + k b) / (C + 1 + k),  b = (r-1)/(n-1) (0 if n = 1)
     = (1/n) [n b + (R' + 1 - b (C + 1)) (H(C + n) - H(C))],   H(m) = sum_{t <= m} 1/t,
   and the group adds r times that to the sum that is divided by R (all relevant items).
   It needs only the per-distance counts, and it does not change under any permutation
@@ -79,12 +79,9 @@ from jax.sharding import PartitionSpec as P
 from psch_jax.errors import UserError
 
 DEFAULT_TOPN = tuple(range(100, 1001, 100))
-METRIC_CONVENTIONS = (
-    "Hamming ranking, ties by database index; AP@K averaged over all queries (0 when "
-    "none relevant in the top K); tie-aware mAP@all of He et al. 2018; docs/evaluation.md")
 _WORD_BITS = 32
 _QUERY_AXIS = "queries"
-# Counts of relevant items travel as float32 next to the precisions: exact below 2^24.
+# Ranks and counts of relevant items pass through float32: exact below 2^24.
 _MAX_DATABASE = 2**24
 _EULER_GAMMA = 0.57721566490153286061
 # Below this argument harmonic numbers come from an exact table, above it from the
@@ -192,10 +189,9 @@ def _two_sum(hi: jax.Array, lo: jax.Array, x: jax.Array) -> tuple[jax.Array, jax
 
 
 def _chunk_statistics(query_packed: jax.Array, query_labels: jax.Array,
-                            db_blocks: jax.Array, db_label_blocks: jax.Array,
-                            bucket_of_rank: jax.Array, *, code_length: int,
-                            num_database: int, num_buckets: int
-                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                      db_blocks: jax.Array, db_label_blocks: jax.Array,
+                      bucket_of_rank: jax.Array, *, code_length: int, num_database: int,
+                      num_buckets: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Both passes for one chunk of queries (one device's share under shard_map).
 
   Args:
@@ -400,7 +396,8 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
   db_labels = _check_labels(db_labels, db_codes.shape[0], "db_labels")
   if query_labels.shape[1] != db_labels.shape[1]:
     raise UserError(f"query labels have {query_labels.shape[1]} columns and database "
-                    f"labels {db_labels.shape[1]}; both must use the dataset's label list.")
+                    f"labels {db_labels.shape[1]}; both must use the dataset's label "
+                    "list.")
   _check_sizes(topk, "topk", allow_none=True)
   _check_sizes(topn, "topn", allow_none=False)
   _check_sizes((query_chunk, db_chunk), "query_chunk and db_chunk", allow_none=False)
@@ -415,7 +412,8 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
   # Rank breakpoints: every K and N, clipped to the database size.
   cutoffs = {k: num_database if k is None else min(int(k), num_database) for k in topk}
   list_sizes = {n: min(int(n), num_database) for n in topn}
-  breakpoints = np.unique(np.array([num_database, *cutoffs.values(), *list_sizes.values()]))
+  breakpoints = np.unique(
+      np.array([num_database, *cutoffs.values(), *list_sizes.values()]))
   bucket_of_rank = np.searchsorted(breakpoints, np.arange(num_database + 1), side="left")
 
   devices = list(jax.local_devices() if devices is None else devices)
@@ -429,8 +427,8 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
   num_blocks = -(-num_database // db_chunk)
   db_packed = np.zeros((num_blocks * db_chunk, -(-code_length // _WORD_BITS)), np.uint32)
   db_packed[:num_database] = np.asarray(pack_codes(db_codes))
-  db_label_packed = np.zeros((num_blocks * db_chunk, -(-db_labels.shape[1] // _WORD_BITS)),
-                             np.uint32)
+  label_words = -(-db_labels.shape[1] // _WORD_BITS)
+  db_label_packed = np.zeros((num_blocks * db_chunk, label_words), np.uint32)
   db_label_packed[:num_database] = np.asarray(_pack_bits(jnp.asarray(db_labels != 0)))
   # Copied to every device once, not at every step.
   replicated = jax.device_put(
@@ -477,7 +475,8 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
   result["pr_precision"] = pr_precision
   result["pr_recall"] = _safe_ratio(hits, num_relevant[:, None])
   for n, size in list_sizes.items():
-    result[f"precision@top{n}"] = relevant_upto[:, np.searchsorted(breakpoints, size)] / size
+    column = np.searchsorted(breakpoints, size)
+    result[f"precision@top{n}"] = relevant_upto[:, column] / size
   return result
 
 

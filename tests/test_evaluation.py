@@ -193,8 +193,9 @@ def test_device_memory_stays_small_for_a_nus_wide_sized_database():
   # Compiled, not run: 256 queries x 193,734 items at 64 bits, 1,024-item blocks.
   num_database, block = 193_734, 1024
   num_blocks = -(-num_database // block)
-  shapes = [((256, 2), np.uint32), ((256, 1), np.uint32), ((num_blocks, block, 2), np.uint32),
-            ((num_blocks, block, 1), np.uint32), ((num_database + 1,), np.int32)]
+  shapes = [((256, 2), np.uint32), ((256, 1), np.uint32),
+            ((num_blocks, block, 2), np.uint32), ((num_blocks, block, 1), np.uint32),
+            ((num_database + 1,), np.int32)]
   compiled = evaluation._sharded_statistics.lower(  # pylint: disable=protected-access
       *(jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes),
       mesh=jax.sharding.Mesh(np.array(jax.devices()[:1]), ("queries",)), code_length=64,

@@ -195,3 +195,34 @@ def test_eight_devices_and_one_device_give_the_same_loss_after_20_steps():
   one, eight = losses(jax.devices()[:1]), losses(jax.devices()[:8])
   assert len(jax.devices()) == 8
   assert abs(one[-1] - eight[-1]) <= 1e-4, (one, eight)
+
+
+@pytest.mark.parametrize("name,list_file,label_file,image_dir,num_labels", [
+    ("nus_wide", "img_tc21.txt", "targets_onehot_tc21.txt", "images", 21),
+    ("mirflickr25k", "img.txt", "targets.txt", "mirflickr", 24),
+])
+def test_manual_datasets_build_from_generated_files_and_train(
+    tmp_path, name, list_file, label_file, image_dir, num_labels):
+  from tests.test_data_builders import _write_image, _write_list, _write_matrix
+  root = tmp_path / "raw"
+  num_images = 48
+  paths = [f"{image_dir}/im{i + 1}.jpg" for i in range(num_images)]
+  for i, path in enumerate(paths):
+    _write_image(str(root / path), i)
+  labels = (np.random.default_rng(0).random((num_images, num_labels)) < 0.2)
+  labels[np.arange(num_images), np.arange(num_images) % 3] = True
+  _write_list(str(root / list_file), paths)
+  _write_matrix(str(root / label_file), labels.astype(np.uint8))
+  config = load_config(name)
+  config.unlock()
+  config.data.manual_dir = str(root)
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.data.num_validation = 4
+  config.data.query_per_class = 1
+  config.data.train_per_class = 1
+  results = train.train_and_evaluate(config, str(tmp_path / "work"))
+  assert results["dataset"] == name and results["steps"] >= 1
+  assert 0.0 <= results["map@5"] <= 1.0
+  with open(tmp_path / "work" / "metrics.jsonl") as f:
+    losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
+  assert losses and all(np.isfinite(losses))
