@@ -1,0 +1,49 @@
+"""The command line: bad input exits with code 2 and a message that says the fix."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args):
+  return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, text=True,
+                        capture_output=True, timeout=300)
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.model.num_bitz=32", "num_bitz"),
+    ("--config.model.num_bits=many", "num_bits"),
+])
+def test_mistyped_config_fields_exit_2(override, expected, tmp_path):
+  result = run("--config=configs/fashion_mnist.py:tiny", override,
+               f"--workdir={tmp_path}")
+  assert result.returncode == 2, result.stderr
+  assert expected in result.stderr and "--config." in result.stderr
+  assert not os.listdir(tmp_path)
+
+
+def test_invalid_config_value_exits_2_before_writing(tmp_path):
+  workdir = tmp_path / "work"
+  result = run("--config=configs/fashion_mnist.py:tiny", "--config.model.num_bits=0",
+               f"--workdir={workdir}")
+  assert result.returncode == 2
+  assert "num_bits" in result.stderr and "positive code length" in result.stderr
+  assert not workdir.exists()
+
+
+def test_workdir_that_cannot_be_created_exits_2(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  result = run("--config=configs/fashion_mnist.py:tiny", f"--workdir={blocker}/run")
+  assert result.returncode == 2
+  assert "not writable" in result.stderr and "--workdir" in result.stderr
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path):
+  result = run("--config=configs/cifar10.py:tiny", f"--workdir={tmp_path}/w",
+               f"--config.data.data_dir={tmp_path}/no_tfds")
+  assert result.returncode == 2
+  assert "cifar10" in result.stderr and "download_and_prepare" in result.stderr
