@@ -439,6 +439,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   replicated = NamedSharding(mesh, PartitionSpec())
   train_step = make_train_step(config, run.model, run.tx, mesh)
   log = _MetricsLog(run.workdir, config.train.tensorboard)
+  if jax.process_index() == 0:
+    # For tools that rebuild the model from the work directory alone (search).
+    io_utils.write_json(os.path.join(run.workdir, "config.json"), config.to_dict())
 
   # --- Checkpoint.
   restored = _restore(config, run)
