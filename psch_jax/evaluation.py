@@ -78,6 +78,11 @@ from jax.sharding import PartitionSpec as P
 
 from psch_jax.errors import UserError
 
+# Printed and saved with every result (docs/evaluation.md states them in full).
+METRIC_CONVENTIONS = (
+    "Hamming ranking, ties by database index; AP@K averaged over all queries (0 when "
+    "none relevant in the top K); tie-aware mAP@all of He et al. 2018; "
+    "docs/evaluation.md")
 DEFAULT_TOPN = tuple(range(100, 1001, 100))
 _WORD_BITS = 32
 _QUERY_AXIS = "queries"

@@ -15,6 +15,7 @@ epoch), and the checkpoint holds everything else, so a resumed run replays the s
 batches with the same keys and ends with the same codes.
 """
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -483,12 +484,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, step = _run_epoch(config, train_step, state, targets, batches,
                              train_indices, mesh=mesh, step=step, epoch=epoch,
                              steps_per_epoch=steps_per_epoch, log=log, save=save)
+    every = config.eval.validation_every_epochs
+    if every and (epoch + 1) % every == 0:
+      log.write(step, validate(config, run.encode, state["params"], source,
+                               run.index_sets, mesh=mesh))
   mngr.wait_until_finished()
 
   # --- Evaluation.
   results, codes = evaluate(config, run.encode, state["params"], source,
                             run.index_sets, mesh=mesh)
   results.update({"epochs": num_epochs, "steps": step, "selection": "last epoch"})
+  results.update(validate(config, run.encode, state["params"], source, run.index_sets,
+                          mesh=mesh))
   _write_results(run.workdir, results, codes)
   log.write(step, {"results": {k: v for k, v in results.items()
                                if isinstance(v, (int, float))}})
@@ -578,6 +585,14 @@ def _info(message: str) -> None:
 
 # ----------------------------------------------------------------------- evaluation
 
+def _hash(config, encode, params, source, indices, *, mesh) -> np.ndarray:
+  """int8 (n, L) +-1 hash codes (Eq. 12) of `source[indices]`."""
+  relaxed = encode_images(encode, params, source, indices,
+                          batch_size=config.eval.batch_size, mesh=mesh,
+                          keys=["relaxed_codes"])["relaxed_codes"]
+  return np.asarray(models.hash_codes(relaxed), np.int8)
+
+
 def evaluate(config, encode, params, source, index_sets, *, mesh
              ) -> tuple[dict, dict[str, np.ndarray]]:
   """Encodes query and database, ranks by Hamming distance and scores them.
@@ -588,20 +603,37 @@ def evaluate(config, encode, params, source, index_sets, *, mesh
     codes: {"query", "database"}: int8 (n, L) +-1 hash codes (Eq. 12).
   """
   query, database = index_sets["query"], index_sets["database"]
-  codes = {}
-  for name, indices in (("query", query), ("database", database)):
-    relaxed = encode_images(encode, params, source, indices,
-                            batch_size=config.eval.batch_size, mesh=mesh,
-                            keys=["relaxed_codes"])["relaxed_codes"]
-    codes[name] = np.asarray(models.hash_codes(relaxed), np.int8)
+  codes = {name: _hash(config, encode, params, source, indices, mesh=mesh)
+           for name, indices in (("query", query), ("database", database))}
   metrics = evaluation.retrieval_metrics(
       codes["query"], source.labels[query], codes["database"], source.labels[database],
-      topk=tuple(config.eval.topk), curves=False)
+      topk=tuple(config.eval.topk), curves=True)
   results = {"dataset": config.data.name, "protocol": config.data.preset,
              "num_bits": config.model.num_bits, "seed": config.seed,
              "num_query": int(len(query)), "num_database": int(len(database)),
-             **metrics}
+             "config_hash": config_hash(config),
+             "conventions": evaluation.METRIC_CONVENTIONS, **metrics}
   return results, codes
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+  """12 hex digits identifying every field of the config (for results tables)."""
+  text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def validate(config, encode, params, source, index_sets, *, mesh) -> dict:
+  """Validation mAP, for model selection: the validation images as queries against
+  the training images (both inside the database, never the query set).
+
+  Returns {"validation/map@K": ..., "validation/map@all": ...}.
+  """
+  val, train_set = index_sets["validation"], index_sets["train"]
+  metrics = evaluation.retrieval_metrics(
+      _hash(config, encode, params, source, val, mesh=mesh), source.labels[val],
+      _hash(config, encode, params, source, train_set, mesh=mesh),
+      source.labels[train_set], topk=tuple(config.eval.topk), curves=False)
+  return {f"validation/{k}": v for k, v in metrics.items() if k.startswith("map")}
 
 
 def _write_results(workdir: str, results: dict, codes: dict[str, np.ndarray]) -> None:
@@ -639,7 +671,7 @@ def format_results(results: dict) -> str:
            f"{results['num_query']} queries x {results['num_database']} database "
            f"images ({results['selection']})"]
   for k, v in sorted(results.items()):
-    if k.startswith(("map", "precision")) and isinstance(v, float):
+    if k.startswith(("map", "precision", "validation/")) and isinstance(v, float):
       lines.append(f"  {k:<24s} {v:.4f}")
   lines.append("  (ranking by Hamming distance, ties by database index; "
                "docs/evaluation.md)")
