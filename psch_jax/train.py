@@ -253,23 +253,14 @@ def compute_targets(config, encode, params, source, train_indices, *, mesh,
     targets["part_descriptors"] = np.asarray(source_targets["part_descriptors"])
     targets["part_weights"] = np.asarray(source_targets["part_weights"])
   summary = {"epoch": epoch, "features": features,
-             "kept_fraction": float(np.mean(labels >= 0)),
+             "kept_fraction": float(stats.kept_fraction),
+             "kept_fraction_per_cluster": np.asarray(
+                 stats.kept_fraction_per_cluster).round(4).tolist(),
+             "cluster_sizes": np.asarray(stats.cluster_sizes).tolist(),
+             "inertia": float(stats.inertia),
+             "kmeans_iterations": int(stats.num_iterations),
              "purity": float(purity(labels, source.labels[train_indices]))}
-  summary.update({k: _jsonable(v) for k, v in _asdict(stats).items()})
   return targets, summary
-
-
-def _asdict(stats) -> dict:
-  if hasattr(stats, "_asdict"):
-    return stats._asdict()
-  if hasattr(stats, "__dataclass_fields__"):
-    return {k: getattr(stats, k) for k in stats.__dataclass_fields__}
-  return dict(stats)
-
-
-def _jsonable(value):
-  value = np.asarray(value)
-  return value.item() if value.ndim == 0 else value.tolist()
 
 
 # ---------------------------------------------------------------------- update step
@@ -672,7 +663,7 @@ def format_results(results: dict) -> str:
            f"images ({results['selection']})"]
   for k, v in sorted(results.items()):
     if k.startswith(("map", "precision", "validation/")) and isinstance(v, float):
-      lines.append(f"  {k:<24s} {v:.4f}")
+      lines.append(f"  {k:<30s} {v:.4f}")
   lines.append("  (ranking by Hamming distance, ties by database index; "
                "docs/evaluation.md)")
   return "\n".join(lines)
