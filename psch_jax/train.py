@@ -36,6 +36,7 @@ from psch_jax import evaluation
 from psch_jax import io_utils
 from psch_jax import models
 from psch_jax import pretrained
+from psch_jax import reports
 from psch_jax.attention import GroupedAttention
 from psch_jax.data import pipeline
 from psch_jax.data import sources
@@ -425,6 +426,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Resumes from the latest checkpoint when there is one.
   """
   run = _setup(config, workdir)
+  try:
+    return _train_and_evaluate(config, run)
+  finally:
+    # On an error (a non-finite loss, a full disk, Ctrl-C) an asynchronous save may
+    # still be writing: close() waits for it, so the newest checkpoint is complete
+    # rather than a *.orbax-checkpoint-tmp directory the next run deletes.
+    run.mngr.close()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, run: _Run) -> dict:
   mesh, source, mngr = run.mesh, run.source, run.mngr
   train_indices = run.index_sets["train"]
   steps_per_epoch = run.steps_per_epoch
@@ -487,10 +498,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results.update({"epochs": num_epochs, "steps": step, "selection": "last epoch"})
   results.update(validate(config, run.encode, state["params"], source, run.index_sets,
                           mesh=mesh))
-  _write_results(run.workdir, results, codes)
+  _write_results(run.workdir, results, codes, source, run.index_sets)
   log.write(step, {"results": {k: v for k, v in results.items()
                                if isinstance(v, (int, float))}})
-  mngr.close()
   return results
 
 
@@ -627,14 +637,20 @@ def validate(config, encode, params, source, index_sets, *, mesh) -> dict:
   return {f"validation/{k}": v for k, v in metrics.items() if k.startswith("map")}
 
 
-def _write_results(workdir: str, results: dict, codes: dict[str, np.ndarray]) -> None:
-  """results.json and the packed codes (codes/<split>.npy, uint32 words; Eq. 12),
-  each written atomically by process 0."""
+def _write_results(workdir: str, results: dict, codes: dict[str, np.ndarray], source,
+                   index_sets: dict) -> None:
+  """results.json, the packed codes (codes/<split>.npy, uint32 words; Eq. 12) and the
+  reports (results.md, plots), each written atomically by process 0."""
   if jax.process_index() != 0:
     return
   for name, value in codes.items():
     io_utils.save_npy(os.path.join(workdir, "codes", f"{name}.npy"),
                       np.asarray(evaluation.pack_codes(value)))
+  query, database = index_sets["query"], index_sets["database"]
+  reports.write_reports(workdir, results=results, codes=codes, query_indices=query,
+                        database_indices=database, query_labels=source.labels[query],
+                        database_labels=source.labels[database], source=source)
+  # Last: a results.json means the run is complete.
   io_utils.write_json(os.path.join(workdir, "results.json"), results)
 
 
@@ -650,7 +666,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
                             run.index_sets, mesh=run.mesh)
   results.update({"steps": int(state["step"]), "epochs": meta["epoch"],
                   "selection": "latest checkpoint"})
-  _write_results(run.workdir, results, codes)
+  _write_results(run.workdir, results, codes, run.source, run.index_sets)
   run.mngr.close()
   return results
 

@@ -1,0 +1,589 @@
+r"""Result reports of a trained run, and an independent check of its numbers.
+
+`write_reports` turns the evaluation of a run into files a person reads:
+- `results.md`: the protocol (dataset, preset, code length, seed, sizes, selection,
+  config hash), a Markdown table of every scalar metric, precision@N, and the metric
+  conventions (docs/evaluation.md);
+- `pr_curve.png`: mean precision against mean recall over Hamming radii 0..L;
+- `precision_at_topn.png`: precision@N against N;
+- `retrieval_grid.png`: a few queries, each followed by its top database images
+  under the evaluation's ranking (Hamming distance, ties by database index), framed
+  green when relevant (a shared label) and red when not.
+
+`verify_results` recomputes every metric of `results.json` that the query and
+database codes determine from the saved files alone (codes/*.npy, splits/*.npy, the
+dataset labels) with a plain NumPy implementation that shares no code with
+`psch_jax.evaluation`: a stable `np.argsort` per query and the metric definitions as
+written. From the command line it prints each metric beside its recomputed value:
+
+  python -m psch_jax.reports --workdir=workdirs/fmnist
+
+Exit codes: 0 all metrics agree to 1e-6; 1 some do not; 2 bad input (a work directory
+without results, codes, splits or config, or a dataset that cannot be opened).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from psch_jax import evaluation
+from psch_jax import io_utils
+from psch_jax.errors import UserError
+
+# results.json fields that describe the run rather than measure it.
+PROTOCOL_FIELDS = ("dataset", "protocol", "num_bits", "seed", "num_query",
+                   "num_database", "selection", "epochs", "steps", "config_hash",
+                   "conventions")
+TOLERANCE = 1e-6
+EXIT_MISMATCH = 1
+EXIT_BAD_INPUT = 2
+
+_WORD_BITS = 32
+_RELEVANT_COLOUR = "#2ca02c"
+_IRRELEVANT_COLOUR = "#d62728"
+_QUERY_COLOUR = "#1f77b4"
+# Queries per block of the reference: (block x database) int32 distances in memory.
+_REFERENCE_QUERY_BLOCK = 128
+
+
+# --------------------------------------------------------------------- ranking
+
+def top_matches(query_packed: Any, database_packed: Any, *, topk: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """The evaluation's ranking for a few queries: Hamming distance, ties by row.
+
+  Builds the dense (nq, ndb) distance matrix, so use it for a handful of queries
+  (report grids, interactive search), not for a whole query set.
+
+  Args:
+    query_packed: uint32 (nq, W) codes from `evaluation.pack_codes`.
+    database_packed: uint32 (ndb, W) codes from `evaluation.pack_codes`.
+    topk: how many database rows to return per query (clipped to ndb).
+
+  Returns:
+    rows: int64 (nq, min(topk, ndb)) database rows, best first.
+    distances: int32 (nq, min(topk, ndb)) their Hamming distances.
+  """
+  if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1:
+    raise UserError(f"topk must be a positive int, got {topk!r}; e.g. topk=10.")
+  distances = np.asarray(evaluation.hamming_distance_packed(query_packed,
+                                                            database_packed))
+  # Database rows are in increasing global index (splits are sorted), so a stable
+  # sort on distance breaks ties by database index, as the evaluation does.
+  rows = np.argsort(distances, axis=1, kind="stable")[:, :topk]
+  return rows.astype(np.int64), np.take_along_axis(distances, rows, axis=1)
+
+
+def unpack_codes(packed: np.ndarray, num_bits: int) -> np.ndarray:
+  """Inverse of `evaluation.pack_codes`, written out independently with NumPy.
+
+  Args:
+    packed: uint32 (n, ceil(num_bits / 32)); bit i of word w is code bit 32 w + i.
+    num_bits: L.
+
+  Returns:
+    int8 (n, L) with entries in {-1, +1}.
+  """
+  packed = np.asarray(packed)
+  num_words = -(-num_bits // _WORD_BITS)
+  if packed.ndim != 2 or packed.dtype != np.uint32 or packed.shape[1] != num_words:
+    raise UserError(f"packed codes must be uint32 (n, {num_words}) for {num_bits} bits, "
+                    f"got {packed.dtype}{packed.shape}; the codes belong to another run "
+                    "or are damaged: evaluate again with main.py --mode=eval.")
+  shifts = np.arange(_WORD_BITS, dtype=np.uint32)
+  bits = (packed[:, :, None] >> shifts) & np.uint32(1)
+  bits = bits.reshape(packed.shape[0], num_words * _WORD_BITS)[:, :num_bits]
+  return np.where(bits == 1, 1, -1).astype(np.int8)
+
+
+# --------------------------------------------------------------------- figures
+
+def _save_figure(figure: Any, path: str) -> None:
+  """Renders a matplotlib Figure to PNG and writes it atomically."""
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png", dpi=100)
+  with io_utils.atomic_open(path, "wb") as f:
+    f.write(buffer.getvalue())
+
+
+def _new_figure(width: float, height: float) -> Any:
+  # Imported here: search and verification never draw. An explicit Agg canvas and
+  # no pyplot: no global backend switch, no GUI, no figure registry to leak into.
+  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  # pylint: enable=g-import-not-at-top
+  figure = Figure(figsize=(width, height))
+  FigureCanvasAgg(figure)
+  return figure
+
+
+def _describe(results: dict) -> str:
+  return (f"{results.get('dataset', '?')}, {results.get('protocol', '?')}, "
+          f"{results.get('num_bits', '?')} bits")
+
+
+def plot_pr_curve(results: dict, path: str) -> None:
+  """Mean precision vs mean recall over Hamming radii 0..L (results["pr_curve"])."""
+  curve = results["pr_curve"]
+  precision = np.asarray(curve["precision"], np.float64)
+  recall = np.asarray(curve["recall"], np.float64)
+  figure = _new_figure(5.0, 4.2)
+  axes = figure.add_subplot()
+  axes.plot(recall, precision, marker="o", markersize=3)
+  for radius in sorted({0, 2, len(precision) // 2, len(precision) - 1}):
+    if radius < len(precision):
+      axes.annotate(f"r={radius}", (recall[radius], precision[radius]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=7)
+  axes.set(xlabel="recall", ylabel="precision", xlim=(0.0, 1.02), ylim=(0.0, 1.02),
+           title=f"Precision-recall, Hamming radius 0..{len(precision) - 1}\n"
+                 f"{_describe(results)}")
+  axes.title.set_fontsize(9)
+  axes.grid(alpha=0.3)
+  figure.tight_layout()
+  _save_figure(figure, path)
+
+
+def _topn_items(results: dict) -> list[tuple[int, float]]:
+  # JSON turns the int keys of precision@topn into strings.
+  return sorted((int(n), float(v)) for n, v in results["precision@topn"].items())
+
+
+def plot_precision_at_topn(results: dict, path: str) -> None:
+  """precision@N against N (results["precision@topn"])."""
+  items = _topn_items(results)
+  figure = _new_figure(5.0, 4.2)
+  axes = figure.add_subplot()
+  axes.plot([n for n, _ in items], [v for _, v in items], marker="o", markersize=3)
+  axes.set(xlabel="N (top retrieved items)", ylabel="precision@N", ylim=(0.0, 1.02),
+           title=f"Precision of the top N\n{_describe(results)}")
+  axes.title.set_fontsize(9)
+  axes.grid(alpha=0.3)
+  figure.tight_layout()
+  _save_figure(figure, path)
+
+
+def _hex_to_rgb(colour: str) -> np.ndarray:
+  return np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)], np.uint8)
+
+
+def plot_retrieval_grid(path: str, *, query_packed: np.ndarray,
+                        database_packed: np.ndarray, query_indices: np.ndarray,
+                        database_indices: np.ndarray, query_labels: np.ndarray,
+                        database_labels: np.ndarray, source: Any,
+                        num_queries: int = 8, topk: int = 10) -> None:
+  """Queries, each followed by its top `topk` database images.
+
+  The queries are `num_queries` rows spread evenly over the query set; each is
+  framed blue, its matches green when they share a label with it and red otherwise,
+  with rank and Hamming distance above. Grey datasets are drawn in grey.
+
+  Args:
+    path: the PNG to write.
+    query_packed, database_packed: uint32 (n, W) packed codes, rows aligned with the
+      index and label arrays.
+    query_indices, database_indices: int (n,) global indices for `source.read`.
+    query_labels, database_labels: uint8 (n, num_labels) multi-hot.
+    source: an `ImageSource` (`read(indices)` -> uint8 (n, H, W, C)).
+    num_queries: rows of the grid.
+    topk: database images per row.
+  """
+  num_queries = min(num_queries, len(query_indices))
+  chosen = np.unique(np.linspace(0, len(query_indices) - 1, num_queries).round()
+                     ).astype(np.int64)
+  rows, distances = top_matches(query_packed[chosen], database_packed, topk=topk)
+  images = np.concatenate([
+      source.read(np.asarray(query_indices)[chosen])[:, None],
+      source.read(np.asarray(database_indices)[rows.reshape(-1)]).reshape(
+          rows.shape + tuple(source.image_shape))], axis=1)  # (q, 1 + k, H, W, C)
+  if images.shape[-1] == 1:
+    images = np.repeat(images, 3, axis=-1)  # grey stays grey beside coloured frames
+  relevant = np.any((query_labels[chosen][:, None, :] != 0)
+                    & (database_labels[rows] != 0), axis=-1)
+  frames = np.where(relevant[..., None], _hex_to_rgb(_RELEVANT_COLOUR),
+                    _hex_to_rgb(_IRRELEVANT_COLOUR))
+  frames = np.concatenate([np.broadcast_to(_hex_to_rgb(_QUERY_COLOUR),
+                                           (len(chosen), 1, 3)), frames], axis=1)
+  # One mosaic image and one imshow: a subplot per thumbnail takes seconds to lay
+  # out, this takes milliseconds. Each cell: a caption strip, then the framed image.
+  height, width = images.shape[2:4]
+  border = max(2, height // 12)
+  gap = max(2, height // 8)
+  caption = max(8, height // 3)
+  cell_h, cell_w = caption + height + 2 * border + gap, width + 2 * border + gap
+  num_rows, num_columns = images.shape[:2]
+  mosaic = np.full((num_rows * cell_h, num_columns * cell_w, 3), 255, np.uint8)
+  captions = []
+  for line in range(num_rows):
+    for column in range(num_columns):
+      top, left = line * cell_h + caption, column * cell_w
+      mosaic[top:top + height + 2 * border, left:left + width + 2 * border] = (
+          frames[line, column])
+      mosaic[top + border:top + border + height,
+             left + border:left + border + width] = images[line, column]
+      text = (f"query {int(query_indices[chosen[line]])}" if column == 0 else
+              f"#{column} d={int(distances[line, column - 1])}")
+      captions.append((left + border + width / 2, top - caption / 2, text))
+  inches_per_cell = 1.0
+  title_inches = 0.35
+  figure = _new_figure(num_columns * inches_per_cell,
+                       num_rows * inches_per_cell * cell_h / cell_w + title_inches)
+  top_fraction = 1 - title_inches / figure.get_figheight()
+  axes = figure.add_axes((0.0, 0.0, 1.0, top_fraction))
+  axes.imshow(mosaic, interpolation="nearest", aspect="auto")
+  axes.set_axis_off()
+  for x, y, text in captions:
+    axes.text(x, y, text, ha="center", va="center", fontsize=7)
+  figure.suptitle("Top matches by Hamming distance (ties by database index); "
+                  "green: shares a label, red: does not", fontsize=8,
+                  y=1 - 0.5 * title_inches / figure.get_figheight(), va="center")
+  _save_figure(figure, path)
+
+
+# --------------------------------------------------------------------- markdown
+
+def _format_value(value: Any) -> str:
+  return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _natural_key(name: str) -> list:
+  """Sort key that puts map@5 before map@1000."""
+  return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _scalar_metrics(results: dict) -> dict[str, float]:
+  return {k: results[k] for k in sorted(results, key=_natural_key)
+          if k not in PROTOCOL_FIELDS and isinstance(results[k], (int, float))
+          and not isinstance(results[k], bool)}
+
+
+def _conventions(results: dict) -> str:
+  return str(results.get("conventions", evaluation.METRIC_CONVENTIONS))
+
+
+def results_markdown(results: dict) -> str:
+  """The text of results.md: protocol, every scalar metric, precision@N, conventions."""
+  lines = [f"# Retrieval results: {_describe(results)}", "",
+           "| field | value |", "|---|---|"]
+  for field in PROTOCOL_FIELDS:
+    if field in results and field != "conventions":
+      lines.append(f"| {field} | {_format_value(results[field])} |")
+  lines += ["", "| metric | value |", "|---|---|"]
+  for name, value in _scalar_metrics(results).items():
+    lines.append(f"| {name} | {_format_value(value)} |")
+  if "precision@topn" in results:
+    items = _topn_items(results)
+    lines += ["", "| N | " + " | ".join(str(n) for n, _ in items) + " |",
+              "|---|" + "---|" * len(items),
+              "| precision@N | " + " | ".join(f"{v:.4f}" for _, v in items) + " |"]
+  lines += ["", f"Conventions: {_conventions(results)}", "",
+            "![precision-recall](pr_curve.png) "
+            "![precision@N](precision_at_topn.png)", "",
+            "![top matches](retrieval_grid.png)", ""]
+  return "\n".join(lines)
+
+
+def write_reports(workdir: str, *, results: dict, codes: dict[str, np.ndarray],
+                  query_indices: np.ndarray, database_indices: np.ndarray,
+                  query_labels: np.ndarray, database_labels: np.ndarray, source: Any,
+                  grid_queries: int = 8, grid_topk: int = 10) -> list[str]:
+  """Writes results.md and the three figures into `workdir`, each atomically.
+
+  Args:
+    workdir: the run's work directory.
+    results: `evaluation.retrieval_metrics(..., curves=True)` plus the protocol
+      fields (dataset, protocol, num_bits, seed, num_query, num_database, selection;
+      optionally config_hash, conventions, epochs, steps).
+    codes: {"query": int8 (nq, L), "database": int8 (ndb, L)} +-1 codes (Eq. 12).
+    query_indices, database_indices: int (nq,), (ndb,) global indices, aligned with
+      the code rows.
+    query_labels, database_labels: uint8 multi-hot rows aligned with the codes.
+    source: the dataset's `ImageSource`, for the grid's images.
+    grid_queries, grid_topk: size of the retrieval grid.
+
+  Returns:
+    The paths written.
+  """
+  for key in ("pr_curve", "precision@topn"):
+    if key not in results:
+      raise UserError(f"results has no {key!r}: compute them with "
+                      "evaluation.retrieval_metrics(..., curves=True).")
+  query_packed = np.asarray(evaluation.pack_codes(codes["query"]))
+  database_packed = np.asarray(evaluation.pack_codes(codes["database"]))
+  if (len(query_indices) != len(query_packed)
+      or len(database_indices) != len(database_packed)):
+    raise UserError(f"{len(query_packed)} query / {len(database_packed)} database codes "
+                    f"but {len(query_indices)} / {len(database_indices)} indices; pass "
+                    "the index sets the codes were computed from.")
+  paths = {name: os.path.join(workdir, name) for name in
+           ("results.md", "pr_curve.png", "precision_at_topn.png", "retrieval_grid.png")}
+  io_utils.write_text(paths["results.md"], results_markdown(results))
+  plot_pr_curve(results, paths["pr_curve.png"])
+  plot_precision_at_topn(results, paths["precision_at_topn.png"])
+  plot_retrieval_grid(
+      paths["retrieval_grid.png"], query_packed=query_packed,
+      database_packed=database_packed, query_indices=np.asarray(query_indices),
+      database_indices=np.asarray(database_indices),
+      query_labels=np.asarray(query_labels), database_labels=np.asarray(database_labels),
+      source=source, num_queries=grid_queries, topk=grid_topk)
+  return list(paths.values())
+
+
+# ------------------------------------------------------- independent reference
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+  return np.where(denominator > 0, numerator / np.maximum(denominator, 1), 0.0)
+
+
+def _expected_tie_precision_sum(distances: np.ndarray, relevant: np.ndarray) -> float:
+  """Sum over relevant items of E[P@rank] when ties come in uniformly random order.
+
+  A relevant item of a group of n items (r relevant) tied after C items (R' of them
+  relevant) sits at each place p = 1..n with probability 1/n, and the expected
+  number of relevant group members before it is (p - 1)(r - 1)/(n - 1), so
+  E[P] = (1/n) sum_p (R' + 1 + (p - 1)(r - 1)/(n - 1)) / (C + p), summed directly.
+  """
+  total = 0.0
+  before = hits_before = 0
+  for distance in np.unique(distances):
+    in_group = distances == distance
+    n = int(in_group.sum())
+    r = int(relevant[in_group].sum())
+    if r:
+      places = np.arange(1, n + 1, dtype=np.float64)
+      slope = (r - 1) / (n - 1) if n > 1 else 0.0
+      total += r * np.mean((hits_before + 1 + (places - 1) * slope) / (before + places))
+    before += n
+    hits_before += r
+  return total
+
+
+def reference_metrics(query_codes: np.ndarray, query_labels: np.ndarray,
+                      database_codes: np.ndarray, database_labels: np.ndarray, *,
+                      topk: Sequence[int], topn: Sequence[int], radius: int | None
+                      ) -> dict[str, float]:
+  """Every metric of docs/evaluation.md by a stable argsort per query, in NumPy.
+
+  Args:
+    query_codes, database_codes: int8 (n, L) +-1 codes.
+    query_labels, database_labels: uint8 (n, num_labels) multi-hot.
+    topk: cut-offs K of mAP@K (mAP@all is always computed).
+    topn: list sizes N of precision@N.
+    radius: the radius of "precision@radius{radius}", or None for none.
+
+  Returns:
+    Flat {name: float}: "map@{K}", "map@all", "map@all_tie_aware",
+    "precision@radius{r}", "precision@top{N}", "pr_precision@radius{r}" and
+    "pr_recall@radius{r}" for r = 0..L; each a mean over all queries.
+  """
+  num_database, code_length = database_codes.shape
+  database_codes = database_codes.astype(np.int32)
+  database_labels = database_labels.astype(np.int32)
+  sums: dict[str, float] = {}
+
+  def add(name: str, values: np.ndarray) -> None:
+    sums[name] = sums.get(name, 0.0) + float(np.sum(values))
+
+  for start in range(0, len(query_codes), _REFERENCE_QUERY_BLOCK):
+    block = slice(start, start + _REFERENCE_QUERY_BLOCK)
+    # For +-1 codes, <q, b> = L - 2 * Hamming(q, b).
+    inner = query_codes[block].astype(np.int32) @ database_codes.T
+    distances = (code_length - inner) // 2
+    relevant = (query_labels[block].astype(np.int32) @ database_labels.T) > 0
+    order = np.argsort(distances, axis=1, kind="stable")
+    ranked = np.take_along_axis(relevant, order, axis=1)
+    hits = np.cumsum(ranked, axis=1)
+    precision_at_rank = hits / np.arange(1, num_database + 1)
+    for k in topk:
+      cut = min(k, num_database)
+      add(f"map@{k}", _ratio(np.sum(precision_at_rank[:, :cut] * ranked[:, :cut],
+                                    axis=1), hits[:, cut - 1]))
+    add("map@all", _ratio(np.sum(precision_at_rank * ranked, axis=1), hits[:, -1]))
+    for n in topn:
+      cut = min(n, num_database)
+      add(f"precision@top{n}", hits[:, cut - 1] / cut)
+    total_relevant = hits[:, -1]
+    for r in range(code_length + 1):
+      inside = distances <= r
+      retrieved = inside.sum(axis=1)
+      relevant_inside = (inside & relevant).sum(axis=1)
+      add(f"pr_precision@radius{r}", _ratio(relevant_inside, retrieved))
+      add(f"pr_recall@radius{r}", _ratio(relevant_inside, total_relevant))
+    add("map@all_tie_aware", np.array([
+        _expected_tie_precision_sum(distances[q], relevant[q]) / total_relevant[q]
+        if total_relevant[q] else 0.0 for q in range(len(distances))]))
+  metrics = {name: value / len(query_codes) for name, value in sums.items()}
+  if radius is not None:
+    metrics[f"precision@radius{radius}"] = metrics[
+        f"pr_precision@radius{min(radius, code_length)}"]
+  return metrics
+
+
+def flatten_results(results: dict) -> dict[str, float]:
+  """The metrics of results.json that the query and database codes determine, in the
+  flat names of `reference_metrics` (validation metrics and run fields are left out)."""
+  flat = {}
+  for name, value in results.items():
+    if re.fullmatch(r"map@(\d+|all|all_tie_aware)|precision@radius\d+", name):
+      flat[name] = float(value)
+  if "precision@topn" in results:
+    for n, value in _topn_items(results):
+      flat[f"precision@top{n}"] = value
+  if "pr_curve" in results:
+    curve = results["pr_curve"]
+    for r, p, rec in zip(curve["radius"], curve["precision"], curve["recall"]):
+      flat[f"pr_precision@radius{int(r)}"] = float(p)
+      flat[f"pr_recall@radius{int(r)}"] = float(rec)
+  return flat
+
+
+class MetricCheck(NamedTuple):
+  """One metric of results.json beside its recomputed value."""
+  name: str
+  saved: float
+  recomputed: float
+
+  @property
+  def agrees(self) -> bool:
+    return abs(self.saved - self.recomputed) <= TOLERANCE
+
+
+class ResultsMismatchError(RuntimeError):
+  """results.json disagrees with the metrics recomputed from the saved codes."""
+
+
+def load_npy(path: str, what: str) -> np.ndarray:
+  if not os.path.isfile(path):
+    raise UserError(f"{path} is missing: {what}. Point --workdir at a finished run, or "
+                    "run main.py --mode=eval on it to write the codes and results.")
+  try:
+    return np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise UserError(f"cannot read {path} ({e}); run main.py --mode=eval on the work "
+                    "directory to write it again.") from e
+
+
+def load_results(workdir: str) -> dict:
+  path = os.path.join(workdir, "results.json")
+  if not os.path.isfile(path):
+    raise UserError(f"{path} is missing; train (main.py) or evaluate (main.py "
+                    "--mode=eval) with --workdir={workdir} first.")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (ValueError, OSError) as e:
+    raise UserError(f"cannot read {path} ({e}); evaluate again with main.py "
+                    "--mode=eval.") from e
+
+
+def compare_results(workdir: str, source: Any) -> list[MetricCheck]:
+  """Each recomputable metric of workdir/results.json beside its NumPy recomputation.
+
+  Args:
+    workdir: a finished run: results.json, codes/{query,database}.npy (packed),
+      splits/{query,database}.npy (global indices).
+    source: the dataset's `ImageSource` (only its labels are read).
+
+  Returns:
+    One `MetricCheck` per metric, in name order.
+  """
+  results = load_results(workdir)
+  saved = flatten_results(results)
+  if not saved or "num_bits" not in results:
+    raise UserError(f"{workdir}/results.json holds no retrieval metrics or no "
+                    "num_bits; evaluate again with main.py --mode=eval.")
+  codes, labels = {}, {}
+  for split in ("query", "database"):
+    indices = load_npy(os.path.join(workdir, "splits", f"{split}.npy"),
+                        f"the {split} split")
+    packed = load_npy(os.path.join(workdir, "codes", f"{split}.npy"),
+                       f"the packed {split} codes")
+    if len(packed) != len(indices) or (indices.size and indices.max() >= len(source)):
+      raise UserError(f"{workdir}: {len(packed)} {split} codes for {len(indices)} "
+                      f"{split} indices (dataset size {len(source)}); the codes, splits "
+                      "or dataset belong to different runs. Evaluate again with "
+                      "main.py --mode=eval.")
+    codes[split] = unpack_codes(packed, int(results["num_bits"]))
+    labels[split] = source.labels[indices]
+  topk = sorted(int(m.group(1)) for m in
+                (re.fullmatch(r"map@(\d+)", name) for name in saved) if m)
+  topn = sorted(int(name[len("precision@top"):]) for name in saved
+                if name.startswith("precision@top"))
+  radii = [int(name[len("precision@radius"):]) for name in saved
+           if name.startswith("precision@radius")]
+  recomputed = reference_metrics(codes["query"], labels["query"], codes["database"],
+                                 labels["database"], topk=topk, topn=topn,
+                                 radius=radii[0] if radii else None)
+  return [MetricCheck(name, saved[name], recomputed[name])
+          for name in sorted(saved, key=_natural_key)]
+
+
+def verify_results(workdir: str, source: Any) -> list[MetricCheck]:
+  """`compare_results`, raising `ResultsMismatchError` unless all agree to 1e-6."""
+  checks = compare_results(workdir, source)
+  bad = [c for c in checks if not c.agrees]
+  if bad:
+    listing = ", ".join(f"{c.name}: saved {c.saved:.6f} vs recomputed "
+                        f"{c.recomputed:.6f}" for c in bad)
+    raise ResultsMismatchError(
+        f"{workdir}/results.json disagrees with the saved codes on {len(bad)} "
+        f"metric(s) ({listing}). The file was edited or comes from another "
+        "evaluation: run main.py --mode=eval on the work directory to rewrite it.")
+  return checks
+
+
+# ------------------------------------------------------------------ command line
+
+def load_run_source(workdir: str) -> Any:
+  """The dataset of a run, opened as its workdir/config.json says."""
+  from psch_jax.data import sources  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise UserError(f"{path} is missing; it is written by training (main.py). Point "
+                    "--workdir at a run trained with this version.")
+  try:
+    with open(path) as f:
+      data = json.load(f)["data"]
+  except (ValueError, OSError, KeyError, TypeError) as e:
+    raise UserError(f"cannot read the data section of {path} ({e}); train again "
+                    "in a new --workdir.") from e
+  return sources.load_source(data["name"], data_dir=data.get("data_dir"),
+                             manual_dir=data.get("manual_dir"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m psch_jax.reports",
+      description="Recompute a run's metrics from its saved codes with plain NumPy "
+                  "and compare them with results.json.")
+  parser.add_argument("--workdir", required=True, help="the run's work directory")
+  args = parser.parse_args(argv)
+  try:
+    checks = compare_results(args.workdir, load_run_source(args.workdir))
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  width = max(len(c.name) for c in checks)
+  print(f"{'metric':<{width}}  {'results.json':>12}  {'recomputed':>12}  "
+        f"{'difference':>10}")
+  for c in checks:
+    print(f"{c.name:<{width}}  {c.saved:12.6f}  {c.recomputed:12.6f}  "
+          f"{abs(c.saved - c.recomputed):10.2e}{'' if c.agrees else '  MISMATCH'}")
+  mismatches = sum(not c.agrees for c in checks)
+  if mismatches:
+    print(f"{mismatches} of {len(checks)} metrics differ by more than {TOLERANCE}.")
+    return EXIT_MISMATCH
+  print(f"all {len(checks)} metrics agree to {TOLERANCE}.")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

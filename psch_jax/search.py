@@ -1,0 +1,261 @@
+r"""Search a trained run's database with your own images.
+
+  python -m psch_jax.search --workdir=workdirs/fmnist --images=a.png,b.jpg --topk=10
+
+Each image is encoded by the run's latest checkpoint exactly as the training images
+were (decoded with PIL, converted to the dataset's stored channels and size, then the
+same on-device `preprocess` and network, inside one jit), binarised (Eq. 12), and
+compared with the database codes the evaluation saved (workdir/codes/database.npy);
+the database is never encoded again. Results are ranked as in the evaluation: by
+Hamming distance, ties by database index.
+
+Needs from the work directory: config.json, checkpoints/, splits/database.npy and
+codes/database.npy (all written by `main.py`), and the dataset itself for the labels
+it prints. Bad input (a work directory without them, an image that is missing or not
+decodable, topk < 1) prints what is wrong and how to fix it, and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from PIL import Image
+
+from psch_jax import evaluation
+from psch_jax import models
+from psch_jax import reports
+from psch_jax import train
+from psch_jax.errors import UserError
+from psch_jax.preprocess import preprocess
+
+EXIT_BAD_INPUT = 2
+
+
+class SearchIndex(NamedTuple):
+  """What a search needs from a trained run, loaded once.
+
+  Attributes:
+    config: the run's config (from workdir/config.json).
+    params: the network params of the latest checkpoint (numpy arrays).
+    encode: jit-compiled (params, uint8 (n, H, W, C)) -> int8 (n, L) codes.
+    image_shape: (H, W, C) the dataset stores its images at.
+    database_indices: int64 (ndb,) global index of each database row.
+    database_packed: uint32 (ndb, W) packed database codes.
+    database_labels: uint8 (ndb, num_labels) multi-hot labels of the database rows.
+  """
+  config: ml_collections.ConfigDict
+  params: Any
+  encode: Callable[[Any, jax.Array], jax.Array]
+  image_shape: tuple[int, int, int]
+  database_indices: np.ndarray
+  database_packed: np.ndarray
+  database_labels: np.ndarray
+
+
+def _require(path: str, what: str) -> str:
+  if not os.path.exists(path):
+    raise UserError(f"{path} is missing ({what}); pass the --workdir of a run that "
+                    "main.py trained and evaluated, or finish that run first.")
+  return path
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = _require(os.path.join(workdir, "config.json"), "the run's config")
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (ValueError, OSError) as e:
+    raise UserError(f"cannot read {path} ({e}); train again in a new --workdir.") from e
+
+
+def restore_params(workdir: str, model: models.PSCHNet,
+                   config: ml_collections.ConfigDict) -> Any:
+  """The params of the latest checkpoint, as numpy arrays shaped like `model`'s.
+
+  Only `state["params"]` is read (a partial restore): the optimizer state and the
+  pseudo-label targets stay on disk.
+  """
+  directory = _require(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                       "the trained checkpoints")
+  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=False), item_names=("state",))
+  step = mngr.latest_step()
+  if step is None:
+    raise UserError(f"{directory} holds no checkpoint; train first with main.py "
+                    f"--workdir={workdir}.")
+  shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape),
+                                               train=False)["params"])
+  # ShapeDtypeStructs without sharding and numpy restore types: host arrays, no
+  # device layout from the training mesh needed.
+  item = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                 abstract)}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True)))
+  except Exception as e:  # Orbax raises many types for unreadable or mismatched files.
+    raise UserError(f"cannot restore the params of checkpoint {directory}/{step} "
+                    f"({type(e).__name__}: {e}); it is damaged or config.json belongs "
+                    "to another run. Delete that step directory to use an earlier "
+                    "one, or train again.") from e
+  finally:
+    mngr.close()
+  return restored.state["params"]
+
+
+def make_encoder(config: ml_collections.ConfigDict, model: models.PSCHNet
+                 ) -> Callable[[Any, jax.Array], jax.Array]:
+  """jit: (params, uint8 (n, H, W, C) images) -> int8 (n, L) hash codes (Eq. 12),
+  with the training pipeline's preprocessing."""
+
+  @jax.jit
+  def encode(params, images):
+    inputs = preprocess(images, image_size=config.model.image_size,
+                        channels=config.model.channels, mean=config.data.mean,
+                        std=config.data.std)
+    out = model.apply({"params": params}, inputs, train=False)
+    return models.hash_codes(out["relaxed_codes"])
+
+  return encode
+
+
+def load_index(workdir: str) -> SearchIndex:
+  """Loads config, checkpoint params, database codes and labels of a trained run."""
+  if not os.path.isdir(workdir):
+    raise UserError(f"work directory {workdir} does not exist; pass the --workdir of "
+                    "a trained run.")
+  config = load_config(workdir)
+  database_packed = reports.load_npy(os.path.join(workdir, "codes", "database.npy"),
+                                      "the database codes written by the evaluation")
+  database_indices = reports.load_npy(os.path.join(workdir, "splits", "database.npy"),
+                                       "the database split")
+  num_words = -(-config.model.num_bits // 32)
+  if (database_packed.dtype != np.uint32 or database_packed.ndim != 2
+      or database_packed.shape != (len(database_indices), num_words)):
+    raise UserError(f"{workdir}/codes/database.npy is {database_packed.dtype}"
+                    f"{database_packed.shape}, expected uint32 ({len(database_indices)}, "
+                    f"{num_words}) for the run's database and {config.model.num_bits} "
+                    "bits; evaluate again with main.py --mode=eval.")
+  model = train.build_model(config)
+  params = restore_params(workdir, model, config)
+  source = reports.load_run_source(workdir)
+  if database_indices.size and database_indices.max() >= len(source):
+    raise UserError(f"{workdir}/splits/database.npy indexes past the {len(source)} "
+                    f"images of {config.data.name}; the work directory belongs to "
+                    "another dataset copy.")
+  return SearchIndex(config=config, params=params, encode=make_encoder(config, model),
+                     image_shape=tuple(source.image_shape),
+                     database_indices=database_indices.astype(np.int64),
+                     database_packed=database_packed,
+                     database_labels=source.labels[database_indices])
+
+
+def read_image(path: str, image_shape: Sequence[int]) -> np.ndarray:
+  """Decodes an image file as the dataset stores its images.
+
+  Args:
+    path: any format PIL reads.
+    image_shape: (H, W, C) of the dataset's stored images; C = 1 reads grey ("L"),
+      C = 3 colour ("RGB"); other sizes are resized bilinearly, as the NUS-WIDE and
+      MIRFlickr builders resize.
+
+  Returns:
+    uint8 (H, W, C).
+  """
+  height, width, channels = image_shape
+  if not os.path.isfile(path):
+    raise UserError(f"image {path} does not exist; check the path given to --images.")
+  try:
+    with Image.open(path) as image:
+      image = image.convert("L" if channels == 1 else "RGB")
+      if image.size != (width, height):
+        image = image.resize((width, height), Image.BILINEAR)
+      pixels = np.asarray(image, np.uint8)
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise UserError(f"cannot decode {path} as an image ({e}); pass a PNG, JPEG or "
+                    "another format Pillow reads.") from e
+  return pixels.reshape(height, width, channels)
+
+
+def encode_files(index: SearchIndex, image_paths: Sequence[str]) -> np.ndarray:
+  """int8 (n, L) hash codes of the image files, in order."""
+  if not image_paths:
+    raise UserError("no images given; pass --images=a.png,b.jpg.")
+  images = np.stack([read_image(p, index.image_shape) for p in image_paths])
+  return np.asarray(index.encode(index.params, jnp.asarray(images)))
+
+
+def search_index(index: SearchIndex, image_paths: Sequence[str], *, topk: int
+                 ) -> list[list[dict]]:
+  """`search` with an index already loaded (for repeated searches)."""
+  if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1:
+    raise UserError(f"topk must be a positive int, got {topk!r}; e.g. --topk=10.")
+  codes = encode_files(index, image_paths)
+  rows, distances = reports.top_matches(evaluation.pack_codes(codes),
+                                        index.database_packed, topk=int(topk))
+  return [[{"rank": rank + 1, "database_row": int(row),
+            "index": int(index.database_indices[row]), "distance": int(distance),
+            "labels": np.flatnonzero(index.database_labels[row]).tolist()}
+           for rank, (row, distance) in enumerate(zip(image_rows, image_distances))]
+          for image_rows, image_distances in zip(rows, distances)]
+
+
+def search(workdir: str, image_paths: Sequence[str], *, topk: int) -> list[list[dict]]:
+  """The top-k database items for each image, by the run's latest checkpoint.
+
+  Args:
+    workdir: a run trained and evaluated by main.py.
+    image_paths: image files (any format PIL reads).
+    topk: items per image (at most the database size).
+
+  Returns:
+    Per image, best first, dicts {"rank": 1-based, "database_row": row in
+    codes/database.npy, "index": global dataset index, "distance": Hamming distance,
+    "labels": the item's label ids}.
+  """
+  if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1:
+    raise UserError(f"topk must be a positive int, got {topk!r}; e.g. --topk=10.")
+  return search_index(load_index(workdir), image_paths, topk=topk)
+
+
+def format_matches(image_path: str, matches: list[dict]) -> str:
+  lines = [f"{image_path}:", f"  {'rank':>4}  {'row':>7}  {'index':>8}  "
+           f"{'distance':>8}  labels"]
+  for m in matches:
+    lines.append(f"  {m['rank']:>4}  {m['database_row']:>7}  {m['index']:>8}  "
+                 f"{m['distance']:>8}  {m['labels']}")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m psch_jax.search",
+      description="Find the database images nearest (in Hamming distance) to your own "
+                  "images, with a trained run's checkpoint and saved codes.")
+  parser.add_argument("--workdir", required=True, help="the run's work directory")
+  parser.add_argument("--images", required=True,
+                      help="comma-separated image files, e.g. a.png,b.jpg")
+  parser.add_argument("--topk", type=int, default=10, help="results per image")
+  args = parser.parse_args(argv)  # exits 2 on malformed flags
+  paths = [p for p in args.images.split(",") if p]
+  try:
+    results = search(args.workdir, paths, topk=args.topk)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  print("\n\n".join(format_matches(p, m) for p, m in zip(paths, results)))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
