@@ -1,0 +1,556 @@
+r"""The results table: PSCH, its ablations and the classical baselines, over code
+lengths and seeds.
+
+  python -m psch_jax.experiments --config=configs/fashion_mnist.py \
+      --bits=16,32,64 --seeds=0,1,2 --workdir=experiments/fashion_mnist \
+      [--methods=psch,no_lq,itq] [--epochs_ablation=10] [--config.train.num_epochs=20]
+
+For every bit length x seed it runs each method of `--methods` (default: all of
+`METHODS`): PSCH as the config says, the six ablations of docs/method.md (the config
+with one override each; `--epochs_ablation` gives them a shorter schedule), and the
+baselines of `psch_jax.baselines` on the raw pixels in [0, 1] of the same training
+split (fitted on the train split, encoding query and database). The splits of a seed
+come from `train.load_data`, exactly as the PSCH runs of that seed draw them, and the
+harness checks that they agree.
+
+Work directory:
+  <workdir>/runs/<method>/<bits>bits_seed<seed>/  one run each (a PSCH run is a
+      `train.train_and_evaluate` work directory; a baseline run holds config.json,
+      results.json and codes/). A run with results.json is finished and skipped on a
+      rerun; a killed PSCH run resumes from its checkpoint. A run made with another
+      config is refused (UserError) rather than mixed into the table.
+  <workdir>/seed<seed>/splits/  the index sets of each seed.
+  <workdir>/results.md, results.json, results.png  the table (rows methods, columns
+      bit lengths, "mAP@all mean ± std / mAP@K mean ± std" over seeds), every per-run
+      number, and a grouped bar plot of mAP@all; rewritten after every run.
+  <workdir>/jax_cache/  XLA's persistent compilation cache (the command line only,
+      --compilation_cache_dir): runs that differ only in seed reuse the compiled
+      programs, which on a CPU take longer than a tiny run's training.
+
+One process: the harness is not written for multi-host runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+import time
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from psch_jax import baselines
+from psch_jax import config as psch_config
+from psch_jax import evaluation
+from psch_jax import io_utils
+from psch_jax import train
+from psch_jax.data import splits as splits_lib
+from psch_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One row of the table.
+
+  Attributes:
+    name: the --methods name.
+    label: the row label.
+    overrides: for PSCH variants, {dotted config field: value} applied to the config.
+    baseline: True for a `psch_jax.baselines` method (trained without epochs).
+  """
+  name: str
+  label: str
+  overrides: tuple[tuple[str, Any], ...] = ()
+  baseline: bool = False
+
+
+_METHOD_LIST = (
+    Method("psch", "PSCH"),
+    Method("hard_similarity", "PSCH, hard similarity",
+           (("similarity.hard", True),)),
+    Method("no_threshold", "PSCH, no distance threshold (q = 1)",
+           (("pseudo_labels.keep_quantile", 1.0),)),
+    Method("one_part", "PSCH, one part (P = 1)", (("attention.num_parts", 1),)),
+    Method("no_attention", "PSCH, no attention (uniform A)",
+           (("attention.uniform", True),)),
+    Method("no_lcls", "PSCH, no L_cls (alpha = 0)", (("loss.alpha", 0.0),)),
+    Method("no_lq", "PSCH, no L_q (beta = 0)", (("loss.beta", 0.0),)),
+    Method("lsh", "LSH", baseline=True),
+    Method("pcah", "PCAH", baseline=True),
+    Method("itq", "ITQ", baseline=True),
+    Method("sh", "SH", baseline=True),
+)
+METHODS: dict[str, Method] = {m.name: m for m in _METHOD_LIST}
+ABLATIONS = tuple(m.name for m in _METHOD_LIST if m.name != "psch" and not m.baseline)
+_ENCODE_CHUNK = 8192
+
+
+# ------------------------------------------------------------------------ configs
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """A config from "path/to/config.py" or "path/to/config.py:variant"."""
+  path, _, variant = spec.partition(":")
+  if not os.path.isfile(path):
+    raise UserError(f"config file {path!r} does not exist; pass e.g. "
+                    "--config=configs/fashion_mnist.py.")
+  module_spec = importlib.util.spec_from_file_location("psch_experiment_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def _set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  *parents, leaf = dotted.split(".")
+  node = config
+  for parent in parents:
+    node = node[parent]
+  node[leaf] = value
+
+
+def method_config(config: ml_collections.ConfigDict, method: str, *, num_bits: int,
+                  seed: int, ablation_epochs: int | None = None
+                  ) -> ml_collections.ConfigDict:
+  """The config of one run: a copy of `config` with the bit length, the seed, the
+  method's overrides and, for ablations, `ablation_epochs` (None keeps the config's)."""
+  run_config = config.copy_and_resolve_references()
+  run_config.model.num_bits = int(num_bits)
+  run_config.seed = int(seed)
+  for field, value in METHODS[method].overrides:
+    _set_field(run_config, field, value)
+  if method in ABLATIONS and ablation_epochs is not None:
+    run_config.train.num_epochs = int(ablation_epochs)
+  return run_config
+
+
+def _baseline_record(config: ml_collections.ConfigDict, method: str) -> dict:
+  """What a baseline run depends on: its config.json, compared on reruns."""
+  return {"method": method, "num_bits": config.model.num_bits, "seed": config.seed,
+          "data": config.data.to_dict(), "eval": config.eval.to_dict(),
+          "features": "pixels in [0, 1]"}
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(value, dict):
+    flat = {}
+    for k, v in value.items():
+      flat.update(_flatten(v, f"{prefix}{k}."))
+    return flat
+  return {prefix[:-1]: value}
+
+
+def _check_same_config(run_dir: str, expected: dict) -> None:
+  """Refuses a run directory whose config.json differs from `expected`."""
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = _flatten(json.load(f))
+  wanted = _flatten(json.loads(json.dumps(expected)))
+  changed = sorted(k for k in saved.keys() | wanted.keys()
+                   if saved.get(k, "<absent>") != wanted.get(k, "<absent>"))
+  if changed:
+    details = ", ".join(f"{k}: {saved.get(k, '<absent>')!r} there, "
+                        f"{wanted.get(k, '<absent>')!r} now" for k in changed[:5])
+    raise UserError(f"{run_dir} was made with a different config ({details}); rerun "
+                    "with the options it was made with, pass a new --workdir, or "
+                    "delete that run directory to redo it.")
+
+
+# --------------------------------------------------------------------------- runs
+
+def _run_dir(workdir: str, method: str, num_bits: int, seed: int) -> str:
+  return os.path.join(workdir, "runs", method, f"{num_bits}bits_seed{seed}")
+
+
+def _read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _encode_source(params: baselines.HashParams, source, indices: np.ndarray
+                   ) -> np.ndarray:
+  """int8 (n, L) codes of `source[indices]`, read and encoded a chunk at a time."""
+  return np.concatenate([
+      baselines.encode(params, baselines.pixel_features(
+          source.read(indices[start:start + _ENCODE_CHUNK])))
+      for start in range(0, len(indices), _ENCODE_CHUNK)])
+
+
+def run_baseline(config: ml_collections.ConfigDict, method: str, source,
+                 index_sets: dict[str, np.ndarray], run_dir: str) -> dict:
+  """Fits one baseline on the train split's pixels and scores query vs database.
+
+  Args:
+    config: the run's config (model.num_bits, seed, data, eval.topk are read).
+    method: a baseline of `METHODS`.
+    source: the dataset's `ImageSource`.
+    index_sets: {"query", "database", "train", ...} global indices.
+    run_dir: where config.json, results.json and codes/ go.
+
+  Returns:
+    The results (train.evaluate's keys, plus "method", "fit_seconds", "num_train").
+  """
+  num_bits, seed = config.model.num_bits, config.seed
+  # One key stream per (seed, method), independent of the order runs are made in.
+  key = jax.random.fold_in(jax.random.key(seed),
+                          zlib.crc32(method.encode()) & 0x7FFFFFFF)
+  start = time.perf_counter()
+  train_features = baselines.pixel_features(source.read(index_sets["train"]))
+  params = baselines.FIT[method](key, train_features, num_bits)
+  codes = {name: _encode_source(params, source, index_sets[name])
+           for name in ("query", "database")}
+  fit_seconds = time.perf_counter() - start
+  query, database = index_sets["query"], index_sets["database"]
+  metrics = evaluation.retrieval_metrics(
+      codes["query"], source.labels[query], codes["database"], source.labels[database],
+      topk=tuple(config.eval.topk), curves=False)
+  results = {"dataset": config.data.name, "protocol": config.data.preset,
+             "num_bits": num_bits, "seed": seed, "method": method,
+             "num_query": int(len(query)), "num_database": int(len(database)),
+             "num_train": int(len(index_sets["train"])), "epochs": 0,
+             "selection": "closed form (no epochs)",
+             "fit_seconds": round(fit_seconds, 3), **metrics}
+  io_utils.write_json(os.path.join(run_dir, "config.json"),
+                      _baseline_record(config, method))
+  for name, value in codes.items():
+    io_utils.save_npy(os.path.join(run_dir, "codes", f"{name}.npy"),
+                      np.asarray(evaluation.pack_codes(value)))
+  io_utils.write_json(os.path.join(run_dir, "results.json"), results)
+  return results
+
+
+def _same_splits(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+  return all(np.array_equal(a[name], b[name]) for name in splits_lib.SPLIT_NAMES)
+
+
+def run_experiments(config: ml_collections.ConfigDict, *, workdir: str,
+                    bits: Sequence[int], seeds: Sequence[int],
+                    methods: Sequence[str] = tuple(METHODS),
+                    ablation_epochs: int | None = None,
+                    command: str = "") -> dict:
+  """Runs (or reuses) every method x bits x seed and writes the table.
+
+  Args:
+    config: the PSCH config; runs override model.num_bits, seed and each method's
+      fields on copies of it.
+    workdir: the experiment directory (layout in the module docstring).
+    bits: code lengths, positive ints.
+    seeds: seeds, ints >= 0; each draws its own splits.
+    methods: names from `METHODS`, in row order.
+    ablation_epochs: train.num_epochs of the ablations (None: the config's).
+    command: the command line, quoted in results.md.
+
+  Returns:
+    The content of results.json: {"runs": [per-run results], "summary": ...}.
+  """
+  bits, seeds, methods = _check_arguments(bits, seeds, methods, ablation_epochs)
+  workdir = os.path.abspath(workdir)
+  baseline_methods = [m for m in methods if METHODS[m].baseline]
+  psch_methods = [m for m in methods if not METHODS[m].baseline]
+  # Baselines first: seconds each, so the table has its reference rows early.
+  plan = ([(m, b, s) for s in seeds for b in bits for m in baseline_methods]
+          + [(m, b, s) for m in psch_methods for b in bits for s in seeds])
+  seed_data: dict[int, tuple[Any, dict]] = {}
+
+  def data_of(seed: int):
+    """(source, index sets) of a seed, drawn as train.train_and_evaluate draws them."""
+    if seed not in seed_data:
+      seed_config = method_config(config, "psch", num_bits=bits[0], seed=seed)
+      seed_data[seed] = train.load_data(seed_config, os.path.join(workdir, f"seed{seed}"))
+    return seed_data[seed]
+
+  def splits_of(seed: int) -> dict[str, np.ndarray]:
+    saved = os.path.join(workdir, f"seed{seed}", "splits")
+    if seed not in seed_data and os.path.exists(os.path.join(saved, "train.npy")):
+      return splits_lib.load_splits(saved)  # no need to open the dataset
+    return data_of(seed)[1]
+
+  run_configs = {}
+  # Refuse a bad config or a mismatched run before anything is trained or written.
+  for method, num_bits, seed in plan:
+    run_config = method_config(config, method, num_bits=num_bits, seed=seed,
+                               ablation_epochs=ablation_epochs)
+    if not METHODS[method].baseline:
+      psch_config.validate(run_config, num_devices=len(jax.devices()))
+    _check_same_config(_run_dir(workdir, method, num_bits, seed),
+                       _baseline_record(run_config, method)
+                       if METHODS[method].baseline else run_config.to_dict())
+    run_configs[method, num_bits, seed] = run_config
+
+  os.makedirs(workdir, exist_ok=True)
+  runs = []
+  for number, (method, num_bits, seed) in enumerate(plan, 1):
+    run_config = run_configs[method, num_bits, seed]
+    run_dir = _run_dir(workdir, method, num_bits, seed)
+    results_path = os.path.join(run_dir, "results.json")
+    start = time.perf_counter()
+    finished = os.path.exists(results_path)
+    if finished:
+      results = _read_json(results_path)
+    elif METHODS[method].baseline:
+      source, index_sets = data_of(seed)
+      results = run_baseline(run_config, method, source, index_sets, run_dir)
+    else:
+      results = train.train_and_evaluate(run_config, run_dir)
+    if not METHODS[method].baseline:
+      run_splits = splits_lib.load_splits(os.path.join(run_dir, "splits"))
+      if not _same_splits(run_splits, splits_of(seed)):
+        raise UserError(f"{run_dir}/splits differ from {workdir}/seed{seed}/splits: "
+                        "the run was made with other data options; use a new "
+                        "--workdir.")
+      results = {**results, "method": method,
+                 "num_train": int(len(run_splits["train"]))}
+    runs.append({**results, "run_dir": os.path.relpath(run_dir, workdir)})
+    status = "done earlier" if finished else f"{time.perf_counter() - start:.0f} s"
+    print(f"[{number}/{len(plan)}] {method} {num_bits} bits seed {seed}: "
+          f"mAP@all {results['map@all']:.4f} ({status})", flush=True)
+    report = write_report(config, runs, workdir=workdir, bits=bits, seeds=seeds,
+                          methods=methods, ablation_epochs=ablation_epochs,
+                          command=command)
+  return report
+
+
+def _check_arguments(bits, seeds, methods, ablation_epochs
+                     ) -> tuple[list[int], list[int], list[str]]:
+  def ints(values, name: str, minimum: int) -> list[int]:
+    try:
+      parsed = [int(v) for v in values]
+    except (TypeError, ValueError):
+      parsed = []
+    if not parsed or any(v < minimum for v in parsed) or len(set(parsed)) != len(parsed):
+      raise UserError(f"--{name}={','.join(map(str, values))} must be distinct ints >= "
+                      f"{minimum}, comma-separated, e.g. --{name}=16,32,64.")
+    return parsed
+
+  unknown = [m for m in methods if m not in METHODS]
+  if not methods or unknown or len(set(methods)) != len(methods):
+    raise UserError(f"--methods must name distinct methods of {list(METHODS)}; got "
+                    f"{list(methods)}.")
+  if ablation_epochs is not None and (isinstance(ablation_epochs, bool)
+                                      or int(ablation_epochs) < 1):
+    raise UserError(f"--epochs_ablation={ablation_epochs} must be >= 1 (or left out "
+                    "to train ablations as long as PSCH).")
+  return ints(bits, "bits", 1), ints(seeds, "seeds", 0), list(methods)
+
+
+# ------------------------------------------------------------------------ report
+
+def _statistics(values: Sequence[float]) -> dict:
+  """mean and sample standard deviation (n - 1; None for one value)."""
+  values = np.asarray(values, np.float64)
+  std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+  return {"mean": float(np.mean(values)), "std": std, "n": int(len(values)),
+          "values": values.tolist()}
+
+
+def summarise(runs: Sequence[dict], *, metrics: Sequence[str]) -> dict:
+  """{method: {str(bits): {metric: {"mean", "std", "n", "values", "seeds"}}}} over seeds."""
+  summary: dict = {}
+  for run in runs:
+    cell = summary.setdefault(run["method"], {}).setdefault(str(run["num_bits"]), {})
+    cell.setdefault("seeds", []).append(run["seed"])
+    for metric in metrics:
+      cell.setdefault(metric, []).append(run[metric])
+  for per_bits in summary.values():
+    for cell in per_bits.values():
+      for metric in metrics:
+        cell[metric] = _statistics(cell[metric])
+  return summary
+
+
+def format_statistic(statistic: dict) -> str:
+  """"0.455 ± 0.003", or "0.455" for a single seed."""
+  if statistic["std"] is None:
+    return f"{statistic['mean']:.3f}"
+  return f"{statistic['mean']:.3f} ± {statistic['std']:.3f}"
+
+
+def _epochs_line(config, methods: Sequence[str], ablation_epochs: int | None) -> str:
+  parts = []
+  if "psch" in methods:
+    parts.append(f"PSCH trains {config.train.num_epochs} epochs and is scored at the "
+                 "last epoch (no model selection on the queries)")
+  ablations = [m for m in methods if m in ABLATIONS]
+  if ablations:
+    epochs = config.train.num_epochs if ablation_epochs is None else ablation_epochs
+    line = f"the ablations train {epochs} epoch{'' if epochs == 1 else 's'}"
+    if epochs < config.train.num_epochs:
+      line += (f", a shorter schedule than PSCH's {config.train.num_epochs}: compare the "
+               "ablations with one another, not with the PSCH row")
+    parts.append(line)
+  if any(METHODS[m].baseline for m in methods):
+    parts.append("the baselines are fitted in closed form (ITQ: "
+                 f"{baselines.DEFAULT_ITQ_ITERATIONS} iterations) on the raw pixels in "
+                 "[0, 1] of each seed's training split")
+  return "Training: " + "; ".join(parts) + "."
+
+
+def results_markdown(config, summary: dict, runs: Sequence[dict], *,
+                     bits: Sequence[int], seeds: Sequence[int], methods: Sequence[str],
+                     ablation_epochs: int | None, command: str) -> str:
+  """The results.md text: protocol, the table, schedules and conventions."""
+  k = config.eval.topk[0]
+  sizes = runs[0] if runs else {}
+  lines = [f"# Retrieval results: {config.data.name}, protocol \"{config.data.preset}\"",
+           ""]
+  if sizes:
+    lines.append(f"{sizes['num_query']:,} queries, {sizes['num_database']:,} database "
+                 f"images, {sizes['num_train']:,} training images per seed.")
+  lines += [
+      f"Each cell: mAP@all mean ± std / mAP@{k} mean ± std over {len(seeds)} seed(s) "
+      f"({', '.join(map(str, seeds))}); std is the sample standard deviation (n - 1), "
+      "left out for one seed; \"—\" marks a run not made yet. Each seed draws its own "
+      "query / database / train splits, initialisation and batch order, and all "
+      "methods of a seed share its splits.", "",
+      "| method | " + " | ".join(f"{b} bits" for b in bits) + " |",
+      "|---|" + "---|" * len(bits)]
+  for method in methods:
+    cells = []
+    for b in bits:
+      cell = summary.get(method, {}).get(str(b))
+      cells.append("—" if cell is None else
+                   f"{format_statistic(cell['map@all'])} / "
+                   f"{format_statistic(cell[f'map@{k}'])}"
+                   + ("" if cell["map@all"]["n"] == len(seeds)
+                      else f" (n = {cell['map@all']['n']})"))
+    lines.append(f"| {METHODS[method].label} | " + " | ".join(cells) + " |")
+  lines += [
+      "", _epochs_line(config, methods, ablation_epochs), "",
+      "Evaluation (docs/evaluation.md): the database is ranked by Hamming distance to "
+      "each query, ties broken by database index; an item is relevant when it shares a "
+      f"label with the query. AP@K (K = {k} or the whole database) is the mean of "
+      "precision@k over the ranks k <= K of the relevant items in the top K; a query "
+      "without a relevant item there counts as 0, and mAP is the mean over all queries.",
+      "", "Ablations (docs/method.md): " + "; ".join(
+          f"{METHODS[m].label}: " + ", ".join(f"{f}={v}" for f, v in METHODS[m].overrides)
+          for m in ABLATIONS) + ".",
+      "", f"Every per-run number is in results.json; each run's directory is "
+      "runs/<method>/<bits>bits_seed<seed>/."]
+  if command:
+    lines += ["", f"Command: `{command}`"]
+  return "\n".join(lines) + "\n"
+
+
+def _plot(summary: dict, path: str, *, bits: Sequence[int], methods: Sequence[str],
+          title: str) -> None:
+  """Grouped bars of mean mAP@all per bit length (one bar per method), std whiskers."""
+  import matplotlib
+  from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+  figure = Figure(figsize=(max(6.0, 3.0 + 0.3 * len(bits) * len(methods)), 4.0))
+  axes = figure.subplots()
+  width = 0.8 / max(len(methods), 1)
+  positions = np.arange(len(bits))
+  # tab10 repeats after ten colours; all eleven methods need tab20.
+  palette = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
+  for i, method in enumerate(methods):
+    cells = [summary.get(method, {}).get(str(b)) for b in bits]
+    means = [np.nan if c is None else c["map@all"]["mean"] for c in cells]
+    errors = [0.0 if c is None or c["map@all"]["std"] is None else c["map@all"]["std"]
+              for c in cells]
+    axes.bar(positions + (i - (len(methods) - 1) / 2) * width, means, width,
+             yerr=errors, capsize=2, color=palette(i), label=METHODS[method].label)
+  axes.set_xticks(positions, [f"{b} bits" for b in bits])
+  axes.set_ylabel("mAP@all")
+  axes.set_ylim(0, 1)
+  axes.set_title(title)
+  # Outside the axes: inside, it would hide the tallest bars.
+  axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  figure.tight_layout()
+  with io_utils.atomic_open(path, "wb") as f:
+    figure.savefig(f, format="png", dpi=120)
+
+
+def write_report(config, runs: Sequence[dict], *, workdir: str, bits: Sequence[int],
+                 seeds: Sequence[int], methods: Sequence[str],
+                 ablation_epochs: int | None, command: str = "") -> dict:
+  """Writes results.md, results.json and results.png into `workdir`; returns the JSON."""
+  k = config.eval.topk[0]
+  summary = summarise(runs, metrics=("map@all", f"map@{k}", "map@all_tie_aware"))
+  report = {"dataset": config.data.name, "protocol": config.data.preset,
+            "bits": list(bits), "seeds": list(seeds), "methods": list(methods),
+            "epochs": {"psch": config.train.num_epochs,
+                       "ablations": (config.train.num_epochs if ablation_epochs is None
+                                     else ablation_epochs)},
+            "std": "sample (n - 1)", "command": command,
+            "runs": list(runs), "summary": summary}
+  io_utils.write_json(os.path.join(workdir, "results.json"), report)
+  io_utils.write_text(os.path.join(workdir, "results.md"), results_markdown(
+      config, summary, runs, bits=bits, seeds=seeds, methods=methods,
+      ablation_epochs=ablation_epochs, command=command))
+  _plot(summary, os.path.join(workdir, "results.png"), bits=bits, methods=methods,
+        title=f"{config.data.name}, protocol {config.data.preset!r}, "
+              f"{len(seeds)} seed(s)")
+  return report
+
+
+# -------------------------------------------------------------------- command line
+
+def _main(argv: Sequence[str]) -> None:
+  from absl import flags
+  from absl import logging
+
+  del argv
+  FLAGS = flags.FLAGS
+  # tfds and Orbax log every read and save at INFO; the per-run lines say enough.
+  logging.set_verbosity(logging.WARNING)
+  config = FLAGS.config
+  workdir = FLAGS.workdir or os.path.join("experiments", config.data.name)
+  cache_dir = (os.path.join(workdir, "jax_cache") if FLAGS.compilation_cache_dir is None
+               else FLAGS.compilation_cache_dir)
+  if cache_dir:
+    # Runs that differ only in their seed compile the same programs.
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
+  try:
+    run_experiments(config, workdir=workdir, bits=FLAGS.bits, seeds=FLAGS.seeds,
+                    methods=FLAGS.methods, ablation_epochs=FLAGS.epochs_ablation,
+                    command=" ".join(["python -m psch_jax.experiments", *sys.argv[1:]]))
+  except (UserError, FloatingPointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"wrote {os.path.join(workdir, 'results.md')}")
+
+
+def _define_flags() -> None:
+  from absl import flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file(
+      "config", None, "PSCH config file, e.g. configs/fashion_mnist.py (:tiny for the "
+      "smoke variant); --config.<field>=<value> overrides apply to every PSCH run.",
+      lock_config=True)
+  flags.DEFINE_list("bits", ["16", "32", "64"], "Code lengths (table columns).")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (mean ± std over them).")
+  flags.DEFINE_list("methods", list(METHODS), f"Table rows, from {list(METHODS)}.")
+  flags.DEFINE_string("workdir", None, "Experiment directory; default "
+                      "experiments/<dataset>.")
+  flags.DEFINE_integer("epochs_ablation", None, "train.num_epochs of the ablations "
+                       "(default: the config's, as PSCH).")
+  flags.DEFINE_string("compilation_cache_dir", None, "XLA's persistent compilation "
+                      "cache (default <workdir>/jax_cache; '' turns it off). Experiments "
+                      "may share one.")
+  flags.mark_flags_as_required(["config"])
+
+
+def _parse_flags(argv):
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+    print(f"error: {e}\nRun `python -m psch_jax.experiments --helpfull` for the flags; "
+          "config fields are overridden as --config.<section>.<field>=<value>.",
+          file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  _define_flags()
+  app.run(_main, flags_parser=_parse_flags)
