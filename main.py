@@ -33,11 +33,21 @@ flags.mark_flags_as_required(["config"])
 EXIT_BAD_INPUT = 2
 
 
+def _flag_error_message(error: BaseException) -> str:
+  """The readable message of a flag error: ml_collections wraps a KeyError, whose
+  str() is a repr, in an AttributeError."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  if isinstance(error, KeyError) and error.args:
+    return str(error.args[0])
+  return str(error)
+
+
 def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-    print(f"error: {e}\nRun `python main.py --helpfull` for the flags; config fields "
+    print(f"error: {_flag_error_message(e)}\nRun `python main.py --helpfull` for the flags; config fields "
           "are overridden as --config.<section>.<field>=<value>.", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
 

@@ -61,6 +61,12 @@ Memory per device: O(query_chunk x (db_chunk + L)) plus the packed database; wit
 defaults (256 x 1,024) the working set is a few MB whatever the database size: for
 NUS-WIDE (2,100 queries x 193,734 items, 64 bits) XLA reports 3 MB of arguments and
 2 MB of temporaries, where the dense distance matrix alone would take 1.6 GB.
+A database larger than `db_segment` items (default 65,536) is never held whole, on the
+host or on the devices: each pass reads it in segments (from disk when it is a
+`np.load(..., mmap_mode="r")` memmap of +-1 codes or of packed words), packs a segment
+and runs it for every query chunk, carrying the per-query counts (pass 1) and running
+ranks and sums (pass 2) from one segment to the next. Memory is then
+O(db_segment + nq x L) whatever the database size (benchmarks/bench_eval_memory.py).
 Limit: fewer than 2^24 database items.
 """
 from __future__ import annotations
@@ -193,55 +199,96 @@ def _two_sum(hi: jax.Array, lo: jax.Array, x: jax.Array) -> tuple[jax.Array, jax
   return total, lo + error
 
 
-def _chunk_statistics(query_packed: jax.Array, query_labels: jax.Array,
-                      db_blocks: jax.Array, db_label_blocks: jax.Array,
-                      bucket_of_rank: jax.Array, *, code_length: int, num_database: int,
-                      num_buckets: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Both passes for one chunk of queries (one device's share under shard_map).
+def _histogram_pass(counts: jax.Array, query_packed: jax.Array, query_labels: jax.Array,
+                    db_blocks: jax.Array, db_label_blocks: jax.Array,
+                    first_item: jax.Array, num_database: jax.Array, *,
+                    code_length: int) -> jax.Array:
+  """Pass 1 over a run of database blocks: adds their items to per-distance counts.
 
   Args:
+    counts: int32 (Q, L + 2, 2): items counted so far at each distance 0..L,
+      [irrelevant, relevant]; slot L + 1 collects padding items and is dropped.
     query_packed: uint32 (Q, W) packed query codes.
     query_labels: uint32 (Q, Wl) packed query labels.
-    db_blocks: uint32 (B, T, W) packed database codes in index order, zero-padded.
+    db_blocks: uint32 (B, T, W) packed database codes of items `first_item`,
+      `first_item + 1`, ... in index order, zero-padded.
     db_label_blocks: uint32 (B, T, Wl) packed database labels, padding rows all zero.
-    bucket_of_rank: int32 (num_database + 1,): rank -> number of breakpoints below it.
+    first_item: int32 (): database index of the first item of `db_blocks`.
+    num_database: int32 (): real items in the whole database; later ones are padding.
     code_length: L.
-    num_database: number of real database items (the rest of B x T is padding).
-    num_buckets: number of breakpoints + 1.
 
   Returns:
-    counts: int32 (Q, L + 1, 2): items at each distance, [irrelevant, relevant].
-    precision_sums: float32 (Q, num_buckets, 2): per rank bucket, a two-float sum
-      (hi, lo) of P@rank over the relevant items ranked in the bucket.
-    relevant_counts: int32 (Q, num_buckets): relevant items ranked in each bucket.
+    int32 (Q, L + 2, 2): `counts` plus these blocks' items.
   """
   num_queries = query_packed.shape[0]
   num_blocks, block_size, _ = db_blocks.shape
-  num_distances = code_length + 1
+  num_slots = code_length + 2
   query_rows = jnp.arange(num_queries, dtype=jnp.int32)
 
-  # Pass 1: per-distance counts. Padding items go to an extra slot that is dropped.
-  def histogram_step(counts, block):
+  def histogram_step(flat_counts, block):
     codes, labels, start = block
     distances = _hamming(query_packed, codes)
     relevant = _relevance(query_labels, labels).astype(jnp.int32)
     is_real = start + jnp.arange(block_size) < num_database
-    slot = jnp.where(is_real[None, :], distances, num_distances)
-    flat = (query_rows[:, None] * (num_distances + 1) + slot) * 2 + relevant
-    return counts.at[flat.reshape(-1)].add(1, mode="promise_in_bounds"), None
+    slot = jnp.where(is_real[None, :], distances, code_length + 1)
+    flat = (query_rows[:, None] * num_slots + slot) * 2 + relevant
+    return flat_counts.at[flat.reshape(-1)].add(1, mode="promise_in_bounds"), None
 
-  starts = jnp.arange(num_blocks, dtype=jnp.int32) * block_size
-  counts, _ = lax.scan(
-      histogram_step, jnp.zeros((num_queries * (num_distances + 1) * 2,), jnp.int32),
-      (db_blocks, db_label_blocks, starts))
-  counts = counts.reshape(num_queries, num_distances + 1, 2)[:, :num_distances]
+  starts = first_item + jnp.arange(num_blocks, dtype=jnp.int32) * block_size
+  flat_counts, _ = lax.scan(histogram_step, counts.reshape(-1),
+                            (db_blocks, db_label_blocks, starts))
+  return flat_counts.reshape(counts.shape)
 
-  # Pass 2: ranks in index order. `running[q, d]` starts at (items, relevant items)
-  # at distances < d and counts the items at distance d seen so far, so after adding
-  # item j its own slot holds (rank_j, relevant items ranked <= rank_j).
+
+def _initial_ranking_state(counts: jax.Array, *, num_buckets: int
+                           ) -> tuple[jax.Array, ...]:
+  """Pass 2's carry before the first database item, from pass 1's complete counts.
+
+  `running[q, d]` starts at (items, relevant items) at distances < d; the ranking
+  pass adds the items at distance d in index order, so after adding item j its own
+  slot holds (rank_j, relevant items ranked <= rank_j).
+
+  Args:
+    counts: int32 (Q, L + 2, 2) from `_histogram_pass` over the whole database.
+    num_buckets: number of rank breakpoints + 1.
+
+  Returns:
+    (running int32 (Q, L + 1, 2), hi float32 (Q, num_buckets), lo float32 (Q,
+    num_buckets), relevant_counts int32 (Q, num_buckets)), the sums at zero.
+  """
+  counts = counts[:, :-1]
   per_distance = jnp.stack([counts.sum(-1), counts[..., 1]], axis=-1)
-  running = (jnp.cumsum(per_distance, axis=1) - per_distance).reshape(-1, 2)
+  running = jnp.cumsum(per_distance, axis=1) - per_distance
+  zeros = jnp.zeros((counts.shape[0], num_buckets), jnp.float32)
+  return running, zeros, zeros, jnp.zeros_like(zeros, jnp.int32)
+
+
+def _ranking_pass(state: tuple[jax.Array, ...], query_packed: jax.Array,
+                  query_labels: jax.Array, db_blocks: jax.Array,
+                  db_label_blocks: jax.Array, bucket_of_rank: jax.Array, *,
+                  code_length: int, num_buckets: int) -> tuple[jax.Array, ...]:
+  """Pass 2 over a run of database blocks, in index order, continuing `state`.
+
+  Args:
+    state: the carry of `_initial_ranking_state`, or of this pass over the blocks
+      before these.
+    query_packed, query_labels, db_blocks, db_label_blocks: as in `_histogram_pass`.
+    bucket_of_rank: int32 (R + 1,): rank r -> number of breakpoints below r, for
+      r <= R; every rank above R is in the bucket of R (`_bucket_table`).
+    code_length: L.
+    num_buckets: number of breakpoints + 1.
+
+  Returns:
+    The carry after these blocks: running (Q, L + 1, 2), and per rank bucket the
+    two-float sum (hi, lo) of P@rank over the relevant items ranked in it and the
+    number of relevant items ranked in it.
+  """
+  running, hi, lo, relevant_counts = state
+  num_queries = query_packed.shape[0]
+  num_distances = code_length + 1
+  query_rows = jnp.arange(num_queries, dtype=jnp.int32)
   bucket_rows = query_rows * num_buckets
+  last_rank = bucket_of_rank.shape[0] - 1
 
   def item_step(carry, item):
     running, block_sums = carry
@@ -258,7 +305,7 @@ def _chunk_statistics(query_packed: jax.Array, query_labels: jax.Array,
     precision = jnp.where(relevant, rank_and_hits[:, 1].astype(jnp.float32)
                           / rank.astype(jnp.float32), 0.0)
     # Padding items (never relevant, after all real ones) may rank past the table.
-    bucket = bucket_of_rank.at[jnp.minimum(rank, num_database)].get(
+    bucket = bucket_of_rank.at[jnp.minimum(rank, last_rank)].get(
         mode="promise_in_bounds")
     update = jnp.stack([precision, relevant.astype(jnp.float32)], -1)
     block_sums = block_sums.at[bucket_rows + bucket].add(update, mode="promise_in_bounds")
@@ -273,12 +320,48 @@ def _chunk_statistics(query_packed: jax.Array, query_labels: jax.Array,
     relevant_counts = relevant_counts + block_sums[..., 1].astype(jnp.int32)
     return (running, hi, lo, relevant_counts), None
 
-  zeros = jnp.zeros((num_queries, num_buckets), jnp.float32)
-  (_, hi, lo, relevant_counts), _ = lax.scan(
-      block_step, (running, zeros, zeros, jnp.zeros_like(zeros, jnp.int32)),
+  (running, hi, lo, relevant_counts), _ = lax.scan(
+      block_step, (running.reshape(-1, 2), hi, lo, relevant_counts),
       (db_blocks, db_label_blocks))
-  return counts, jnp.stack([hi, lo], -1), relevant_counts
+  return running.reshape(num_queries, num_distances, 2), hi, lo, relevant_counts
 
+
+def _chunk_statistics(query_packed: jax.Array, query_labels: jax.Array,
+                      db_blocks: jax.Array, db_label_blocks: jax.Array,
+                      bucket_of_rank: jax.Array, *, code_length: int, num_database: int,
+                      num_buckets: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Both passes for one chunk of queries over a database held whole on the device.
+
+  Args:
+    query_packed: uint32 (Q, W) packed query codes.
+    query_labels: uint32 (Q, Wl) packed query labels.
+    db_blocks: uint32 (B, T, W) packed database codes in index order, zero-padded.
+    db_label_blocks: uint32 (B, T, Wl) packed database labels, padding rows all zero.
+    bucket_of_rank: int32 (R + 1,) from `_bucket_table`.
+    code_length: L.
+    num_database: number of real database items (the rest of B x T is padding).
+    num_buckets: number of breakpoints + 1.
+
+  Returns:
+    counts: int32 (Q, L + 1, 2): items at each distance, [irrelevant, relevant].
+    precision_sums: float32 (Q, num_buckets, 2): per rank bucket, a two-float sum
+      (hi, lo) of P@rank over the relevant items ranked in the bucket.
+    relevant_counts: int32 (Q, num_buckets): relevant items ranked in each bucket.
+  """
+  num_queries = query_packed.shape[0]
+  counts = _histogram_pass(
+      jnp.zeros((num_queries, code_length + 2, 2), jnp.int32), query_packed,
+      query_labels, db_blocks, db_label_blocks, jnp.int32(0), jnp.int32(num_database),
+      code_length=code_length)
+  state = _initial_ranking_state(counts, num_buckets=num_buckets)
+  _, hi, lo, relevant_counts = _ranking_pass(
+      state, query_packed, query_labels, db_blocks, db_label_blocks, bucket_of_rank,
+      code_length=code_length, num_buckets=num_buckets)
+  return counts[:, :-1], jnp.stack([hi, lo], -1), relevant_counts
+
+
+# No collectives below: each device works alone, so the varying-axis type check (which
+# would ask for pcasts of every zero-initialised scan carry) buys nothing.
 
 @functools.partial(jax.jit, static_argnames=("mesh", "code_length", "num_database",
                                              "num_buckets"))
@@ -291,12 +374,199 @@ def _sharded_statistics(query_packed: jax.Array, query_labels: jax.Array,
   body = functools.partial(_chunk_statistics, code_length=code_length,
                            num_database=num_database, num_buckets=num_buckets)
   split = P(_QUERY_AXIS)
-  # No collectives: each device works alone, so the varying-axis type check (which
-  # would ask for pcasts of every zero-initialised scan carry) buys nothing.
   return jax.shard_map(body, mesh=mesh, in_specs=(split, split, P(), P(), P()),
                        out_specs=(split, split, split), check_vma=False)(
                            query_packed, query_labels, db_blocks, db_label_blocks,
                            bucket_of_rank)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "code_length"))
+def _sharded_histogram(counts: jax.Array, query_packed: jax.Array,
+                       query_labels: jax.Array, db_blocks: jax.Array,
+                       db_label_blocks: jax.Array, first_item: jax.Array,
+                       num_database: jax.Array, *, mesh: Mesh, code_length: int
+                       ) -> jax.Array:
+  """`_histogram_pass` over one database segment, queries split over the mesh."""
+  split = P(_QUERY_AXIS)
+  return jax.shard_map(
+      functools.partial(_histogram_pass, code_length=code_length), mesh=mesh,
+      in_specs=(split, split, split, P(), P(), P(), P()), out_specs=split,
+      check_vma=False)(counts, query_packed, query_labels, db_blocks, db_label_blocks,
+                       first_item, num_database)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "num_buckets"))
+def _sharded_initial_state(counts: jax.Array, *, mesh: Mesh, num_buckets: int
+                           ) -> tuple[jax.Array, ...]:
+  """`_initial_ranking_state` with the queries split over the mesh."""
+  split = P(_QUERY_AXIS)
+  return jax.shard_map(
+      functools.partial(_initial_ranking_state, num_buckets=num_buckets), mesh=mesh,
+      in_specs=(split,), out_specs=split, check_vma=False)(counts)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "code_length", "num_buckets"))
+def _sharded_ranking(state: tuple[jax.Array, ...], query_packed: jax.Array,
+                     query_labels: jax.Array, db_blocks: jax.Array,
+                     db_label_blocks: jax.Array, bucket_of_rank: jax.Array, *,
+                     mesh: Mesh, code_length: int, num_buckets: int
+                     ) -> tuple[jax.Array, ...]:
+  """`_ranking_pass` over one database segment, queries split over the mesh."""
+  split = P(_QUERY_AXIS)
+  return jax.shard_map(
+      functools.partial(_ranking_pass, code_length=code_length,
+                        num_buckets=num_buckets), mesh=mesh,
+      in_specs=(split, split, split, P(), P(), P()), out_specs=split,
+      check_vma=False)(state, query_packed, query_labels, db_blocks, db_label_blocks,
+                       bucket_of_rank)
+
+
+# ------------------------------------------------------- reading the database
+
+def _pack_rows(bits: np.ndarray) -> np.ndarray:
+  """bool (n, m) -> uint32 (n, ceil(m/32)) on the host, the layout of `_pack_bits`."""
+  num_rows, num_bits = bits.shape
+  num_words = -(-num_bits // _WORD_BITS)
+  as_bytes = np.packbits(bits, axis=1, bitorder="little")  # bit i of byte k: column 8k+i
+  padded = np.zeros((num_rows, 4 * num_words), np.uint8)
+  padded[:, :as_bytes.shape[1]] = as_bytes
+  return padded.view("<u4").astype(np.uint32)
+
+
+def _code_layout(query_codes: Any, db_codes: Any, code_length: int | None
+                 ) -> tuple[int, int]:
+  """(L, W) of the two code matrices, each +-1 (n, L) or packed uint32 (n, W)."""
+  if code_length is not None and (isinstance(code_length, bool) or not isinstance(
+      code_length, (int, np.integer)) or code_length < 1):
+    raise UserError(f"code_length must be a positive int or None, got {code_length!r}.")
+  lengths, widths = {}, {}
+  for name, codes in (("query_codes", query_codes), ("db_codes", db_codes)):
+    if len(codes.shape) != 2 or codes.shape[0] == 0 or codes.shape[1] == 0:
+      raise UserError(f"{name} must be a non-empty (n, L) array of +-1 codes or (n, W) "
+                      f"uint32 words from pack_codes, got shape {codes.shape}; stack "
+                      "the codes of all images into one matrix.")
+    (widths if codes.dtype == np.uint32 else lengths)[name] = codes.shape[1]
+  if len(set(lengths.values())) > 1:
+    raise UserError(f"query codes have {lengths['query_codes']} bits and database codes "
+                    f"{lengths['db_codes']}; encode both with the same model.")
+  if lengths:
+    length = next(iter(lengths.values()))
+    if code_length is not None and code_length != length:
+      raise UserError(f"code_length={code_length} but the +-1 codes have {length} "
+                      "bits; drop code_length or pass the codes' length.")
+  else:
+    length = code_length or _WORD_BITS * next(iter(widths.values()))
+  num_words = -(-length // _WORD_BITS)
+  for name, width in widths.items():
+    if width != num_words:
+      raise UserError(f"{name} are packed in {width} words, but {length}-bit codes take "
+                      f"{num_words}; pack query and database codes of one model with "
+                      "pack_codes (and pass code_length= when both are packed).")
+  return length, num_words
+
+
+def _packed_codes(rows: Any, name: str, *, code_length: int) -> np.ndarray:
+  """+-1 (n, L) or packed uint32 (n, W) rows -> checked packed uint32 (n, W)."""
+  rows = np.asarray(rows)
+  if rows.dtype == np.uint32:
+    spare_bits = -code_length % _WORD_BITS
+    if spare_bits and np.any(rows[:, -1] >> np.uint32(_WORD_BITS - spare_bits)):
+      raise UserError(f"{name} has bits set past the code length {code_length} in its "
+                      "last word; pack the codes with pack_codes, and pass the real "
+                      "code_length= when query and database are both packed.")
+    return rows
+  if not np.all(np.abs(rows) == 1):
+    raise UserError(f"{name} must hold only -1 and +1; binarise with "
+                    "models.hash_codes (sign with sign(0) = +1) before evaluating.")
+  return _pack_rows(rows > 0)
+
+
+def _packed_labels(rows: Any, name: str) -> np.ndarray:
+  """Multi-hot (n, num_labels) rows -> checked packed uint32 (n, Wl)."""
+  rows = np.asarray(rows)
+  if not np.all((rows == 0) | (rows == 1)):
+    raise UserError(f"{name} must hold only 0 and 1 (multi-hot); turn class ids into "
+                    "one-hot rows with np.eye(num_classes, dtype=np.uint8)[ids].")
+  return _pack_rows(rows != 0)
+
+
+def _database_blocks(db_codes: Any, db_labels: Any, start: int, stop: int, *,
+                     num_rows: int, block_size: int, code_length: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """Database items start..stop-1, read (from disk for a memmap), checked and packed.
+
+  Returns:
+    uint32 (num_rows / block_size, block_size, W) codes and (..., Wl) labels, rows
+    past stop - start zero (padding).
+  """
+  codes = _packed_codes(db_codes[start:stop], "db_codes", code_length=code_length)
+  labels = _packed_labels(db_labels[start:stop], "db_labels")
+  blocks = []
+  for packed in (codes, labels):
+    padded = np.zeros((num_rows, packed.shape[1]), np.uint32)
+    padded[:stop - start] = packed
+    blocks.append(padded.reshape(num_rows // block_size, block_size, -1))
+  return blocks[0], blocks[1]
+
+
+def _bucket_table(breakpoints: np.ndarray) -> np.ndarray:
+  """int32 (R + 1,): rank r -> number of breakpoints below r (its bucket), r <= R.
+
+  R is one past the second-largest breakpoint: every rank above it up to the largest
+  breakpoint (the database size) shares the last bucket, so the table grows with the
+  requested K and N, not with the database.
+  """
+  limit = int(breakpoints[-2]) + 1 if len(breakpoints) > 1 else 1
+  return np.searchsorted(breakpoints, np.arange(limit + 1), side="left").astype(np.int32)
+
+
+def _segmented_statistics(query_steps: list, read_segment, *, num_database: int,
+                          segment_size: int, mesh: Mesh, code_length: int,
+                          bucket_of_rank: jax.Array, num_buckets: int) -> list:
+  """Both passes with the database read in segments of `segment_size` items.
+
+  Each pass reads every segment once and runs it for all query steps, so host and
+  device memory hold a few segments, whatever the database size.
+
+  Args:
+    query_steps: [(query_packed, query_labels)], each split over the mesh.
+    read_segment: (start, stop) -> (codes, labels) blocks of `segment_size` rows.
+
+  Returns:
+    [(counts, precision_sums, relevant_counts)] per query step, as
+    `_sharded_statistics` returns them.
+  """
+  replicated = NamedSharding(mesh, P())
+  split = NamedSharding(mesh, P(_QUERY_AXIS))
+  total = jnp.int32(num_database)
+
+  def sweep(states, update):
+    in_flight = None
+    for start in range(0, num_database, segment_size):
+      segment = jax.device_put(
+          read_segment(start, min(start + segment_size, num_database)), replicated)
+      states = [update(state, query, segment, start)
+                for state, query in zip(states, query_steps)]
+      # Dispatch is asynchronous: wait for the previous segment's work, so the host
+      # reads ahead by one segment and no more.
+      if in_flight is not None:
+        jax.block_until_ready(in_flight)
+      in_flight = states
+    return states
+
+  counts = sweep(
+      [jax.device_put(np.zeros((len(query), code_length + 2, 2), np.int32), split)
+       for query, _ in query_steps],
+      lambda counts, query, segment, start: _sharded_histogram(
+          counts, *query, *segment, jnp.int32(start), total, mesh=mesh,
+          code_length=code_length))
+  states = sweep(
+      [_sharded_initial_state(c, mesh=mesh, num_buckets=num_buckets) for c in counts],
+      lambda state, query, segment, start: _sharded_ranking(
+          state, *query, *segment, bucket_of_rank, mesh=mesh, code_length=code_length,
+          num_buckets=num_buckets))
+  return [(c[:, :-1], jnp.stack([hi, lo], -1), relevant)
+          for c, (_, hi, lo, relevant) in zip(counts, states)]
 
 
 # ------------------------------------------------- float64 metrics from counts
@@ -369,21 +639,31 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
                                 db_labels: Any, *, topk: Sequence[int | None] = (1000,),
                                 topn: Sequence[int] = DEFAULT_TOPN, radius: int = 2,
                                 query_chunk: int = 256, db_chunk: int = 1024,
+                                db_segment: int = 65_536, code_length: int | None = None,
                                 devices: Sequence[jax.Device] | None = None
                                 ) -> dict[str, np.ndarray]:
   """Per-query retrieval metrics (the conventions are in the module docstring).
 
   Args:
-    query_codes: int8 or float (nq, L), entries +-1.
+    query_codes: int8 or float (nq, L) +-1 codes, or uint32 (nq, W) from `pack_codes`.
     query_labels: uint8 (nq, num_labels) multi-hot.
-    db_codes: int8 or float (ndb, L), entries +-1.
-    db_labels: uint8 (ndb, num_labels) multi-hot.
+    db_codes: int8 or float (ndb, L) +-1 codes, or uint32 (ndb, W) from `pack_codes`;
+      any array that slices into numpy rows, e.g. `np.load(path, mmap_mode="r")`: it
+      is read `db_segment` rows at a time, never whole.
+    db_labels: uint8 (ndb, num_labels) multi-hot; a memmap is read like `db_codes`.
     topk: cut-offs K of mAP@K; None (or K >= ndb) means the whole database.
     topn: list sizes N of precision@N.
     radius: Hamming radius of "precision@radius{radius}".
     query_chunk: queries per device per step; device memory is
-      O(query_chunk x (db_chunk + L)) plus a copy of the packed database.
+      O(query_chunk x (db_chunk + L)) plus the packed database segment.
     db_chunk: database items per histogram step and per float32 partial sum.
+    db_segment: at most this many database items are read, checked, packed and sent
+      to the devices at a time (equal segments of whole `db_chunk` blocks). A
+      database of at most this many items stays on the devices for all queries; a
+      larger one is read twice, segment by segment (once per pass), so memory does
+      not grow with ndb.
+    code_length: L, needed only when query and database codes are both packed and
+      L is not a multiple of 32 (default: 32 W).
     devices: the devices that share the queries (default: all local devices; on CPU
       these are the threads of --xla_force_host_platform_device_count).
 
@@ -392,24 +672,31 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
     (nq,), "precision@top{N}" (nq,), "pr_precision" and "pr_recall" (nq, L + 1) per
     radius 0..L, and int64 "num_relevant" (nq,) relevant items in the database.
   """
-  query_codes = _check_codes(query_codes, "query_codes")
-  db_codes = _check_codes(db_codes, "db_codes")
-  if query_codes.shape[1] != db_codes.shape[1]:
-    raise UserError(f"query codes have {query_codes.shape[1]} bits and database codes "
-                    f"{db_codes.shape[1]}; encode both with the same model.")
-  query_labels = _check_labels(query_labels, query_codes.shape[0], "query_labels")
-  db_labels = _check_labels(db_labels, db_codes.shape[0], "db_labels")
+  if not hasattr(query_codes, "shape"):
+    query_codes = np.asarray(query_codes)
+  if not hasattr(db_codes, "shape"):
+    db_codes = np.asarray(db_codes)
+  if not hasattr(db_labels, "shape"):
+    db_labels = np.asarray(db_labels)
+  code_length, _ = _code_layout(query_codes, db_codes, code_length)
+  query_packed = _packed_codes(query_codes, "query_codes", code_length=code_length)
+  num_queries, num_database = query_packed.shape[0], db_codes.shape[0]
+  query_labels = _check_labels(query_labels, num_queries, "query_labels")
+  if (len(db_labels.shape) != 2 or db_labels.shape[0] != num_database
+      or db_labels.shape[1] == 0):
+    raise UserError(f"db_labels must be a multi-hot (n, num_labels) matrix with one row "
+                    f"per code ({num_database} rows), got shape {db_labels.shape}; "
+                    "one-hot encode single-label datasets.")
   if query_labels.shape[1] != db_labels.shape[1]:
     raise UserError(f"query labels have {query_labels.shape[1]} columns and database "
                     f"labels {db_labels.shape[1]}; both must use the dataset's label "
                     "list.")
   _check_sizes(topk, "topk", allow_none=True)
   _check_sizes(topn, "topn", allow_none=False)
-  _check_sizes((query_chunk, db_chunk), "query_chunk and db_chunk", allow_none=False)
+  _check_sizes((query_chunk, db_chunk, db_segment),
+               "query_chunk, db_chunk and db_segment", allow_none=False)
   if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
     raise UserError(f"radius must be a non-negative int, got {radius!r}.")
-  num_queries, code_length = query_codes.shape
-  num_database = db_codes.shape[0]
   if num_database >= _MAX_DATABASE:
     raise UserError(f"the database has {num_database} items; this evaluation supports "
                     f"fewer than {_MAX_DATABASE}: evaluate on a subset.")
@@ -419,42 +706,48 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
   list_sizes = {n: min(int(n), num_database) for n in topn}
   breakpoints = np.unique(
       np.array([num_database, *cutoffs.values(), *list_sizes.values()]))
-  bucket_of_rank = np.searchsorted(breakpoints, np.arange(num_database + 1), side="left")
+  num_buckets = len(breakpoints) + 1
 
   devices = list(jax.local_devices() if devices is None else devices)
   if not devices:
     raise UserError("devices is empty; pass None to use all local devices.")
   mesh = Mesh(np.array(devices), (_QUERY_AXIS,))
+  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(_QUERY_AXIS))
+  bucket_of_rank = jax.device_put(_bucket_table(breakpoints), replicated)
   # Each step sends `query_chunk` queries to every device; fewer when that is plenty.
   query_chunk = min(query_chunk, -(-num_queries // len(devices)))
   step_size = query_chunk * len(devices)
   db_chunk = min(db_chunk, num_database)
-  num_blocks = -(-num_database // db_chunk)
-  db_packed = np.zeros((num_blocks * db_chunk, -(-code_length // _WORD_BITS)), np.uint32)
-  db_packed[:num_database] = np.asarray(pack_codes(db_codes))
-  label_words = -(-db_labels.shape[1] // _WORD_BITS)
-  db_label_packed = np.zeros((num_blocks * db_chunk, label_words), np.uint32)
-  db_label_packed[:num_database] = np.asarray(_pack_bits(jnp.asarray(db_labels != 0)))
-  # Copied to every device once, not at every step.
-  replicated = jax.device_put(
-      (db_packed.reshape(num_blocks, db_chunk, -1),
-       db_label_packed.reshape(num_blocks, db_chunk, -1),
-       bucket_of_rank.astype(np.int32)), NamedSharding(mesh, P()))
   # Zero padding to whole steps keeps one shape, so one compile; padded queries have
   # no labels and are dropped.
   num_steps = -(-num_queries // step_size)
   pad = ((0, num_steps * step_size - num_queries), (0, 0))
-  query_packed = np.pad(np.asarray(pack_codes(query_codes)), pad)
-  query_label_packed = np.pad(np.asarray(_pack_bits(jnp.asarray(query_labels != 0))), pad)
-  split = NamedSharding(mesh, P(_QUERY_AXIS))
-  pending = []
-  for step in range(num_steps):  # dispatched asynchronously, collected below
-    rows = slice(step * step_size, (step + 1) * step_size)
-    pending.append(_sharded_statistics(
-        jax.device_put(query_packed[rows], split),
-        jax.device_put(query_label_packed[rows], split), *replicated, mesh=mesh,
-        code_length=code_length, num_database=num_database,
-        num_buckets=len(breakpoints) + 1))
+  query_packed = np.pad(query_packed, pad)
+  query_label_packed = np.pad(_pack_rows(query_labels != 0), pad)
+  query_steps = [jax.device_put((query_packed[rows], query_label_packed[rows]), split)
+                 for rows in (slice(step * step_size, (step + 1) * step_size)
+                              for step in range(num_steps))]
+
+  # Segments of equal size (whole blocks, at most `db_segment` items), so one compile
+  # serves them all and the last one is not mostly padding.
+  num_segments = -(-num_database // max(db_segment // db_chunk * db_chunk, db_chunk))
+  segment_size = -(-num_database // (num_segments * db_chunk)) * db_chunk
+  if num_segments == 1:
+    num_rows = -(-num_database // db_chunk) * db_chunk
+    # Copied to every device once, not at every step.
+    database = jax.device_put(_database_blocks(
+        db_codes, db_labels, 0, num_database, num_rows=num_rows, block_size=db_chunk,
+        code_length=code_length), replicated)
+    pending = [_sharded_statistics(  # dispatched asynchronously, collected below
+        *query, *database, bucket_of_rank, mesh=mesh, code_length=code_length,
+        num_database=num_database, num_buckets=num_buckets) for query in query_steps]
+  else:
+    pending = _segmented_statistics(
+        query_steps, functools.partial(
+            _database_blocks, db_codes, db_labels, num_rows=segment_size,
+            block_size=db_chunk, code_length=code_length),
+        num_database=num_database, segment_size=segment_size, mesh=mesh,
+        code_length=code_length, bucket_of_rank=bucket_of_rank, num_buckets=num_buckets)
   counts, precision_sums, relevant_counts = (
       [np.asarray(output) for output in outputs] for outputs in zip(*pending))
   counts = np.concatenate(counts)[:num_queries].astype(np.int64)
@@ -489,6 +782,7 @@ def retrieval_metrics(query_codes: Any, query_labels: Any, db_codes: Any, db_lab
                       *, topk: Sequence[int | None] = (1000,), curves: bool = True,
                       topn: Sequence[int] = DEFAULT_TOPN, radius: int = 2,
                       query_chunk: int = 256, db_chunk: int = 1024,
+                      db_segment: int = 65_536, code_length: int | None = None,
                       devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
   """Mean retrieval metrics over all queries, as JSON-serialisable Python values.
 
@@ -504,7 +798,8 @@ def retrieval_metrics(query_codes: Any, query_labels: Any, db_codes: Any, db_lab
   per_query = retrieval_metrics_per_query(
       query_codes, query_labels, db_codes, db_labels, topk=topk,
       topn=topn if curves else (), radius=radius, query_chunk=query_chunk,
-      db_chunk=db_chunk, devices=devices)
+      db_chunk=db_chunk, db_segment=db_segment, code_length=code_length,
+      devices=devices)
   metrics: dict[str, Any] = {}
   for k in topk:
     name = "all" if k is None else str(int(k))

@@ -79,7 +79,10 @@ def load_data(config: ml_collections.ConfigDict, workdir: str):
   source = sources.load_source(config.data.name, data_dir=config.data.data_dir,
                                manual_dir=config.data.manual_dir)
   split_dir = os.path.join(workdir, "splits")
-  if os.path.exists(os.path.join(split_dir, "train.npy")):
+  # A run killed between two split files left some of them: draw them again (they
+  # are a function of the seed), instead of failing on the missing one.
+  if all(os.path.exists(os.path.join(split_dir, f"{name}.npy"))
+         for name in splits_lib.SPLIT_NAMES):
     return source, splits_lib.load_splits(split_dir, num_examples=len(source))
   overrides = {k: config.data[k] for k in
                ("query_per_class", "train_per_class", "num_validation")
@@ -119,7 +122,10 @@ def build_model(config: ml_collections.ConfigDict) -> models.PSCHNet:
                              **backbone_kwargs)
 
 
-def init_params(config: ml_collections.ConfigDict, model: models.PSCHNet) -> Any:
+def init_params(config: ml_collections.ConfigDict, model: models.PSCHNet,
+                pretrained_backbone: Optional[Any] = None) -> Any:
+  """Random params from the seed, with the backbone's replaced by
+  `pretrained_backbone` (from `pretrained.load_vgg16_torchvision`) when given."""
   key = jax.random.fold_in(jax.random.key(config.seed), _INIT)
   shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
   # One compiled program instead of one per initializer op: eager init compiles
@@ -127,16 +133,8 @@ def init_params(config: ml_collections.ConfigDict, model: models.PSCHNet) -> Any
   init = jax.jit(lambda k: model.init(k, jnp.zeros(shape, jnp.float32),
                                       train=False)["params"])
   params = init(key)
-  if config.model.pretrained_path:
-    if config.model.backbone != "vgg16":
-      raise UserError(
-          f"config.model.pretrained_path is set but the backbone is "
-          f"{config.model.backbone!r}; pretrained weights exist for 'vgg16' only. "
-          "Set --config.model.backbone=vgg16 or drop the path.")
-    params = pretrained.replace_backbone_params(
-        params, pretrained.load_vgg16_torchvision(config.model.pretrained_path))
-  elif config.model.backbone == "vgg16":
-    logging.warning("VGG-16 starts from random weights: no model.pretrained_path given.")
+  if pretrained_backbone is not None:
+    params = pretrained.replace_backbone_params(params, pretrained_backbone)
   return params
 
 
@@ -341,12 +339,16 @@ class _MetricsLog:
 
 
 def _check_finite(metrics: dict, step: int) -> None:
-  bad = [k for k, v in metrics.items() if k.startswith("loss") and not np.isfinite(v)]
+  # grad_norm too: a non-finite gradient turns the params into NaN through the update,
+  # and that state must never reach a checkpoint.
+  bad = [k for k, v in metrics.items()
+         if (k.startswith("loss") or k == "grad_norm") and not np.isfinite(v)]
   if bad:
     raise FloatingPointError(
-        f"non-finite loss at step {step} in {', '.join(sorted(bad))}: training "
+        f"non-finite {', '.join(sorted(bad))} at step {step}: training "
         "stopped; the last good checkpoint is kept. Lower optim.learning_rate or "
-        "check the input normalisation (data.mean / data.std).")
+        "check the input normalisation (data.mean / data.std), and start in a new "
+        "--workdir (the kept checkpoint may already be diverging).")
 
 
 def _progress(total: int, initial: int, epoch: int, num_epochs: int):
@@ -368,12 +370,15 @@ class _Run(NamedTuple):
   tx: optax.GradientTransformation
   encode: Any
   mngr: Any
+  pretrained_backbone: Optional[dict]
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   # --- Mesh.
   mesh = make_mesh()
   psch_config.validate(config, num_devices=mesh.size)
+  model = build_model(config)
+  pretrained_backbone = _check_model(config, model)
   workdir = os.path.abspath(workdir)
   _check_writable(workdir)
 
@@ -390,13 +395,46 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     raise UserError(f"{config.data.name} images have {source.image_shape[-1]} channels "
                     f"but config.model.channels={config.model.channels}.")
 
-  # --- Model and optimizer.
-  model = build_model(config)
+  # --- Optimizer.
   tx = build_optimizer(config, steps_per_epoch)
   return _Run(mesh=mesh, workdir=workdir, source=source, index_sets=index_sets,
               steps_per_epoch=steps_per_epoch, model=model, tx=tx,
               encode=make_encoder(config, model, mesh),
-              mngr=checkpointing.manager(workdir, keep=config.train.keep_checkpoints))
+              mngr=checkpointing.manager(workdir, keep=config.train.keep_checkpoints),
+              pretrained_backbone=pretrained_backbone)
+
+
+def _check_model(config: ml_collections.ConfigDict, model: models.PSCHNet
+                 ) -> Optional[dict]:
+  """Fails on a model the config cannot build, before anything is allocated or written.
+
+  Returns the pretrained backbone params (numpy) when `model.pretrained_path` is set.
+
+  Traces the network and the part attention on abstract images (`jax.eval_shape`: no
+  parameter is allocated, not even VGG-16's 138M), which raises the UserError of an
+  `attention.num_parts` that does not divide the feature channels or of images too
+  small for the backbone; then reads and checks the pretrained weight file.
+  """
+  shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
+  attention = GroupedAttention(num_parts=config.attention.num_parts,
+                               temperature=config.attention.temperature,
+                               uniform=config.attention.uniform)
+
+  def forward(key):
+    out, _ = model.init_with_output(key, jnp.zeros(shape, jnp.float32), train=False)
+    return attention.apply({}, out["feature_map"])
+
+  jax.eval_shape(forward, jax.random.key(0))
+  if config.model.pretrained_path:
+    if config.model.backbone != "vgg16":
+      raise UserError(
+          f"config.model.pretrained_path is set but the backbone is "
+          f"{config.model.backbone!r}; pretrained weights exist for 'vgg16' only. "
+          "Set --config.model.backbone=vgg16 or drop the path.")
+    return pretrained.load_vgg16_torchvision(config.model.pretrained_path)
+  if config.model.backbone == "vgg16":
+    logging.warning("VGG-16 starts from random weights: no model.pretrained_path given.")
+  return None
 
 
 def _restore(config, run: _Run):
@@ -413,8 +451,8 @@ def _restore(config, run: _Run):
                                       abstract_targets=abstract_targets, config=config)
 
 
-def _fresh_state(config, model, tx) -> dict:
-  params = init_params(config, model)
+def _fresh_state(config, model, tx, pretrained_backbone=None) -> dict:
+  params = init_params(config, model, pretrained_backbone)
   return {"params": params, "opt_state": jax.jit(tx.init)(params),
           "step": jnp.zeros((), jnp.int32)}
 
@@ -442,14 +480,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: _Run) -> dict:
   replicated = NamedSharding(mesh, PartitionSpec())
   train_step = make_train_step(config, run.model, run.tx, mesh)
   log = _MetricsLog(run.workdir, config.train.tensorboard)
-  if jax.process_index() == 0:
-    # For tools that rebuild the model from the work directory alone (search).
-    io_utils.write_json(os.path.join(run.workdir, "config.json"), config.to_dict())
 
   # --- Checkpoint.
   restored = _restore(config, run)
+  if jax.process_index() == 0:
+    # For tools that rebuild the model from the work directory alone (search); after
+    # the restore, which refuses a checkpoint of another config.
+    io_utils.write_json(os.path.join(run.workdir, "config.json"), config.to_dict())
   if restored is None:
-    state = jax.device_put(_fresh_state(config, run.model, run.tx), replicated)
+    state = jax.device_put(
+        _fresh_state(config, run.model, run.tx, run.pretrained_backbone), replicated)
     targets, stats = compute_targets(config, run.encode, state["params"], source,
                                      train_indices, mesh=mesh, epoch=0,
                                      features=config.pseudo_labels.features)
@@ -630,6 +670,8 @@ def validate(config, encode, params, source, index_sets, *, mesh) -> dict:
   Returns {"validation/map@K": ..., "validation/map@all": ...}.
   """
   val, train_set = index_sets["validation"], index_sets["train"]
+  if len(val) == 0:  # tiny sets drawn with data.allow_fewer can leave none
+    return {}
   metrics = evaluation.retrieval_metrics(
       _hash(config, encode, params, source, val, mesh=mesh), source.labels[val],
       _hash(config, encode, params, source, train_set, mesh=mesh),

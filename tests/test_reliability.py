@@ -1,0 +1,489 @@
+"""Reliability: bad input stops with the fix, a killed run resumes to the same result,
+and evaluation memory does not grow with the database.
+
+docs/reliability.md lists every case with the test that covers it. The command-line
+tests run `python main.py`: a few seconds when the input is refused before training,
+about 30 s for a Fashion-MNIST tiny run on 2 cores (mostly start-up). One uninterrupted
+reference run is shared; it runs in parallel with the crash test's work directory,
+which is killed three times and then completed.
+"""
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from psch_jax import checkpointing
+from psch_jax import config as psch_config
+from psch_jax import evaluation
+from psch_jax import io_utils
+from psch_jax import train
+from psch_jax.data import mirflickr25k
+from psch_jax.data import nus_wide
+from psch_jax.data import sources
+from psch_jax.data import splits as splits_lib
+from psch_jax.errors import UserError
+from tests.test_data_builders import _nus_split_lists, _write_image, _write_list
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "--config=configs/fashion_mnist.py:tiny"
+needs_fashion_mnist = pytest.mark.skipif(
+    not os.path.isdir(sources.DEFAULT_FASHION_MNIST_DIR),
+    reason="apt-get install dataset-fashion-mnist")
+
+
+def load_config(name: str = "fashion_mnist", variant: str = "tiny"):
+  path = os.path.join(ROOT, "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+# ------------------------------------------------------------- running main.py
+
+def start_main(log_path: str, *args: str) -> subprocess.Popen:
+  """`python main.py *args` in the background, stdout and stderr into `log_path`."""
+  with open(log_path, "w") as log:
+    return subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def run_main(tmp_path, *args: str) -> tuple[int, str, int]:
+  """Runs `python main.py *args` to the end: (exit code, output, peak RSS in MiB)."""
+  log_path = str(tmp_path / f"main-{time.monotonic_ns()}.log")
+  proc = start_main(log_path, *args)
+  _, status, usage = os.wait4(proc.pid, 0)
+  proc.returncode = os.waitstatus_to_exitcode(status)
+  with open(log_path) as f:
+    return proc.returncode, f.read(), usage.ru_maxrss // 1024
+
+
+def snapshot(workdir: str) -> dict[str, str]:
+  """{relative path: sha256} of every file under `workdir`."""
+  files = {}
+  for directory, _, names in os.walk(workdir):
+    for name in names:
+      path = os.path.join(directory, name)
+      with open(path, "rb") as f:
+        files[os.path.relpath(path, workdir)] = hashlib.sha256(f.read()).hexdigest()
+  return files
+
+
+def read_outputs(workdir: str) -> tuple[dict, dict[str, np.ndarray]]:
+  """The metrics of results.json and the packed codes of a finished run."""
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  metrics = {k: v for k, v in results.items()
+             if k.startswith(("map", "precision", "validation/", "pr_curve"))}
+  codes = {name: np.load(os.path.join(workdir, "codes", f"{name}.npy"))
+           for name in ("query", "database")}
+  return metrics, codes
+
+
+class _ReferenceRun:
+  """An uninterrupted `main.py` run of Fashion-MNIST tiny, started at once and waited
+  for when first needed, so it overlaps with the crash test's runs."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self._log = workdir + ".log"
+    self._proc = start_main(self._log, TINY, f"--workdir={workdir}")
+
+  def wait(self) -> str:
+    if self._proc.wait(timeout=600) != 0:
+      with open(self._log) as f:
+        pytest.fail("the reference run failed:\n" + f.read())
+    return self.workdir
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  if not os.path.isdir(sources.DEFAULT_FASHION_MNIST_DIR):
+    pytest.skip("apt-get install dataset-fashion-mnist")
+  return _ReferenceRun(str(tmp_path_factory.mktemp("reference") / "work"))
+
+
+# ----------------------------------------------------------------- crash safety
+
+def _kill_when(workdir: str, log_path: str, ready, what: str) -> None:
+  """Starts a run on `workdir` and SIGKILLs it as soon as `ready()` holds."""
+  proc = start_main(log_path, TINY, f"--workdir={workdir}")
+  deadline = time.monotonic() + 400
+  while not ready():
+    if proc.poll() is not None or time.monotonic() > deadline:
+      proc.kill()
+      with open(log_path) as f:
+        pytest.fail(f"the run ended before it could be killed {what}:\n{f.read()}")
+    time.sleep(0.005)
+  proc.kill()  # SIGKILL: no cleanup handler runs
+  proc.wait()
+
+
+@needs_fashion_mnist
+def test_killed_three_times_then_rerun_ends_with_the_uninterrupted_codes_and_metrics(
+    reference, tmp_path):
+  workdir = str(tmp_path / "work")
+  checkpoints = os.path.join(workdir, "checkpoints")
+  results = os.path.join(workdir, "results.json")
+  log = lambda i: str(tmp_path / f"run{i}.log")
+
+  def entries():
+    return os.listdir(checkpoints) if os.path.isdir(checkpoints) else []
+
+  # 1. Before the first checkpoint: splits drawn, pseudo labels being computed.
+  _kill_when(workdir, log(1), lambda: os.path.exists(os.path.join(workdir, "config.json")),
+             "before its first checkpoint")
+  assert os.path.exists(os.path.join(workdir, "splits", "validation.npy"))
+  assert not any(name.isdigit() for name in entries())
+
+  # 2. During the first checkpoint save (Orbax writes into *.orbax-checkpoint-tmp*
+  # and renames it when complete), or just after it when the save was too quick.
+  _kill_when(workdir, log(2), lambda: any("tmp" in n or n.isdigit() for n in entries()),
+             "while saving its first checkpoint")
+  assert not os.path.exists(results)
+  first_save_completed = any(name.isdigit() for name in entries())
+
+  # 3. During the evaluation after training: the last checkpoint is complete.
+  config = load_config()
+  num_train = len(np.load(os.path.join(workdir, "splits", "train.npy")))
+  last_step = num_train // config.train.global_batch_size * config.train.num_epochs
+  _kill_when(workdir, log(3),
+             lambda: str(last_step) in entries() and not os.path.exists(results),
+             "during its final evaluation")
+  assert not os.path.exists(results)  # written last, atomically
+  with open(log(3)) as f:
+    assert ("resumed from step" in f.read()) == first_save_completed
+
+  # 4. The rerun completes from the last checkpoint, evaluation only.
+  proc = start_main(log(4), TINY, f"--workdir={workdir}")
+  assert proc.wait(timeout=600) == 0, open(log(4)).read()
+  with open(log(4)) as f:
+    assert f"resumed from step {last_step}" in f.read()
+  assert not any("tmp" in name for name in entries())  # left-overs were removed
+  assert not [n for n in os.listdir(workdir) if n.startswith(".tmp")]
+  metrics, codes = read_outputs(workdir)
+  reference_metrics, reference_codes = read_outputs(reference.wait())
+  assert metrics and metrics == reference_metrics
+  for name, value in reference_codes.items():
+    np.testing.assert_array_equal(codes[name], value)
+
+
+@needs_fashion_mnist
+def test_run_killed_between_two_split_files_draws_the_splits_again(reference, tmp_path):
+  workdir = str(tmp_path / "work")
+  shutil.copytree(os.path.join(reference.wait(), "splits"),
+                  os.path.join(workdir, "splits"))
+  os.remove(os.path.join(workdir, "splits", f"{splits_lib.SPLIT_NAMES[-1]}.npy"))
+  _, index_sets = train.load_data(load_config(), workdir)
+  expected = splits_lib.load_splits(os.path.join(reference.workdir, "splits"))
+  for name in splits_lib.SPLIT_NAMES:
+    np.testing.assert_array_equal(index_sets[name], expected[name])
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+  path = str(tmp_path / "results.json")
+  io_utils.write_json(path, {"map@all": 0.5})
+  with pytest.raises(RuntimeError, match="disk gone"):
+    with io_utils.atomic_open(path) as f:
+      f.write('{"map@all": 0.')
+      raise RuntimeError("disk gone")
+  with open(path) as f:
+    assert json.load(f) == {"map@all": 0.5}
+  assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left
+  io_utils.save_npy(str(tmp_path / "codes.npy"), np.arange(3, dtype=np.uint32))
+  np.testing.assert_array_equal(np.load(tmp_path / "codes.npy"), [0, 1, 2])
+
+
+# ------------------------------------------------------ bad input, command line
+
+def test_parts_that_do_not_divide_the_channels_exit_2_before_writing(tmp_path):
+  workdir = tmp_path / "work"
+  code, output, _ = run_main(tmp_path, TINY, "--config.attention.num_parts=5",
+                             f"--workdir={workdir}")
+  assert code == 2, output
+  assert "num_parts=5 does not divide the 128 channels" in output
+  assert "1, 2, 4, 8, 16, 32, 64, 128" in output and "Traceback" not in output
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("weights", ["missing", "wrong_shapes"])
+def test_bad_vgg16_weights_exit_2_before_allocating_vgg16(tmp_path, weights):
+  path = tmp_path / "vgg16.npz"
+  if weights == "wrong_shapes":  # a grey-scale first conv and nothing else
+    np.savez(path, **{"features.0.weight": np.zeros((64, 1, 3, 3), np.float32)})
+  workdir = tmp_path / "work"
+  code, output, peak_mib = run_main(
+      tmp_path, "--config=configs/cifar10.py:tiny", "--config.model.backbone=vgg16",
+      f"--config.model.pretrained_path={path}", f"--workdir={workdir}",
+      f"--config.data.data_dir={tmp_path}/no_tfds")
+  assert code == 2, output
+  expected = ("does not exist" if weights == "missing" else
+              "wrong shape features.0.weight: got (64, 1, 3, 3)")
+  assert expected in output and "save_file" in output
+  # Initialising VGG-16 (138M parameters) takes the process past 2 GB.
+  assert peak_mib < 1500, f"{peak_mib} MiB: the model was built before the check"
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("override,field", [
+    ("--config.model.num_bits=32", "model.num_bits: checkpoint 16 vs config 32"),
+    ("--config.model.backbone=vgg16", "model.backbone: checkpoint 'small_cnn' vs "
+                                      "config 'vgg16'"),
+])
+def test_checkpoint_of_another_config_exits_2_and_leaves_the_workdir_alone(
+    reference, tmp_path, override, field):
+  workdir = reference.wait()
+  before = snapshot(workdir)
+  extra = ["--config.model.image_size=32"] if "vgg16" in override else []
+  code, output, _ = run_main(tmp_path, TINY, override, *extra, f"--workdir={workdir}")
+  assert code == 2, output
+  assert "written by another config" in output and field in output
+  assert "new --workdir" in output
+  assert snapshot(workdir) == before  # config.json included
+
+
+@needs_fashion_mnist
+def test_corrupt_checkpoint_exits_2_and_deleting_it_resumes_from_the_one_before(
+    reference, tmp_path):
+  workdir = str(tmp_path / "work")
+  shutil.copytree(reference.wait(), workdir)
+  os.remove(os.path.join(workdir, "results.json"))
+  checkpoints = os.path.join(workdir, "checkpoints")
+  latest = max(int(name) for name in os.listdir(checkpoints) if name.isdigit())
+  for directory, _, names in os.walk(os.path.join(checkpoints, str(latest), "state")):
+    for name in names:
+      with open(os.path.join(directory, name), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(directory, name)) // 3)
+  code, output, _ = run_main(tmp_path, TINY, "--mode=eval", f"--workdir={workdir}")
+  assert code == 2, output
+  assert f"checkpoints/{latest} is incomplete or corrupt" in output
+  assert "Delete that step directory" in output
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  # The advice works: without the damaged step the one before is evaluated.
+  shutil.rmtree(os.path.join(checkpoints, str(latest)))
+  code, output, _ = run_main(tmp_path, TINY, "--mode=eval", f"--workdir={workdir}")
+  assert code == 0, output
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert 0 < json.load(f)["steps"] < latest
+
+
+@needs_fashion_mnist
+def test_non_finite_loss_exits_2_naming_step_and_term_and_keeps_a_finite_checkpoint(
+    tmp_path):
+  workdir = str(tmp_path / "work")
+  code, output, _ = run_main(tmp_path, TINY, "--config.optim.learning_rate=1e30",
+                             f"--workdir={workdir}")
+  assert code == 2, output
+  assert "Traceback" not in output
+  error = re.search(r"error: non-finite .* at step (\d+)\b.*", output)
+  assert error, output
+  failed_step = int(error.group(1))
+  assert "loss_" in error.group(0) and "optim.learning_rate" in error.group(0)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  # The save in flight when training stopped completed: no temporary directory.
+  assert all(name.isdigit() for name in os.listdir(checkpoints)), os.listdir(checkpoints)
+  mngr = checkpointing.manager(workdir, keep=2)
+  try:
+    step = mngr.latest_step()
+    assert step is not None and step < failed_step
+    state = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore())).state
+  finally:
+    mngr.close()
+  leaves = jax.tree.leaves(state["params"])
+  assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+
+# --------------------------------------------------- bad input, library level
+
+def test_workdir_that_is_a_file_is_refused(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("keep me")
+  with pytest.raises(UserError, match="not writable.*--workdir"):
+    train.train_and_evaluate(load_config(), str(blocker))
+  assert blocker.read_text() == "keep me"
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize("field,value,message", [
+    ("train.global_batch_size", 160, "global_batch_size=160 is larger than the 80 "
+                                     "training images"),
+    ("model.pretrained_path", "vgg16.npz", "backbone is 'small_cnn'; pretrained "
+                                           "weights exist for 'vgg16' only"),
+])
+def test_config_that_does_not_fit_the_data_or_model_is_refused(tmp_path, field, value,
+                                                               message):
+  config = load_config()
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(UserError, match=message):
+    train.train_and_evaluate(config, str(tmp_path))
+  checkpoints = os.path.join(tmp_path, "checkpoints")
+  assert not os.path.isdir(checkpoints) or not os.listdir(checkpoints)
+
+
+@needs_fashion_mnist
+def test_evaluating_a_workdir_without_checkpoint_says_to_train_first(tmp_path):
+  with pytest.raises(UserError, match="no checkpoint in .* train first"):
+    train.evaluate_checkpoint(load_config(), str(tmp_path))
+
+
+def _save_checkpoint(workdir: str) -> None:
+  mngr = checkpointing.manager(workdir, keep=2)
+  checkpointing.save(
+      mngr, 3, state={"w": np.ones(3, np.float32)},
+      targets={"pseudo_labels": np.zeros(4, np.int32)},
+      meta={"epoch": 0,
+            "signature": checkpointing.shape_signature(psch_config.base_config())})
+  mngr.wait_until_finished()
+  mngr.close()
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("meta", "cannot be read"),
+    ("state", "incomplete or corrupt"),
+])
+def test_checkpoint_with_a_damaged_or_missing_item_is_refused(tmp_path, damage, message):
+  workdir = str(tmp_path)
+  _save_checkpoint(workdir)
+  item = os.path.join(workdir, "checkpoints", "3", damage)
+  if damage == "meta":
+    for name in os.listdir(item):
+      with open(os.path.join(item, name), "w") as f:
+        f.write("{not json")
+  else:
+    shutil.rmtree(item)
+  abstract = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  mngr = checkpointing.manager(workdir, keep=2)
+  try:
+    with pytest.raises(UserError, match=f"{message}.*(Delete that step|new --workdir)"):
+      checkpointing.restore_latest(
+          mngr, abstract_state=abstract({"w": np.ones(3, np.float32)}),
+          abstract_targets=abstract({"pseudo_labels": np.zeros(4, np.int32)}),
+          config=psch_config.base_config())
+  finally:
+    mngr.close()
+
+
+def _mirflickr_list_layout(root: str, num_labels_rows: int) -> None:
+  paths = [f"mirflickr/im{n}.jpg" for n in range(1, 4)]
+  for i, path in enumerate(paths):
+    _write_image(os.path.join(root, path), i)
+  _write_list(os.path.join(root, "img.txt"), paths)
+  _write_list(os.path.join(root, "targets.txt"),
+              [" ".join(["1"] + ["0"] * 23)] * num_labels_rows)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("nus_not_a_directory", r"NUS-WIDE manual_dir .* is not a directory"),
+    ("nus_empty_list", r"test_img.txt lists no images"),
+    ("nus_not_a_number", r"test_label_onehot.txt holds a value that is not a number"),
+    ("mir_not_a_directory", r"MIRFlickr-25K manual_dir .* is not a directory"),
+    ("mir_no_layout", r"Found neither img.txt nor mirflickr25k_annotations_v080/"),
+    ("mir_row_mismatch", r"img.txt lists 3 images but .*targets.txt has 2"),
+    ("mir_no_image_dir", r"Missing image directory .*mirflickr"),
+])
+def test_malformed_manual_files_name_the_file(tmp_path, case, message):
+  root = str(tmp_path / "raw")
+  if case.startswith("nus_") and case != "nus_not_a_directory":
+    _nus_split_lists(root)
+  if case == "nus_empty_list":
+    _write_list(os.path.join(root, "test_img.txt"), [""])
+  elif case == "nus_not_a_number":
+    rows = open(os.path.join(root, "test_label_onehot.txt")).read().splitlines()
+    _write_list(os.path.join(root, "test_label_onehot.txt"),
+                [rows[0].replace("0", "x", 1)] + rows[1:])
+  elif case == "mir_no_layout":
+    os.makedirs(root)
+  elif case == "mir_row_mismatch":
+    _mirflickr_list_layout(root, num_labels_rows=2)
+  elif case == "mir_no_image_dir":
+    os.makedirs(os.path.join(root, "mirflickr25k_annotations_v080"))
+  reader = nus_wide if case.startswith("nus_") else mirflickr25k
+  with pytest.raises(UserError, match=message):
+    reader.read_manual_layout(root)
+
+
+# ------------------------------------------------------------ bounded resources
+
+class _RecordingRows:
+  """An array that records which rows are read from it (as a memmap is read)."""
+
+  def __init__(self, array: np.ndarray):
+    self._array, self.shape, self.dtype = array, array.shape, array.dtype
+    self.reads = []
+
+  def __getitem__(self, rows: slice) -> np.ndarray:
+    self.reads.append((rows.start, rows.stop))
+    return self._array[rows]
+
+
+def _random_retrieval_set(num_queries=37, num_database=3000, code_length=20, seed=0):
+  rng = np.random.default_rng(seed)
+  draw = lambda n: rng.choice(np.array([-1, 1], np.int8), (n, code_length))
+  labels = lambda n: (rng.random((n, 5)) < 0.3).astype(np.uint8)
+  return draw(num_queries), labels(num_queries), draw(num_database), labels(num_database)
+
+
+KWARGS = dict(topk=(10, 100, None), topn=(5, 700), radius=2, db_chunk=128, query_chunk=3)
+
+
+def test_database_larger_than_a_segment_is_read_in_segments_with_the_same_metrics():
+  query_codes, query_labels, db_codes, db_labels = _random_retrieval_set()
+  whole = evaluation.retrieval_metrics_per_query(
+      query_codes, query_labels, db_codes, db_labels, **KWARGS)
+  recorded_codes, recorded_labels = _RecordingRows(db_codes), _RecordingRows(db_labels)
+  segmented = evaluation.retrieval_metrics_per_query(
+      query_codes, query_labels, recorded_codes, recorded_labels, db_segment=512,
+      **KWARGS)
+  for name, value in whole.items():
+    np.testing.assert_array_equal(segmented[name], value, err_msg=name)
+  # Two passes, each over the whole database in index order, 512 rows at a time.
+  starts = list(range(0, 3000, 512))
+  expected = [(s, min(s + 512, 3000)) for s in starts] * 2
+  assert recorded_codes.reads == expected and recorded_labels.reads == expected
+
+
+def test_memory_mapped_packed_database_gives_the_same_metrics(tmp_path):
+  query_codes, query_labels, db_codes, db_labels = _random_retrieval_set()
+  np.save(tmp_path / "codes.npy", np.asarray(evaluation.pack_codes(db_codes)))
+  np.save(tmp_path / "labels.npy", db_labels)
+  mapped_codes = np.load(tmp_path / "codes.npy", mmap_mode="r")
+  mapped_labels = np.load(tmp_path / "labels.npy", mmap_mode="r")
+  whole = evaluation.retrieval_metrics(query_codes, query_labels, db_codes, db_labels,
+                                       **KWARGS)
+  for query in (query_codes, np.asarray(evaluation.pack_codes(query_codes))):
+    mapped = evaluation.retrieval_metrics(query, query_labels, mapped_codes,
+                                          mapped_labels, db_segment=1024,
+                                          code_length=20, **KWARGS)
+    assert mapped == whole
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.update(db_codes=np.zeros((5, 2), np.uint32)), "packed in 2 words"),
+    (lambda c: c.update(db_codes=np.full((5, 1), 1 << 20, np.uint32)),
+     "bits set past the code length 4"),
+    (lambda c: c.update(code_length=8), "code_length=8 but the"),
+    (lambda c: c.update(code_length=0), "code_length must be a positive int"),
+    (lambda c: c.update(db_segment=0), "db_segment"),
+])
+def test_bad_packed_input_raises_user_error(change, message):
+  query_codes = np.ones((2, 4), np.int8)
+  call = {"query_codes": query_codes, "query_labels": np.eye(2, 3, dtype=np.uint8),
+          "db_codes": np.ones((5, 4), np.int8),
+          "db_labels": np.eye(5, 3, dtype=np.uint8)}
+  change(call)
+  with pytest.raises(UserError, match=message):
+    evaluation.retrieval_metrics(**call)
