@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from psch_jax.data import manual_builder
 from psch_jax.data import manual_files
 from psch_jax.errors import UserError
 
@@ -141,52 +142,14 @@ def read_manual_layout(root: str) -> dict[str, manual_files.ManualSplit]:
   return {"train": data}
 
 
-class Mirflickr25k(tfds.core.GeneratorBasedBuilder):
+class Mirflickr25k(manual_builder.ManualHashingBuilder):
   """MIRFlickr-25K, 24 labels, from manually downloaded files."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "256 x 256 JPEG images, 24-label multi-hot labels."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
-  # tfds locates a builder's source through the optional `importlib_resources`
-  # package, which tensorflow-datasets does not require; naming the file here
-  # skips that lookup.
   code_path = epath.Path(__file__)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    size = manual_files.STORED_IMAGE_SIZE
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(size, size, 3),
-                                         encoding_format="jpeg"),
-            "labels": tfds.features.Tensor(shape=(len(LABELS),), dtype=np.uint8),
-            "image_path": tfds.features.Text(),
-        }),
-        homepage="https://press.liacs.nl/mirflickr/",
-        disable_shuffling=True,
-        # {"labels": {split: manual_files.pack_labels(labels)}}, filled in
-        # _split_generators: load_source reads labels from here, not records.
-        metadata=tfds.core.MetadataDict(),
-    )
-
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    try:
-      root = os.fspath(dl_manager.manual_dir)
-    except AssertionError as e:  # tfds asserts the manual_dir exists.
-      raise UserError(
-          f"MIRFlickr-25K needs a manual_dir ({e}).\n{_INSTRUCTIONS}") from e
-    layout = read_manual_layout(root)
-    self.info.metadata["labels"] = {
-        split: manual_files.pack_labels(data.labels) for split, data in layout.items()}
-    return {split: self._generate_examples(data) for split, data in layout.items()}
-
-  def _generate_examples(self, data: manual_files.ManualSplit):
-    for i, (relative, absolute) in enumerate(
-        zip(data.relative_paths, data.absolute_paths)):
-      yield i, {
-          "image": manual_files.encode_stored_image(
-              absolute, list_file=data.list_file),
-          "labels": data.labels[i],
-          "image_path": relative,
-      }
+  DISPLAY_NAME = "MIRFlickr-25K"
+  LABEL_NAMES = LABELS
+  HOMEPAGE = "https://press.liacs.nl/mirflickr/"
+  read_manual_layout = staticmethod(read_manual_layout)
