@@ -304,7 +304,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.PSCHNet,
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()},
-               "grad_norm": optax.global_norm(grads),
+               "grad_norm": optax.tree.norm(grads),
                "labelled_fraction": jnp.mean(labels >= 0)}
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
