@@ -4,8 +4,9 @@ Runs offline with the Debian package dataset-fashion-mnist:
 
   python main.py --config=configs/fashion_mnist.py --workdir=workdirs/fmnist
 
-Hardware / time / result: see README.md "Expected results" (measured on the 2-core
-CPU this project is developed on; the figures there come with their command).
+Hardware / time / result (measured): 2 CPU cores, 10 min 42 s, mAP@all 0.4395 and
+mAP@1000 0.5461 (1,000 queries x 69,000 database images, seed 0, last epoch); see
+README.md "Expected results".
 
 Variants: `configs/fashion_mnist.py:tiny` is a seconds-long smoke run used by tests.
 """
