@@ -323,8 +323,9 @@ class _MetricsLog:
     self._path = os.path.join(workdir, "metrics.jsonl")
     self._writer = None
     if self._active and tensorboard:
-      from flax.metrics import tensorboard as tb  # imports TensorFlow: only on request
-      self._writer = tb.SummaryWriter(os.path.join(workdir, "tensorboard"))
+      import tensorflow as tf  # seconds to import: only on request
+      self._tf = tf
+      self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, record: dict) -> None:
     if not self._active:
@@ -332,9 +333,10 @@ class _MetricsLog:
     with open(self._path, "a") as f:
       f.write(json.dumps({"step": step, **record}, sort_keys=True) + "\n")
     if self._writer is not None:
-      for k, v in record.items():
-        if isinstance(v, (int, float)):
-          self._writer.scalar(k, v, step)
+      with self._writer.as_default(step=step):
+        for k, v in record.items():
+          if isinstance(v, (int, float)):
+            self._tf.summary.scalar(k, v)
       self._writer.flush()
 
 

@@ -227,3 +227,17 @@ def test_manual_datasets_build_from_generated_files_and_train(
   with open(tmp_path / "work" / "metrics.jsonl") as f:
     losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
   assert losses and all(np.isfinite(losses))
+
+
+def test_metrics_log_writes_jsonl_and_tensorboard_on_request(tmp_path):
+  log = train._MetricsLog(str(tmp_path), tensorboard=True)
+  log.write(3, {"loss": 0.5, "pseudo_labels": {"kept_fraction": 0.7}})
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert json.loads(f.readline()) == {"step": 3, "loss": 0.5,
+                                        "pseudo_labels": {"kept_fraction": 0.7}}
+  events = os.listdir(tmp_path / "tensorboard")
+  assert events and events[0].startswith("events.out.tfevents")
+  import tensorflow as tf
+  values = [v.tensor for e in tf.compat.v1.train.summary_iterator(
+      str(tmp_path / "tensorboard" / events[0])) for v in e.summary.value]
+  assert len(values) == 1 and tf.make_ndarray(values[0]) == np.float32(0.5)
