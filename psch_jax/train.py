@@ -539,7 +539,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: _Run) -> dict:
                             run.index_sets, mesh=mesh)
   results.update({"epochs": num_epochs, "steps": step, "selection": "last epoch"})
   results.update(validate(config, run.encode, state["params"], source, run.index_sets,
-                          mesh=mesh))
+                          mesh=mesh, database_codes=codes["database"]))
   _write_results(run.workdir, results, codes, source, run.index_sets)
   log.write(step, {"results": {k: v for k, v in results.items()
                                if isinstance(v, (int, float))}})
@@ -665,19 +665,31 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def validate(config, encode, params, source, index_sets, *, mesh) -> dict:
+def validate(config, encode, params, source, index_sets, *, mesh,
+             database_codes: Optional[np.ndarray] = None) -> dict:
   """Validation mAP, for model selection: the validation images as queries against
   the training images (both inside the database, never the query set).
+
+  Args:
+    database_codes: int8 (len(database), L) codes of `index_sets["database"]` when
+      they are at hand (after the final evaluation): validation and training images
+      are database images (the splits are checked to be), so they are looked up
+      instead of encoded again.
 
   Returns {"validation/map@K": ..., "validation/map@all": ...}.
   """
   val, train_set = index_sets["validation"], index_sets["train"]
   if len(val) == 0:  # tiny sets drawn with data.allow_fewer can leave none
     return {}
+
+  def codes_of(indices):
+    if database_codes is None:
+      return _hash(config, encode, params, source, indices, mesh=mesh)
+    return database_codes[np.searchsorted(index_sets["database"], indices)]
+
   metrics = evaluation.retrieval_metrics(
-      _hash(config, encode, params, source, val, mesh=mesh), source.labels[val],
-      _hash(config, encode, params, source, train_set, mesh=mesh),
-      source.labels[train_set], topk=tuple(config.eval.topk), curves=False)
+      codes_of(val), source.labels[val], codes_of(train_set), source.labels[train_set],
+      topk=tuple(config.eval.topk), curves=False)
   return {f"validation/{k}": v for k, v in metrics.items() if k.startswith("map")}
 
 

@@ -241,3 +241,21 @@ def test_metrics_log_writes_jsonl_and_tensorboard_on_request(tmp_path):
   values = [v.tensor for e in tf.compat.v1.train.summary_iterator(
       str(tmp_path / "tensorboard" / events[0])) for v in e.summary.value]
   assert len(values) == 1 and tf.make_ndarray(values[0]) == np.float32(0.5)
+
+
+@needs_fashion_mnist
+def test_final_validation_from_database_codes_equals_encoding_again(reference_run):
+  config = load_config("fashion_mnist")
+  run = train._setup(config, reference_run)
+  try:
+    state, _, _ = train._restore(config, run)
+    results, codes = train.evaluate(config, run.encode, state["params"], run.source,
+                                    run.index_sets, mesh=run.mesh)
+    looked_up = train.validate(config, run.encode, state["params"], run.source,
+                               run.index_sets, mesh=run.mesh,
+                               database_codes=codes["database"])
+    encoded = train.validate(config, run.encode, state["params"], run.source,
+                             run.index_sets, mesh=run.mesh)
+  finally:
+    run.mngr.close()
+  assert looked_up and looked_up == encoded
