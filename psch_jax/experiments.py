@@ -430,7 +430,7 @@ def results_markdown(config, summary: dict, runs: Sequence[dict], *,
       "", "Ablations (docs/method.md): " + "; ".join(
           f"{METHODS[m].label}: " + ", ".join(f"{f}={v}" for f, v in METHODS[m].overrides)
           for m in ABLATIONS) + ".",
-      "", f"Every per-run number is in results.json; each run's directory is "
+      "", "Every per-run number is in results.json; each run's directory is "
       "runs/<method>/<bits>bits_seed<seed>/."]
   if command:
     lines += ["", f"Command: `{command}`"]

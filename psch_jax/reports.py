@@ -475,7 +475,7 @@ def load_results(workdir: str) -> dict:
   path = os.path.join(workdir, "results.json")
   if not os.path.isfile(path):
     raise UserError(f"{path} is missing; train (main.py) or evaluate (main.py "
-                    "--mode=eval) with --workdir={workdir} first.")
+                    f"--mode=eval) with --workdir={workdir} first.")
   try:
     with open(path) as f:
       return json.load(f)
