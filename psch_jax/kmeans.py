@@ -10,21 +10,28 @@ inertia `sum_i min_k ||z_i - c_k||^2` (Eq. 1).
   shift of all centroids is at most `tol` times the mean per-feature variance of the
   data (scikit-learn's rule, so `tol` does not depend on the scale of the data), or
   `max_iter` iterations. A cluster left empty is re-seeded with the points farthest
-  from their centroids.
+  from their centroids. Inside the iterations the distance to the chosen centroid is
+  the expansion's (it only ranks points for re-seeding); the final pass, which gives
+  the returned distances and inertia, computes it exactly.
 - `n_init` restarts run one after the other (`lax.map`), all reading the same copy of
   the data; the restart with the lowest inertia wins.
-- Memory: squared distances come from `||x||^2 - 2 x.c + ||c||^2` over row chunks of
-  `chunk_size`, so nothing of size N x K x D exists. The padded (and, if asked,
-  normalised) data is the one extra copy, none when N divides evenly and the rows
-  are not normalised: for N = 200,000, D = 4,096, K = 100, n_init = 3, XLA's memory
-  analysis gives 3.05 GB of input and 3.2 GB of temporaries on one device.
+- Per-cluster sums: a one-hot matrix product for K <= 32 and on accelerators, a
+  scatter-add (`segment_sum`) for larger K on CPU, where the product would cost as
+  much as the distances (see `_sums_by_scatter`).
+- Memory: squared distances come from `||x||^2 - 2 x.c + ||c||^2` over equal row
+  chunks of at most `chunk_size` rows and about 2 MiB, so nothing of size N x K x D
+  exists and a chunk stays in cache for the sums. The padded (and, if asked,
+  normalised) data is the one extra copy, none when the rows split evenly into
+  chunks and are not normalised: for N = 200,000, D = 4,096, K = 100, n_init = 3,
+  XLA's memory analysis gives 3.05 GiB of input and 3.08 GiB of temporaries on one
+  device.
 
 Sharding. Points are split by rows over the mesh axis "data" with `jax.shard_map`;
 each device scans its own rows and the per-cluster sums, counts and inertia are
 `psum`-reduced. shard_map rather than global-view jit because the chunked scan must
 run over each device's own rows; in global view the partitioner would have to keep a
 reshape of the row axis sharded, which it does not promise. Row count N need not
-divide by the device count or by `chunk_size`: rows are padded with zeros and masked.
+divide by the device count or the chunk count: rows are padded with zeros and masked.
 Randomness does not depend on the layout either: a row's random numbers come from
 `fold_in(key, global row index)`, ties between candidates are broken by the global
 row index, so 1 device and 8 devices pick the same seeds and give centroids equal to
@@ -54,6 +61,15 @@ _PRECISION = lax.Precision.HIGHEST
 # log-distance (log of the smallest float32 is about -104) but finite, so such rows
 # still win over the padding rows when nothing else is left.
 _ZERO_DISTANCE_SCORE = -1e4
+# Rows per chunk are capped so a (R, D) float32 chunk is about this size and stays
+# in cache between the distance product and the per-cluster sums that read it again
+# (docs/benchmarks.md, k-means); but not below _MIN_CHUNK_ROWS, so that the distance
+# product keeps a useful size for large D.
+_CHUNK_BYTES = 2 * 1024 * 1024
+_MIN_CHUNK_ROWS = 256
+# Up to this K the per-cluster sums are a one-hot product, above it (on CPU) a
+# scatter-add; see _sums_by_scatter.
+_MAX_ONE_HOT_CLUSTERS = 32
 
 
 @flax.struct.dataclass
@@ -95,11 +111,31 @@ class _Layout(NamedTuple):
     return self.num_devices * self.rows_per_device
 
 
-def _layout(num_points: int, num_devices: int, chunk_size: int) -> _Layout:
+def _layout(num_points: int, dim: int, num_devices: int, chunk_size: int) -> _Layout:
+  """Balanced chunks of at most `chunk_size` rows and about _CHUNK_BYTES each.
+
+  A chunk small enough to stay in cache is read once from memory per pass (by the
+  distance product; the sums then find it in cache), and equal chunks pad at most
+  num_chunks - 1 rows per device instead of up to a whole chunk.
+  """
   rows = -(-num_points // num_devices)
-  chunk = min(chunk_size, rows)
-  rows = -(-rows // chunk) * chunk
-  return _Layout(num_points, num_devices, rows, chunk)
+  cap = min(chunk_size, max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // (4 * dim)))
+  num_chunks = -(-rows // cap)
+  chunk = -(-rows // num_chunks)
+  return _Layout(num_points, num_devices, num_chunks * chunk, chunk)
+
+
+def _sums_by_scatter(mesh: Mesh, num_clusters: int) -> bool:
+  """Whether per-cluster sums use a scatter-add rather than a one-hot product.
+
+  The one-hot product costs K x R x D multiply-adds, as much as the distance product,
+  which a scatter-add (R x D adds) saves on CPU when K is large; XLA runs it there as
+  a serial loop, so the sums stay deterministic. Elsewhere the product stays: it is
+  fast there, and a float scatter-add on GPU is not bitwise reproducible (atomics),
+  which would break determinism for a key.
+  """
+  return (num_clusters > _MAX_ONE_HOT_CLUSTERS
+          and mesh.devices.flat[0].platform == "cpu")
 
 
 def _varying(x: jax.Array) -> jax.Array:
@@ -210,11 +246,16 @@ class _PassStatistics(NamedTuple):
   sq_distances: jax.Array  # (C, R) float32 local, to the assigned centroid.
 
 
-def _assignment_pass(shard: _Shard, centroids: jax.Array) -> _PassStatistics:
+def _assignment_pass(shard: _Shard, centroids: jax.Array, *, exact: bool,
+                     scatter_sums: bool) -> _PassStatistics:
   """One pass over the rows: nearest centroid, per-cluster sums and counts.
 
-  The nearest centroid comes from the distance expansion; the squared distance to it
-  (and so the inertia) is then computed exactly.
+  The nearest centroid comes from the distance expansion. With `exact`, the squared
+  distance to it (and so the inertia) is then computed directly; without, it is the
+  expansion's minimum, which is good enough where it only ranks points for
+  re-seeding empty clusters (the Lloyd iterations). `scatter_sums` picks how the
+  per-cluster sums are formed (see _sums_by_scatter); both give the same sums up to
+  float rounding.
   """
   num_clusters = centroids.shape[0]
   c_sq = jnp.sum(centroids * centroids, axis=-1)
@@ -223,14 +264,30 @@ def _assignment_pass(shard: _Shard, centroids: jax.Array) -> _PassStatistics:
   def chunk_step(carry, chunk):
     sums, counts, inertia = carry
     x, x_sq, valid = chunk
-    assignment = jnp.argmin(_sq_distances(x, x_sq, centroids, c_sq), axis=1)
-    assignment = assignment.astype(jnp.int32)
-    # Recomputed directly: the expansion loses ~1e-7 ||x||^2 to cancellation, which a
-    # square root turns into ~1e-3 errors on near-zero distances. O(R D), not O(R K D).
-    min_sq = jnp.sum(jnp.square(x - centroids[assignment]), axis=1)
-    member = (assignment[:, None] == cluster_ids[None, :]) & valid[:, None]
-    sums = sums + jnp.dot(member.astype(jnp.float32).T, x, precision=_PRECISION)
-    counts = counts + jnp.sum(member, axis=0, dtype=jnp.int32)
+    sq = _sq_distances(x, x_sq, centroids, c_sq)
+    # argmin as two single-output reductions (the min, then the first index holding
+    # it): the same index as jnp.argmin, but XLA's CPU backend vectorises these and
+    # not argmin's two-output reduction (-10 % of a pass at K = 100). The clip only
+    # guards a NaN row, which matches no index.
+    expansion_min = jnp.min(sq, axis=1)
+    first_at_min = jnp.where(sq == expansion_min[:, None], cluster_ids[None, :],
+                             num_clusters)
+    assignment = jnp.minimum(jnp.min(first_at_min, axis=1), num_clusters - 1)
+    if exact:
+      # The expansion loses ~1e-7 ||x||^2 to cancellation, which a square root turns
+      # into ~1e-3 errors on near-zero distances. O(R D), not O(R K D).
+      min_sq = jnp.sum(jnp.square(x - centroids[assignment]), axis=1)
+    else:
+      min_sq = expansion_min
+    if scatter_sums:
+      # Padding rows go to an extra segment that is dropped.
+      target = jnp.where(valid, assignment, num_clusters)
+      sums = sums + jax.ops.segment_sum(x, target, num_clusters + 1)[:-1]
+      counts = counts + jnp.bincount(target, length=num_clusters + 1)[:-1]
+    else:
+      member = (assignment[:, None] == cluster_ids[None, :]) & valid[:, None]
+      sums = sums + jnp.dot(member.astype(jnp.float32).T, x, precision=_PRECISION)
+      counts = counts + jnp.sum(member, axis=0, dtype=jnp.int32)
     inertia = inertia + jnp.sum(jnp.where(valid, min_sq, 0.0))
     return (sums, counts, inertia), (assignment, min_sq)
 
@@ -263,7 +320,7 @@ def _lloyd_update(shard: _Shard, stats: _PassStatistics) -> jax.Array:
 
 
 def _lloyd(shard: _Shard, centroids: jax.Array, shift_tol: jax.Array,
-           max_iter: int) -> tuple[jax.Array, jax.Array]:
+           max_iter: int, scatter_sums: bool) -> tuple[jax.Array, jax.Array]:
   """Lloyd iterations from `centroids` (K, D) -> (centroids, iterations () int32)."""
 
   def keep_going(state):
@@ -272,7 +329,9 @@ def _lloyd(shard: _Shard, centroids: jax.Array, shift_tol: jax.Array,
 
   def iterate(state):
     centroids, iteration, _ = state
-    new_centroids = _lloyd_update(shard, _assignment_pass(shard, centroids))
+    stats = _assignment_pass(shard, centroids, exact=False,
+                             scatter_sums=scatter_sums)
+    new_centroids = _lloyd_update(shard, stats)
     shift = jnp.sum(jnp.square(new_centroids - centroids))
     return new_centroids, iteration + 1, shift <= shift_tol
 
@@ -301,22 +360,27 @@ def _mean_feature_variance(shard: _Shard, num_points: int) -> jax.Array:
 
 
 def _kmeans_local(key, local_points, tol, init_centroids, *, layout, num_clusters,
-                  n_init, max_iter, n_local_trials):
+                  n_init, max_iter, n_local_trials, scatter_sums):
   """Per-device body of `kmeans` under shard_map."""
   shard = _make_shard(local_points, layout)
   shift_tol = tol * _mean_feature_variance(shard, layout.num_points)
+  exact_pass = functools.partial(_assignment_pass, shard, exact=True,
+                                 scatter_sums=scatter_sums)
 
   def restart(restart_key):
     if init_centroids is None:
       seeds = _kmeans_plus_plus(restart_key, shard, num_clusters, n_local_trials)
     else:
       seeds = init_centroids
-    centroids, iterations = _lloyd(shard, seeds, shift_tol, max_iter)
-    return centroids, iterations, _assignment_pass(shard, centroids).inertia
+    centroids, iterations = _lloyd(shard, seeds, shift_tol, max_iter, scatter_sums)
+    # A lone restart wins anyway: its inertia would be one more pass for nothing.
+    inertia = (exact_pass(centroids).inertia if n_init > 1
+               else jnp.zeros((), jnp.float32))
+    return centroids, iterations, inertia
 
   centroids, iterations, inertias = lax.map(restart, jax.random.split(key, n_init))
   best = jnp.argmin(inertias)
-  final = _assignment_pass(shard, centroids[best])
+  final = exact_pass(centroids[best])
   return (centroids[best], final.inertia, iterations[best],
           final.assignments.reshape(-1), final.sq_distances.reshape(-1))
 
@@ -338,11 +402,12 @@ def _prepare_points(points: jax.Array, layout: _Layout, normalize: bool) -> jax.
     "normalize"))
 def _kmeans_jit(key, points, tol, init_centroids, *, num_clusters, n_init, max_iter,
                 chunk_size, n_local_trials, mesh, normalize):
-  layout = _layout(points.shape[0], mesh.shape[DATA_AXIS], chunk_size)
+  layout = _layout(*points.shape, mesh.shape[DATA_AXIS], chunk_size)
   padded = _prepare_points(points, layout, normalize)
   body = functools.partial(
       _kmeans_local, layout=layout, num_clusters=num_clusters, n_init=n_init,
-      max_iter=max_iter, n_local_trials=n_local_trials)
+      max_iter=max_iter, n_local_trials=n_local_trials,
+      scatter_sums=_sums_by_scatter(mesh, num_clusters))
   centroids, inertia, iterations, assignments, sq_distances = jax.shard_map(
       body, mesh=mesh, in_specs=(P(), P(DATA_AXIS, None), P(), P()),
       out_specs=(P(), P(), P(), P(DATA_AXIS), P(DATA_AXIS)),
@@ -358,11 +423,13 @@ def _kmeans_jit(key, points, tol, init_centroids, *, num_clusters, n_init, max_i
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "mesh"))
 def _assign_jit(points, centroids, *, chunk_size, mesh):
-  layout = _layout(points.shape[0], mesh.shape[DATA_AXIS], chunk_size)
+  layout = _layout(*points.shape, mesh.shape[DATA_AXIS], chunk_size)
   padded = _prepare_points(points, layout, normalize=False)
 
   def body(local_points, centroids):
-    stats = _assignment_pass(_make_shard(local_points, layout), centroids)
+    # The sums are not used; the scan's dead-code elimination drops them.
+    stats = _assignment_pass(_make_shard(local_points, layout), centroids,
+                             exact=True, scatter_sums=False)
     return stats.assignments.reshape(-1), stats.sq_distances.reshape(-1)
 
   assignments, sq_distances = jax.shard_map(
@@ -421,7 +488,8 @@ def kmeans(key: jax.Array, points: jax.Array, *, num_clusters: int, n_init: int 
     max_iter: most Lloyd iterations per restart (0: return the k-means++ seeds).
     tol: stop when the summed squared centroid shift is at most `tol` times the mean
       per-feature variance of `points` (scikit-learn's rule).
-    chunk_size: rows per distance block; memory per device is about
+    chunk_size: most rows per distance block (blocks are further capped at about
+      2 MiB of rows, for the cache); memory per device is about
       chunk_size x (K + D) floats on top of the data.
     n_local_trials: candidates per k-means++ step; None means scikit-learn's
       `2 + floor(ln K)` (greedy k-means++), 1 the standard k-means++.
@@ -476,7 +544,7 @@ def assign(points: jax.Array, centroids: jax.Array, *, chunk_size: int = 4096,
   Args:
     points: (N, D) float array.
     centroids: (K, D) float array.
-    chunk_size: rows per distance block.
+    chunk_size: most rows per distance block, as in `kmeans`.
     mesh: a Mesh with a "data" axis to split the rows over; None uses one device.
 
   Returns:

@@ -10,6 +10,7 @@ from jax.sharding import Mesh
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
+from psch_jax import kmeans as kmeans_lib
 from psch_jax.errors import UserError
 from psch_jax.kmeans import assign, kmeans
 
@@ -92,6 +93,43 @@ def test_chunking_matches_one_chunk():
   whole = _fit(points, key=4, chunk_size=4096)
   np.testing.assert_allclose(chunked.centroids, whole.centroids, atol=1e-5)
   np.testing.assert_array_equal(chunked.assignments, whole.assignments)
+
+
+def _numpy_lloyd(points, centroids, iterations):
+  """Plain float64 Lloyd: (assignments, centroids) after `iterations` updates."""
+  points, centroids = points.astype(np.float64), centroids.astype(np.float64)
+  for _ in range(iterations):
+    assignments = ((points[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)
+    counts = np.bincount(assignments, minlength=len(centroids))
+    assert np.all(counts > 0), "the reference has no empty-cluster rule"
+    centroids = np.stack([points[assignments == k].mean(0)
+                          for k in range(len(centroids))])
+  assignments = ((points[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)
+  return assignments, centroids
+
+
+def test_many_clusters_scatter_sums_match_numpy_lloyd_on_one_and_eight_devices():
+  num_clusters = 40  # Above the one-hot limit: sums by segment_sum on CPU.
+  one_device, eight_devices = _mesh(jax.devices()[:1]), _mesh(jax.devices())
+  # pylint: disable-next=protected-access
+  assert kmeans_lib._sums_by_scatter(one_device, num_clusters)
+  rng = np.random.default_rng(11)
+  centers = rng.normal(scale=3.0, size=(num_clusters, DIM))
+  points = (centers[rng.integers(0, num_clusters, 997)]
+            + rng.normal(size=(997, DIM))).astype(np.float32)
+  init = points[rng.choice(len(points), num_clusters, replace=False)]
+  expected_assignments, expected_centroids = _numpy_lloyd(points, init, 10)
+  for mesh in (one_device, eight_devices):
+    result = jax.tree.map(np.asarray, kmeans(
+        jax.random.key(0), points, num_clusters=num_clusters, max_iter=10, tol=0.0,
+        init_centroids=init, chunk_size=32, mesh=mesh))
+    # Fewer when the centroids stop moving (shift 0), after which Lloyd is a no-op.
+    assert 1 <= result.num_iterations <= 10
+    np.testing.assert_array_equal(result.assignments, expected_assignments)
+    np.testing.assert_allclose(result.centroids, expected_centroids, atol=1e-5)
+    expected_sq = ((points - expected_centroids[expected_assignments]) ** 2).sum(-1)
+    np.testing.assert_allclose(result.distances ** 2, expected_sq, rtol=1e-4,
+                               atol=1e-4)
 
 
 def test_empty_cluster_is_reseeded_with_farthest_point():
