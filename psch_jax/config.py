@@ -12,7 +12,7 @@ from psch_jax.errors import UserError
 
 PRESETS = ("ssdh", "modern")
 BACKBONES = ("small_cnn", "vgg16")
-FEATURE_SOURCES = ("global", "pooled", "pixels")
+FEATURE_SOURCES = ("global", "pooled", "pixels", "spectral")
 SIMILARITY_SOURCES = ("initial", "online")
 OPTIMIZERS = ("adam", "sgd")
 
@@ -54,6 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.pseudo_labels.absolute_threshold = config_dict.placeholder(float)
   c.pseudo_labels.features = "global"                # FEATURE_SOURCES
   c.pseudo_labels.refresh_every_epochs = 0           # 0 = once, before training
+  # features = "spectral" (Eq. 1a): k of the pixels' k-NN graph, and the embedding
+  # size d (None = num_clusters).
+  c.pseudo_labels.spectral_neighbors = 10
+  c.pseudo_labels.spectral_components = config_dict.placeholder(int)
   c.pseudo_labels.n_init = 3
   c.pseudo_labels.max_iter = 100
   c.pseudo_labels.tol = 1e-4
@@ -68,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.similarity.hard = False                          # True = SSDH-like ablation
   c.similarity.same_class_floor = 0.5                # lambda of Eq. 7
   c.similarity.unlabelled_weight = 0.1               # mu of Eq. 7; 0 masks
+  # c of Eq. 7b: pairs of different pseudo classes get -1 + (1 + c) r_kl by how
+  # close their clusters are; None keeps the paper's -1 (Eq. 7).
+  c.similarity.cross_cluster_ceiling = config_dict.placeholder(float)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.alpha = 0.1                                 # L_cls weight; 0 = ablation
@@ -133,6 +140,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   _require(config.attention.temperature > 0, "config.attention.temperature must be > 0.")
   _require(0.0 <= config.similarity.same_class_floor <= 1.0,
            "config.similarity.same_class_floor (lambda) must lie in [0, 1].")
+  ceiling = config.similarity.cross_cluster_ceiling
+  _require(ceiling is None or -1.0 <= ceiling < config.similarity.same_class_floor,
+           f"config.similarity.cross_cluster_ceiling={ceiling} must lie in [-1, "
+           f"same_class_floor={config.similarity.same_class_floor}) so same-class pairs "
+           "stay above cross-cluster pairs; unset it to keep the paper's -1.")
   _require(config.similarity.unlabelled_weight >= 0,
            "config.similarity.unlabelled_weight (mu) must be >= 0.")
   _require(config.loss.alpha >= 0 and config.loss.beta >= 0,

@@ -194,6 +194,34 @@ def pseudo_labels(key: jax.Array, features: jax.Array, *, num_clusters: int,
   return labels, stats
 
 
+@jax.jit
+def cluster_affinity(centroids: jax.Array) -> jax.Array:
+  """How close each pair of clusters is, rescaled to [0, 1] (Eq. 7b).
+
+  r_kl = (cos(c_k, c_l) - min) / (max - min), min and max over the pairs k != l, so
+  the closest two clusters get 1 and the farthest two 0 whatever the feature scale
+  (pixel centroids all have cosines near 1). r_kk = 1. With fewer than 3 clusters, or
+  all pairs equally close, every off-diagonal r_kl is 0 (no structure to keep).
+
+  Args:
+    centroids: (K, D) float k-means centroids (Eq. 1).
+
+  Returns:
+    (K, K) float32 symmetric r.
+  """
+  centroids = centroids.astype(jnp.float32)
+  norms = jnp.linalg.norm(centroids, axis=1, keepdims=True)
+  unit = centroids / jnp.maximum(norms, 1e-12)
+  cosine = jnp.matmul(unit, unit.T, precision=jax.lax.Precision.HIGHEST)
+  off_diagonal = ~jnp.eye(centroids.shape[0], dtype=bool)
+  low = jnp.min(jnp.where(off_diagonal, cosine, jnp.inf))
+  high = jnp.max(jnp.where(off_diagonal, cosine, -jnp.inf))
+  spread = high - low
+  scaled = jnp.where(spread > 1e-6, (cosine - low) / jnp.where(spread > 1e-6, spread, 1.0),
+                     0.0)
+  return jnp.where(off_diagonal, jnp.clip(scaled, 0.0, 1.0), 1.0)
+
+
 @functools.partial(jax.jit, static_argnames=("num_clusters",))
 def _purity(labels, true_multi_hot, *, num_clusters):
   kept = labels >= 0

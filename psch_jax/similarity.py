@@ -82,11 +82,13 @@ def soft_similarity(descriptors: jax.Array, weights: jax.Array) -> jax.Array:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("same_class_floor", "unlabelled_weight", "hard"))
+    jax.jit, static_argnames=("same_class_floor", "unlabelled_weight", "hard",
+                              "cross_cluster_ceiling"))
 def target_similarity(
     soft_sim: jax.Array, pseudo_labels: jax.Array, *,
     same_class_floor: float = 0.5, unlabelled_weight: float = 0.1,
-    hard: bool = False) -> tuple[jax.Array, jax.Array]:
+    hard: bool = False, cross_cluster_ceiling: float | None = None,
+    cluster_affinity: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Target similarity S and pair weights m of a batch (Eq. 7).
 
   Soft mode (default), with lam = `same_class_floor`, mu = `unlabelled_weight`:
@@ -104,6 +106,12 @@ def target_similarity(
   are below every same-class pair only when s_ij <= (1 + lam) / 2. mu = 0 masks
   unlabelled pairs.
 
+  Cross-cluster structure (Eq. 7b): with `cross_cluster_ceiling` c set, a pair of
+  two different pseudo classes k, l gets S_ij = -1 + (1 + c) r_kl instead of -1,
+  r = `cluster_affinity` in [0, 1]: the closest two clusters get c, the farthest
+  -1, so codes keep which clusters are neighbours (an over-split class stays
+  together) while every same-class pair stays above when c < lam.
+
   Hard mode (`hard=True`, the SSDH-like ablation) ignores s: S_ij = +1 for the
   same pseudo class, -1 for different ones, m_ij = 1 for off-diagonal pairs of
   two labelled images and 0 for any pair with an unlabelled image.
@@ -114,6 +122,10 @@ def target_similarity(
     same_class_floor: lam in [0, 1], the lowest target of a same-class pair.
     unlabelled_weight: mu >= 0, pair weight of pairs with an unlabelled image.
     hard: binary targets from pseudo labels only.
+    cross_cluster_ceiling: c in [-1, lam), the target of the closest two clusters
+      (Eq. 7b); None keeps -1 for every pair of different pseudo classes (Eq. 7).
+    cluster_affinity: (K, K) r of `psch_jax.pseudo_labels.cluster_affinity`,
+      needed when `cross_cluster_ceiling` is set.
 
   Returns:
     (target, pair_weight): two (B, B) float32 matrices, S and m.
@@ -135,6 +147,13 @@ def target_similarity(
         f"unlabelled_weight={unlabelled_weight} must be >= 0 (default 0.1; 0 masks "
         f"pairs with an unlabelled image).")
 
+  if cross_cluster_ceiling is not None and (
+      cluster_affinity is None or not -1.0 <= cross_cluster_ceiling < same_class_floor):
+    raise UserError(
+        f"cross_cluster_ceiling={cross_cluster_ceiling} needs a (K, K) "
+        f"cluster_affinity and must lie in [-1, same_class_floor={same_class_floor}) "
+        f"so that every same-class pair stays above every cross-cluster pair.")
+
   dtype = jnp.promote_types(soft_sim.dtype, jnp.float32)
   soft_sim = soft_sim.astype(dtype)
   labelled = pseudo_labels >= 0
@@ -146,8 +165,14 @@ def target_similarity(
     target = jnp.where(same_class, 1.0, -1.0).astype(dtype)
     pair_weight = both_labelled & off_diagonal
   else:
+    if cross_cluster_ceiling is None:
+      cross = -1.0
+    else:
+      clusters = jnp.maximum(pseudo_labels, 0)
+      cross = -1.0 + (1.0 + cross_cluster_ceiling) * cluster_affinity.astype(dtype)[
+          clusters[:, None], clusters[None, :]]
     target = jnp.where(
         same_class, same_class_floor + (1.0 - same_class_floor) * soft_sim,
-        jnp.where(both_labelled, -1.0, 2.0 * soft_sim - 1.0))
+        jnp.where(both_labelled, cross, 2.0 * soft_sim - 1.0))
     pair_weight = jnp.where(both_labelled, 1.0, unlabelled_weight) * off_diagonal
   return target.astype(dtype), pair_weight.astype(dtype)

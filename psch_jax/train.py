@@ -37,6 +37,7 @@ from psch_jax import io_utils
 from psch_jax import models
 from psch_jax import pretrained
 from psch_jax import reports
+from psch_jax import spectral
 from psch_jax.attention import GroupedAttention
 from psch_jax.data import pipeline
 from psch_jax.data import sources
@@ -45,7 +46,7 @@ from psch_jax.errors import UserError
 from psch_jax.loss import psch_loss
 from psch_jax.preprocess import augment, preprocess
 from psch_jax.pseudo_labels import pseudo_labels as make_pseudo_labels
-from psch_jax.pseudo_labels import purity
+from psch_jax.pseudo_labels import cluster_affinity, purity
 from psch_jax.similarity import soft_similarity, target_similarity
 
 # Purpose tags for fold_in: one independent key stream per use of randomness.
@@ -129,10 +130,19 @@ def init_params(config: ml_collections.ConfigDict, model: models.PSCHNet,
   key = jax.random.fold_in(jax.random.key(config.seed), _INIT)
   shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
   # One compiled program instead of one per initializer op: eager init compiles
-  # dozens of tiny programs, which dominates the start-up of small runs.
+  # dozens of tiny programs, which dominates the start-up of small runs. It runs
+  # once, so it is compiled without backend optimisation: on CPU XLA otherwise spends
+  # ~8 s optimising the unrolled threefry kernels of the random initialisers for a
+  # program that runs in 0.2 s (docs/benchmarks.md). Still deterministic for the seed.
   init = jax.jit(lambda k: model.init(k, jnp.zeros(shape, jnp.float32),
                                       train=False)["params"])
-  params = init(key)
+  if isinstance(key, jax.core.Tracer):
+    # Under a transformation (jax.eval_shape of the state before a restore) nothing
+    # is compiled, and a compiled program cannot take a tracer.
+    params = init(key)
+  else:
+    params = init.lower(key).compile(
+        compiler_options={"xla_backend_optimization_level": 0})(key)
   if pretrained_backbone is not None:
     params = pretrained.replace_backbone_params(params, pretrained_backbone)
   return params
@@ -217,36 +227,47 @@ def compute_targets(config, encode, params, source, train_indices, *, mesh,
   similarity source (Eqs. 4-5) unless the similarity is computed online.
 
   Args:
-    features: what k-means clusters: "global", "pooled" or "pixels".
+    features: what k-means clusters: "global", "pooled", "pixels" or "spectral"
+      (the k-NN graph embedding of the pixels, Eq. 1a).
     similarity_from: previous targets whose part features are kept (the frozen
       initial network's); None computes them from `params`.
 
   Returns:
-    targets: {"pseudo_labels": int32 (N,), "part_descriptors": f32 (N, P, C/P),
-      "part_weights": f32 (N, P)} (part entries absent for the online source);
+    targets: {"pseudo_labels": int32 (N,), "cluster_affinity": f32 (K_c, K_c) r of
+      Eq. 7b, "part_descriptors": f32 (N, P, C/P), "part_weights": f32 (N, P)}
+      (part entries absent for the online source);
     stats: JSON-able statistics of this pseudo labelling.
   """
   need_parts = config.similarity.source == "initial" and similarity_from is None
-  keys = {"pixels": [], "global": ["global_feature"],
+  keys = {"pixels": [], "spectral": [], "global": ["global_feature"],
           "pooled": ["pooled_feature"]}[features]
   if need_parts:
     keys = keys + ["part_descriptors", "part_weights"]
   encoded = (encode_images(encode, params, source, train_indices,
                            batch_size=config.eval.batch_size, mesh=mesh, keys=keys)
              if keys else {})
-  if features == "pixels":
+  p = config.pseudo_labels
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), _KMEANS), epoch)
+  if features in ("pixels", "spectral"):
     z = source.read(train_indices).reshape(len(train_indices), -1).astype(np.float32)
     z /= 255.0
   else:
     z = encoded[keys[0]]
-  p = config.pseudo_labels
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), _KMEANS), epoch)
+  if features == "spectral":
+    embedding_key, key = jax.random.split(key)
+    components = p.spectral_components or p.num_clusters
+    spectral.check_arguments(len(z), num_components=components,
+                             num_neighbors=p.spectral_neighbors)
+    z = spectral.spectral_embedding(embedding_key, jnp.asarray(z),
+                                    num_components=components,
+                                    num_neighbors=p.spectral_neighbors)
   labels, stats = make_pseudo_labels(
       key, jnp.asarray(z), num_clusters=p.num_clusters, keep_quantile=p.keep_quantile,
       absolute_threshold=p.absolute_threshold, n_init=p.n_init, max_iter=p.max_iter,
       tol=p.tol, mesh=make_mesh(jax.local_devices()))
   labels = np.asarray(labels, np.int32)
-  targets = {"pseudo_labels": labels}
+  targets = {"pseudo_labels": labels,
+             "cluster_affinity": np.asarray(cluster_affinity(stats.centroids))}
   if config.similarity.source == "initial":
     source_targets = similarity_from if similarity_from is not None else encoded
     targets["part_descriptors"] = np.asarray(source_targets["part_descriptors"])
@@ -296,7 +317,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.PSCHNet,
       target, pair_weight = target_similarity(
           soft, labels, same_class_floor=config.similarity.same_class_floor,
           unlabelled_weight=config.similarity.unlabelled_weight,
-          hard=config.similarity.hard)
+          hard=config.similarity.hard,
+          cross_cluster_ceiling=config.similarity.cross_cluster_ceiling,
+          cluster_affinity=targets["cluster_affinity"])
       return psch_loss(out["relaxed_codes"], out["class_logits"], labels, target,
                        pair_weight, alpha=config.loss.alpha, beta=config.loss.beta)
 
@@ -393,6 +416,11 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     raise UserError(
         f"config.train.global_batch_size={batch_size} is larger than the "
         f"{num_train} training images; lower it.")
+  if config.pseudo_labels.features == "spectral":
+    spectral.check_arguments(
+        num_train, num_neighbors=config.pseudo_labels.spectral_neighbors,
+        num_components=(config.pseudo_labels.spectral_components
+                        or config.pseudo_labels.num_clusters))
   if source.image_shape[-1] not in (1, config.model.channels):
     raise UserError(f"{config.data.name} images have {source.image_shape[-1]} channels "
                     f"but config.model.channels={config.model.channels}.")
@@ -592,8 +620,11 @@ def _run_epoch(config, train_step, state, targets, batches, train_indices, *,
 
 
 def _abstract_targets(config, num_train: int, model, sharding) -> dict:
+  num_clusters = config.pseudo_labels.num_clusters
   targets = {"pseudo_labels": jax.ShapeDtypeStruct((num_train,), jnp.int32,
-                                                   sharding=sharding)}
+                                                   sharding=sharding),
+             "cluster_affinity": jax.ShapeDtypeStruct(
+                 (num_clusters, num_clusters), jnp.float32, sharding=sharding)}
   if config.similarity.source == "initial":
     shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
     attention = GroupedAttention(num_parts=config.attention.num_parts)

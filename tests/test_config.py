@@ -40,6 +40,7 @@ def test_unknown_variant_is_an_error():
     ("data.preset", "paper", "data.preset"),
     ("model.backbone", "resnet", "model.backbone"),
     ("similarity.source", "ema", "similarity.source"),
+    ("similarity.cross_cluster_ceiling", 0.5, "cross_cluster_ceiling"),
 ])
 def test_bad_values_name_the_field(field, value, message):
   c = load("fashion_mnist")

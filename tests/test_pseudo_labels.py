@@ -2,12 +2,14 @@
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
 
 from psch_jax.errors import UserError
-from psch_jax.pseudo_labels import purity, pseudo_labels, threshold_labels
+from psch_jax.pseudo_labels import (cluster_affinity, purity, pseudo_labels,
+                                    threshold_labels)
 
 NUM_POINTS = 203
 DIM = 8
@@ -135,3 +137,21 @@ def test_nan_features_and_bad_label_shapes_raise_user_error():
     pseudo_labels(jax.random.key(0), features, num_clusters=2)
   with pytest.raises(UserError):
     purity(np.zeros(4, np.int32), np.zeros(4, np.uint8))
+
+
+def test_cluster_affinity_ranks_cluster_pairs_by_centroid_cosine_in_unit_range():
+  centroids = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.1]], np.float32)
+  affinity = np.asarray(cluster_affinity(jnp.asarray(centroids)))
+  unit = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
+  cosine = unit @ unit.T
+  off = ~np.eye(4, dtype=bool)
+  expected = (cosine - cosine[off].min()) / (cosine[off].max() - cosine[off].min())
+  np.testing.assert_allclose(affinity[off], expected[off], atol=1e-6)
+  np.testing.assert_array_equal(np.diag(affinity), 1.0)
+  np.testing.assert_allclose(affinity, affinity.T)
+  assert affinity[0, 1] == pytest.approx(1.0) and affinity[off].min() == 0.0
+
+
+def test_cluster_affinity_without_spread_is_zero_off_the_diagonal():
+  affinity = np.asarray(cluster_affinity(jnp.asarray([[1.0, 0.0], [0.0, 1.0]])))
+  np.testing.assert_array_equal(affinity, np.eye(2))

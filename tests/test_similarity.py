@@ -171,3 +171,40 @@ def test_bad_target_arguments_raise():
     target_similarity(_soft_sim(), LABELS, unlabelled_weight=-0.1)
   with pytest.raises(UserError, match="pseudo_labels"):
     target_similarity(_soft_sim(), LABELS[:-1])
+
+
+def _affinity(num_clusters: int = 3) -> np.ndarray:
+  rng = np.random.default_rng(9)
+  upper = rng.uniform(size=(num_clusters, num_clusters))
+  affinity = np.triu(upper, 1) + np.triu(upper, 1).T
+  np.fill_diagonal(affinity, 1.0)
+  return affinity.astype(np.float32)
+
+
+def test_cross_cluster_ceiling_grades_different_class_pairs_by_cluster_affinity():
+  ceiling, affinity, soft_sim = 0.2, _affinity(), _soft_sim()
+  graded, graded_weight = target_similarity(
+      soft_sim, LABELS, cross_cluster_ceiling=ceiling, cluster_affinity=affinity)
+  plain, plain_weight = target_similarity(soft_sim, LABELS)
+  graded, plain = np.asarray(graded), np.asarray(plain)
+  labelled = LABELS >= 0
+  different = (labelled[:, None] & labelled[None, :]
+               & (LABELS[:, None] != LABELS[None, :]))
+  rows, cols = np.nonzero(different)
+  np.testing.assert_allclose(
+      graded[rows, cols], -1 + (1 + ceiling) * affinity[LABELS[rows], LABELS[cols]],
+      rtol=1e-6)
+  # Every other pair, and every pair weight, is that of Eq. 7.
+  np.testing.assert_array_equal(graded[~different], plain[~different])
+  np.testing.assert_array_equal(graded_weight, plain_weight)
+  # Same-class pairs stay above every cross-cluster pair.
+  same = (LABELS[:, None] == LABELS[None, :]) & labelled[:, None]
+  assert graded[same].min() >= 0.5 > ceiling >= graded[different].max()
+
+
+def test_cross_cluster_ceiling_needs_affinity_and_a_value_below_the_floor():
+  with pytest.raises(UserError, match="cluster_affinity"):
+    target_similarity(_soft_sim(), LABELS, cross_cluster_ceiling=0.0)
+  with pytest.raises(UserError, match="same_class_floor"):
+    target_similarity(_soft_sim(), LABELS, cross_cluster_ceiling=0.5,
+                      cluster_affinity=_affinity())

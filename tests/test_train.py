@@ -172,9 +172,11 @@ def test_eight_devices_and_one_device_give_the_same_loss_after_20_steps():
   fmap_parts = config.attention.num_parts
   targets = {"pseudo_labels": rng.integers(-1, 3, num_train).astype(np.int32),
              "part_descriptors": rng.random((num_train, fmap_parts, 32), np.float32),
-             "part_weights": np.full((num_train, fmap_parts), 1 / fmap_parts, np.float32)}
+             "part_weights": np.full((num_train, fmap_parts), 1 / fmap_parts, np.float32),
+             "cluster_affinity": np.eye(config.pseudo_labels.num_clusters,
+                                        dtype=np.float32)}
   abstract = train._abstract_targets(config, num_train, model, None)
-  assert abstract["part_descriptors"].shape == targets["part_descriptors"].shape
+  assert jax.tree.map(lambda a: a.shape, abstract) == jax.tree.map(np.shape, targets)
 
   def losses(devices):
     mesh = train.make_mesh(devices)
