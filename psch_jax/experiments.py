@@ -3,11 +3,13 @@ lengths and seeds.
 
   python -m psch_jax.experiments --config=configs/fashion_mnist.py \
       --bits=16,32,64 --seeds=0,1,2 --workdir=experiments/fashion_mnist \
-      [--methods=psch,no_lq,itq] [--epochs_ablation=10] [--config.train.num_epochs=20]
+      [--methods=psch,no_lq,itq] [--epochs_ablation=10] [--ablation_bits=32] \
+      [--config.train.num_epochs=20]
 
 For every bit length x seed it runs each method of `--methods` (default: all of
 `METHODS`): PSCH as the config says, the six ablations of docs/method.md (the config
-with one override each; `--epochs_ablation` gives them a shorter schedule), and the
+with one override each; `--epochs_ablation` gives them a shorter schedule and
+`--ablation_bits` fewer code lengths, both stated in the table), and the
 baselines of `psch_jax.baselines` on the raw pixels in [0, 1] of the same training
 split (fitted on the train split, encoding query and database). The splits of a seed
 come from `train.load_data`, exactly as the PSCH runs of that seed draw them, and the
@@ -233,6 +235,7 @@ def run_experiments(config: ml_collections.ConfigDict, *, workdir: str,
                     bits: Sequence[int], seeds: Sequence[int],
                     methods: Sequence[str] = tuple(METHODS),
                     ablation_epochs: int | None = None,
+                    ablation_bits: Sequence[int] | None = None,
                     command: str = "") -> dict:
   """Runs (or reuses) every method x bits x seed and writes the table.
 
@@ -244,18 +247,21 @@ def run_experiments(config: ml_collections.ConfigDict, *, workdir: str,
     seeds: seeds, ints >= 0; each draws its own splits.
     methods: names from `METHODS`, in row order.
     ablation_epochs: train.num_epochs of the ablations (None: the config's).
+    ablation_bits: the code lengths, among `bits`, the ablations run at (None: all).
     command: the command line, quoted in results.md.
 
   Returns:
     The content of results.json: {"runs": [per-run results], "summary": ...}.
   """
   bits, seeds, methods = _check_arguments(bits, seeds, methods, ablation_epochs)
+  ablation_bits = _check_ablation_bits(ablation_bits, bits)
   workdir = os.path.abspath(workdir)
   baseline_methods = [m for m in methods if METHODS[m].baseline]
   psch_methods = [m for m in methods if not METHODS[m].baseline]
   # Baselines first: seconds each, so the table has its reference rows early.
   plan = ([(m, b, s) for s in seeds for b in bits for m in baseline_methods]
-          + [(m, b, s) for m in psch_methods for b in bits for s in seeds])
+          + [(m, b, s) for m in psch_methods for b in bits for s in seeds
+             if m not in ABLATIONS or b in ablation_bits])
   seed_data: dict[int, tuple[Any, dict]] = {}
 
   def data_of(seed: int):
@@ -312,7 +318,7 @@ def run_experiments(config: ml_collections.ConfigDict, *, workdir: str,
           f"mAP@all {results['map@all']:.4f} ({status})", flush=True)
     report = write_report(config, runs, workdir=workdir, bits=bits, seeds=seeds,
                           methods=methods, ablation_epochs=ablation_epochs,
-                          command=command)
+                          ablation_bits=ablation_bits, command=command)
   return report
 
 
@@ -337,6 +343,20 @@ def _check_arguments(bits, seeds, methods, ablation_epochs
     raise UserError(f"--epochs_ablation={ablation_epochs} must be >= 1 (or left out "
                     "to train ablations as long as PSCH).")
   return ints(bits, "bits", 1), ints(seeds, "seeds", 0), list(methods)
+
+
+def _check_ablation_bits(ablation_bits, bits: list[int]) -> list[int]:
+  if ablation_bits is None:
+    return list(bits)
+  try:
+    parsed = [int(v) for v in ablation_bits]
+  except (TypeError, ValueError):
+    parsed = []
+  if not parsed or any(b not in bits for b in parsed) or len(set(parsed)) != len(parsed):
+    raise UserError(f"--ablation_bits={','.join(map(str, ablation_bits))} must be "
+                    f"distinct code lengths among --bits={','.join(map(str, bits))}, "
+                    "e.g. --ablation_bits=32.")
+  return [b for b in bits if b in parsed]
 
 
 # ------------------------------------------------------------------------ report
@@ -371,7 +391,8 @@ def format_statistic(statistic: dict) -> str:
   return f"{statistic['mean']:.3f} ± {statistic['std']:.3f}"
 
 
-def _epochs_line(config, methods: Sequence[str], ablation_epochs: int | None) -> str:
+def _epochs_line(config, methods: Sequence[str], ablation_epochs: int | None,
+                 ablation_bits: Sequence[int], bits: Sequence[int]) -> str:
   parts = []
   if "psch" in methods:
     parts.append(f"PSCH trains {config.train.num_epochs} epochs and is scored at the "
@@ -380,6 +401,8 @@ def _epochs_line(config, methods: Sequence[str], ablation_epochs: int | None) ->
   if ablations:
     epochs = config.train.num_epochs if ablation_epochs is None else ablation_epochs
     line = f"the ablations train {epochs} epoch{'' if epochs == 1 else 's'}"
+    if list(ablation_bits) != list(bits):
+      line += f" at {', '.join(map(str, ablation_bits))} bits only (--ablation_bits)"
     if epochs < config.train.num_epochs:
       line += (f", a shorter schedule than PSCH's {config.train.num_epochs}: compare the "
                "ablations with one another, not with the PSCH row")
@@ -393,7 +416,8 @@ def _epochs_line(config, methods: Sequence[str], ablation_epochs: int | None) ->
 
 def results_markdown(config, summary: dict, runs: Sequence[dict], *,
                      bits: Sequence[int], seeds: Sequence[int], methods: Sequence[str],
-                     ablation_epochs: int | None, command: str) -> str:
+                     ablation_epochs: int | None, ablation_bits: Sequence[int],
+                     command: str) -> str:
   """The results.md text: protocol, the table, schedules and conventions."""
   k = config.eval.topk[0]
   sizes = runs[0] if runs else {}
@@ -405,7 +429,8 @@ def results_markdown(config, summary: dict, runs: Sequence[dict], *,
   lines += [
       f"Each cell: mAP@all mean ± std / mAP@{k} mean ± std over {len(seeds)} seed(s) "
       f"({', '.join(map(str, seeds))}); std is the sample standard deviation (n - 1), "
-      "left out for one seed; \"—\" marks a run not made yet. Each seed draws its own "
+      "left out for one seed; \"—\" marks a run not made yet, \"·\" one not asked "
+      "for (--ablation_bits). Each seed draws its own "
       "query / database / train splits, initialisation and batch order, and all "
       "methods of a seed share its splits.", "",
       "| method | " + " | ".join(f"{b} bits" for b in bits) + " |",
@@ -414,6 +439,9 @@ def results_markdown(config, summary: dict, runs: Sequence[dict], *,
     cells = []
     for b in bits:
       cell = summary.get(method, {}).get(str(b))
+      if cell is None and method in ABLATIONS and b not in ablation_bits:
+        cells.append("·")
+        continue
       cells.append("—" if cell is None else
                    f"{format_statistic(cell['map@all'])} / "
                    f"{format_statistic(cell[f'map@{k}'])}"
@@ -421,7 +449,7 @@ def results_markdown(config, summary: dict, runs: Sequence[dict], *,
                       else f" (n = {cell['map@all']['n']})"))
     lines.append(f"| {METHODS[method].label} | " + " | ".join(cells) + " |")
   lines += [
-      "", _epochs_line(config, methods, ablation_epochs), "",
+      "", _epochs_line(config, methods, ablation_epochs, ablation_bits, bits), "",
       "Evaluation (docs/evaluation.md): the database is ranked by Hamming distance to "
       "each query, ties broken by database index; an item is relevant when it shares a "
       f"label with the query. AP@K (K = {k} or the whole database) is the mean of "
@@ -469,21 +497,24 @@ def _plot(summary: dict, path: str, *, bits: Sequence[int], methods: Sequence[st
 
 def write_report(config, runs: Sequence[dict], *, workdir: str, bits: Sequence[int],
                  seeds: Sequence[int], methods: Sequence[str],
-                 ablation_epochs: int | None, command: str = "") -> dict:
+                 ablation_epochs: int | None, ablation_bits: Sequence[int] | None = None,
+                 command: str = "") -> dict:
   """Writes results.md, results.json and results.png into `workdir`; returns the JSON."""
   k = config.eval.topk[0]
+  ablation_bits = list(bits) if ablation_bits is None else list(ablation_bits)
   summary = summarise(runs, metrics=("map@all", f"map@{k}", "map@all_tie_aware"))
   report = {"dataset": config.data.name, "protocol": config.data.preset,
             "bits": list(bits), "seeds": list(seeds), "methods": list(methods),
             "epochs": {"psch": config.train.num_epochs,
                        "ablations": (config.train.num_epochs if ablation_epochs is None
                                      else ablation_epochs)},
+            "ablation_bits": ablation_bits,
             "std": "sample (n - 1)", "command": command,
             "runs": list(runs), "summary": summary}
   io_utils.write_json(os.path.join(workdir, "results.json"), report)
   io_utils.write_text(os.path.join(workdir, "results.md"), results_markdown(
       config, summary, runs, bits=bits, seeds=seeds, methods=methods,
-      ablation_epochs=ablation_epochs, command=command))
+      ablation_epochs=ablation_epochs, ablation_bits=ablation_bits, command=command))
   _plot(summary, os.path.join(workdir, "results.png"), bits=bits, methods=methods,
         title=f"{config.data.name}, protocol {config.data.preset!r}, "
               f"{len(seeds)} seed(s)")
@@ -510,6 +541,7 @@ def _main(argv: Sequence[str]) -> None:
   try:
     run_experiments(config, workdir=workdir, bits=FLAGS.bits, seeds=FLAGS.seeds,
                     methods=FLAGS.methods, ablation_epochs=FLAGS.epochs_ablation,
+                    ablation_bits=FLAGS.ablation_bits,
                     command=" ".join(["python -m psch_jax.experiments", *sys.argv[1:]]))
   except (UserError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -532,6 +564,8 @@ def _define_flags() -> None:
                       "experiments/<dataset>.")
   flags.DEFINE_integer("epochs_ablation", None, "train.num_epochs of the ablations "
                        "(default: the config's, as PSCH).")
+  flags.DEFINE_list("ablation_bits", None, "Code lengths, among --bits, the ablations "
+                    "run at (default: all of --bits); the table marks the others.")
   flags.DEFINE_string("compilation_cache_dir", None, "XLA's persistent compilation "
                       "cache (default <workdir>/jax_cache; '' turns it off). Experiments "
                       "may share one.")

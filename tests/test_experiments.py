@@ -70,17 +70,32 @@ def test_table_cells_are_mean_and_sample_std_over_seeds():
   assert summary["psch"]["32"]["map@all"]["std"] is None
   text = experiments.results_markdown(config, summary, runs, bits=(16, 32),
                                       seeds=(0, 1, 2), methods=("psch", "itq"),
-                                      ablation_epochs=None, command="")
+                                      ablation_epochs=None, ablation_bits=(16, 32),
+                                      command="")
   assert "| PSCH | 0.550 ± 0.050 / 0.600 ± 0.100 | 0.500 / 0.500 (n = 1) |" in text
   assert "| ITQ | 0.450 ± 0.050 / 0.500 ± 0.100 | — |" in text
   assert "mAP@10" in text and "3 seed(s)" in text and "fashion_mnist" in text
+
+
+def test_ablations_left_out_by_ablation_bits_are_marked_and_stated():
+  config = experiments.load_config(f"{CONFIG}:tiny")
+  runs = [{**run, "method": "no_lq"} for run in fake_runs() if run["method"] == "psch"
+          and run["num_bits"] == 16]
+  summary = experiments.summarise(runs, metrics=("map@all", "map@10"))
+  text = experiments.results_markdown(config, summary, runs, bits=(16, 32, 64),
+                                      seeds=(0, 1, 2), methods=("psch", "no_lq"),
+                                      ablation_epochs=1, ablation_bits=(16,), command="")
+  assert "| PSCH, no L_q (beta = 0) | 0.550 ± 0.050 / 0.600 ± 0.100 | · | · |" in text
+  assert "| PSCH | — | — | — |" in text
+  assert "the ablations train 1 epoch at 16 bits only (--ablation_bits)" in text
 
 
 def test_bad_arguments_raise_user_errors(tmp_path):
   config = experiments.load_config(f"{CONFIG}:tiny")
   for kwargs, message in (({"methods": ["psch", "itqq"]}, "--methods"),
                           ({"bits": [0]}, "--bits"), ({"seeds": ["a"]}, "--seeds"),
-                          ({"ablation_epochs": 0}, "--epochs_ablation")):
+                          ({"ablation_epochs": 0}, "--epochs_ablation"),
+                          ({"ablation_bits": [64]}, "--ablation_bits")):
     arguments = {"bits": [8], "seeds": [0], "methods": ["lsh"], **kwargs}
     with pytest.raises(UserError, match=message):
       experiments.run_experiments(config, workdir=str(tmp_path), **arguments)
