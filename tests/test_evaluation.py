@@ -205,6 +205,135 @@ def test_device_memory_stays_small_for_a_nus_wide_sized_database():
   assert memory.argument_size_in_bytes < 8 * 2**20
 
 
+# ------------------------------------------------------------- top-K path
+
+def _cut_inside_a_tie_group(case, k):
+  """Queries whose K-th item shares its distance with items ranked after K."""
+  query_codes, _, db_codes, _ = case
+  distances = np.sum(query_codes[:, None, :] != db_codes[None, :, :], axis=2)
+  kth = np.sort(distances, axis=1)[:, k - 1]
+  return np.sum(distances <= kth[:, None], axis=1) > k
+
+
+_ONE_SEGMENT = {"query_chunk": QUERY_CHUNK, "db_chunk": DB_CHUNK, "devices": (0, 1)}
+# Segments of 64 items, queries over the 8 devices of conftest.py.
+_SEGMENTS = {"query_chunk": 2, "db_chunk": 40, "db_segment": 100}
+
+
+# 263 is the database size; 290 and 1000 exceed it (the whole database). Each (K,
+# options) pair compiles anew, so each case runs a few.
+@pytest.mark.parametrize("single_label,code_length,runs", [
+    (False, 5, [(1, _ONE_SEGMENT), (50, _SEGMENTS), (290, _ONE_SEGMENT)]),
+    (True, 12, [(50, _SEGMENTS), (262, _ONE_SEGMENT), (1000, _SEGMENTS)])])
+def test_top_k_path_matches_full_path_and_stable_argsort_reference(single_label,
+                                                                   code_length, runs):
+  # 5 bits for 263 items: tie groups of up to ~80 items, so the cut at the K-th item
+  # falls inside a group and only its first members (by index) are in the top K.
+  case = _random_case(seed=20 + code_length, num_queries=23, num_database=263,
+                      code_length=code_length, num_labels=6, single_label=single_label)
+  ks = sorted({k for k, _ in runs})
+  full = evaluation.retrieval_metrics_per_query(
+      *case, topk=ks, topn=(), query_chunk=QUERY_CHUNK, db_chunk=DB_CHUNK)
+  reference = {k: np.array([_reference_ap(_reference_ranking(*query, case[2], case[3])[1],
+                                          k) for query in zip(case[0], case[1])])
+               for k in ks}
+  assert np.any(_cut_inside_a_tie_group(case, 50))
+  if 1 in ks:  # some queries miss at K = 1, so their zeros enter the mean
+    assert np.any(reference[1] == 0) and np.any(reference[1] == 1)
+  for k, options in runs:
+    if "devices" in options:
+      options = {**options, "devices": [jax.devices()[i] for i in options["devices"]]}
+    ours = evaluation.average_precision_at_k(*case, k=k, **options)
+    assert ours.shape == (23,) and ours.dtype == np.float64
+    np.testing.assert_allclose(ours, full[f"ap@{k}"], rtol=0, atol=1e-6,
+                               err_msg=f"k={k} {options}")
+    np.testing.assert_allclose(ours, reference[k], rtol=0, atol=1e-6,
+                               err_msg=f"k={k} {options}")
+  assert len(jax.devices()) == 8  # the call below shares the queries over 8 devices
+  assert evaluation.map_at_k(*case, k=50, **_SEGMENTS) == pytest.approx(
+      reference[50].mean(), abs=1e-6)
+
+
+def test_top_k_path_with_packed_codes_segments_and_query_groups(monkeypatch):
+  # K much smaller than the database, 40-bit codes packed beforehand, 4 segments of
+  # 768 items read in each pass, and (with the table budget at 1 byte) each of the 3
+  # query steps run as its own group.
+  monkeypatch.setattr(evaluation, "_TOP_K_TABLE_BYTES", 1)
+  case = _random_case(seed=31, num_queries=6, num_database=3000, code_length=40,
+                      num_labels=5, single_label=False)
+  query_codes, query_labels, db_codes, db_labels = case
+  ours = evaluation.average_precision_at_k(
+      np.asarray(evaluation.pack_codes(query_codes)), query_labels,
+      np.asarray(evaluation.pack_codes(db_codes)), db_labels, k=700, code_length=40,
+      query_chunk=1, db_chunk=256, db_segment=1000, devices=jax.devices()[:2])
+  full = evaluation.retrieval_metrics_per_query(*case, topk=(700,), topn=())
+  np.testing.assert_allclose(ours, full["ap@700"], rtol=0, atol=1e-6)
+  assert np.all(ours[query_labels.any(axis=1)] > 0)
+
+
+def test_top_k_path_hand_computed_ties_and_a_query_without_relevant_items():
+  # Query 0 ranks items 1, 3, 0, 2, 4 (relevance 0 1 1 0 1); query 1 has no relevant
+  # item, so its AP is 0 and it stays in the mean.
+  # K = 3 cuts the distance-1 group after its first item; K = 100 > 5 items.
+  expected = {3: (1 / 2 + 2 / 3) / 2, 100: (1 / 2 + 2 / 3 + 3 / 5) / 3}
+  for k, ap in expected.items():
+    per_query = evaluation.average_precision_at_k(*_hand_case(), k=k)
+    np.testing.assert_allclose(per_query, [ap, 0.0], rtol=0, atol=1e-7, err_msg=k)
+    assert evaluation.map_at_k(*_hand_case(), k=k) == pytest.approx(ap / 2)
+
+
+def test_bit_helpers_match_a_plain_loop():
+  # pylint: disable=protected-access
+  rng = np.random.default_rng(7)
+  words = rng.integers(0, 2**32, 400, dtype=np.uint64).astype(np.uint32)
+  words[:4] = [0, 1, 2**31, 2**32 - 1]
+  set_bits = [[bit for bit in range(32) if word >> bit & 1] for word in words]
+  ranks = np.array([rng.integers(0, len(bits)) if bits else 0 for bits in set_bits],
+                   np.int32)
+  positions = np.asarray(jax.jit(evaluation._select_bit)(words, ranks))
+  for word, bits, rank, position in zip(words, set_bits, ranks, positions):
+    if bits:
+      assert position == bits[rank], (word, rank)
+  counts = rng.integers(-2, 34, words.shape).astype(np.int32)
+  kept = np.asarray(jax.jit(evaluation._keep_first_bits)(words, counts))
+  for word, bits, count, result in zip(words, set_bits, counts, kept):
+    assert result == sum(1 << bit for bit in bits[:max(count, 0)]), (word, count)
+  mask = rng.random((3, 96)) < 0.3
+  packed = np.asarray(jax.jit(evaluation._pack_mask)(mask))
+  np.testing.assert_array_equal(packed, evaluation._pack_rows(mask))
+  counts = rng.integers(0, 33, (3, 70)).astype(np.int32)
+  np.testing.assert_array_equal(
+      np.asarray(jax.jit(evaluation._exclusive_prefix_sums)(counts)),
+      np.cumsum(counts, axis=1) - counts)
+
+
+def test_top_k_path_memory_stays_small_for_a_full_database_segment():
+  # Compiled, not run: 256 queries x one 65,536-item segment at 64 bits, K = 5,000.
+  queries, segment, k = 256, 65_536, 5_000
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("queries",))
+  table = [((queries,), np.int32), ((queries,), np.int32), ((queries, k), np.int32),
+           ((queries, k), np.bool_)]
+  others = [((queries, 65), np.int32), ((queries, 2), np.uint32),
+            ((queries, 1), np.uint32), ((segment // 1024, 1024, 2), np.uint32),
+            ((segment // 1024, 1024, 1), np.uint32), ((), np.int32), ((), np.int32)]
+  structs = lambda shapes: [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
+  compiled = evaluation._sharded_selection.lower(  # pylint: disable=protected-access
+      tuple(structs(table)), *structs(others), mesh=mesh).compile()
+  # Two bit masks of the segment (2 MB each) and the K table; a float32 distance
+  # matrix of the segment alone would take 64 MB.
+  assert compiled.memory_analysis().temp_size_in_bytes < 32 * 2**20
+
+
+def test_top_k_path_bad_input_raises_user_error():
+  for k in (0, -3, True, None, 2.5):
+    with pytest.raises(UserError, match="k must hold positive ints"):
+      evaluation.map_at_k(*_hand_case(), k=k)
+  query_codes, query_labels, db_codes, db_labels = _hand_case()
+  with pytest.raises(UserError, match="one row per"):
+    evaluation.average_precision_at_k(query_codes, query_labels, db_codes,
+                                      db_labels[:-1], k=2)
+
+
 # ------------------------------------------------------------- hand-computed cases
 
 def _hand_case():
