@@ -13,7 +13,7 @@ from psch_jax.errors import UserError
 PRESETS = ("ssdh", "modern")
 BACKBONES = ("small_cnn", "vgg16")
 FEATURE_SOURCES = ("global", "pooled", "pixels", "spectral")
-SIMILARITY_SOURCES = ("initial", "online")
+SIMILARITY_SOURCES = ("initial", "online", "pixels")
 OPTIMIZERS = ("adam", "sgd")
 
 

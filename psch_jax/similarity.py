@@ -81,6 +81,26 @@ def soft_similarity(descriptors: jax.Array, weights: jax.Array) -> jax.Array:
   return soft_similarity_between(descriptors, weights, descriptors, weights)
 
 
+@jax.jit
+def pixel_similarity(unit_pixels: jax.Array) -> jax.Array:
+  """Cosine similarity of L2-normalised pixel vectors within a batch (Eq. 6b).
+
+  s_ij = max(0, x_i . x_j), the `similarity.source = "pixels"` alternative to Eq. 6:
+  on small grey images whose class is mostly their silhouette, the pixel layout ranks
+  neighbours better than attention-pooled parts of a random network.
+
+  Args:
+    unit_pixels: (B, D) float rows of unit norm (non-negative pixels give s >= 0
+      without the clip).
+
+  Returns:
+    (B, B) float32 symmetric similarity in [0, 1].
+  """
+  unit_pixels = unit_pixels.astype(jnp.float32)
+  return jnp.clip(jnp.matmul(unit_pixels, unit_pixels.T,
+                             precision=jax.lax.Precision.HIGHEST), 0.0, 1.0)
+
+
 @functools.partial(
     jax.jit, static_argnames=("same_class_floor", "unlabelled_weight", "hard",
                               "cross_cluster_ceiling"))

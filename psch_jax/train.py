@@ -47,7 +47,7 @@ from psch_jax.loss import psch_loss
 from psch_jax.preprocess import augment, preprocess
 from psch_jax.pseudo_labels import pseudo_labels as make_pseudo_labels
 from psch_jax.pseudo_labels import cluster_affinity, purity
-from psch_jax.similarity import soft_similarity, target_similarity
+from psch_jax.similarity import pixel_similarity, soft_similarity, target_similarity
 
 # Purpose tags for fold_in: one independent key stream per use of randomness.
 _INIT, _STEP, _KMEANS = 0, 1, 2
@@ -235,7 +235,8 @@ def compute_targets(config, encode, params, source, train_indices, *, mesh,
   Returns:
     targets: {"pseudo_labels": int32 (N,), "cluster_affinity": f32 (K_c, K_c) r of
       Eq. 7b, "part_descriptors": f32 (N, P, C/P), "part_weights": f32 (N, P)}
-      (part entries absent for the online source);
+      (part entries for the initial source only), "pixel_features": f32 (N, H W C)
+      L2-normalised pixels (the pixels source only, Eq. 6b);
     stats: JSON-able statistics of this pseudo labelling.
   """
   need_parts = config.similarity.source == "initial" and similarity_from is None
@@ -248,11 +249,11 @@ def compute_targets(config, encode, params, source, train_indices, *, mesh,
              if keys else {})
   p = config.pseudo_labels
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), _KMEANS), epoch)
-  if features in ("pixels", "spectral"):
-    z = source.read(train_indices).reshape(len(train_indices), -1).astype(np.float32)
-    z /= 255.0
-  else:
-    z = encoded[keys[0]]
+  pixels = None
+  if features in ("pixels", "spectral") or config.similarity.source == "pixels":
+    pixels = source.read(train_indices).reshape(len(train_indices), -1)
+    pixels = pixels.astype(np.float32) / 255.0
+  z = pixels if features in ("pixels", "spectral") else encoded[keys[0]]
   if features == "spectral":
     embedding_key, key = jax.random.split(key)
     components = p.spectral_components or p.num_clusters
@@ -272,6 +273,9 @@ def compute_targets(config, encode, params, source, train_indices, *, mesh,
     source_targets = similarity_from if similarity_from is not None else encoded
     targets["part_descriptors"] = np.asarray(source_targets["part_descriptors"])
     targets["part_weights"] = np.asarray(source_targets["part_weights"])
+  elif config.similarity.source == "pixels":
+    targets["pixel_features"] = pixels / np.maximum(
+        np.linalg.norm(pixels, axis=1, keepdims=True), 1e-12)
   summary = {"epoch": epoch, "features": features,
              "kept_fraction": float(stats.kept_fraction),
              "kept_fraction_per_cluster": np.asarray(
@@ -307,13 +311,16 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.PSCHNet,
     def loss_fn(params):
       out = model.apply({"params": params}, images, train=True,
                         rngs={"dropout": dropout_key})
-      if config.similarity.source == "online":
-        parts = attention.apply({}, jax.lax.stop_gradient(out["feature_map"]))
-        descriptors, weights = parts.descriptors, parts.weights
+      if config.similarity.source == "pixels":
+        soft = pixel_similarity(targets["pixel_features"][position])
       else:
-        descriptors = targets["part_descriptors"][position]
-        weights = targets["part_weights"][position]
-      soft = soft_similarity(descriptors, weights)
+        if config.similarity.source == "online":
+          parts = attention.apply({}, jax.lax.stop_gradient(out["feature_map"]))
+          descriptors, weights = parts.descriptors, parts.weights
+        else:
+          descriptors = targets["part_descriptors"][position]
+          weights = targets["part_weights"][position]
+        soft = soft_similarity(descriptors, weights)
       target, pair_weight = target_similarity(
           soft, labels, same_class_floor=config.similarity.same_class_floor,
           unlabelled_weight=config.similarity.unlabelled_weight,
@@ -476,7 +483,8 @@ def _restore(config, run: _Run):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
       jax.eval_shape(lambda: _fresh_state(config, run.model, run.tx)))
   abstract_targets = _abstract_targets(config, len(run.index_sets["train"]), run.model,
-                                       replicated)
+                                       replicated,
+                                       pixel_dim=int(np.prod(run.source.image_shape)))
   return checkpointing.restore_latest(run.mngr, abstract_state=abstract_state,
                                       abstract_targets=abstract_targets, config=config)
 
@@ -619,7 +627,8 @@ def _run_epoch(config, train_step, state, targets, batches, train_indices, *,
   return state, step
 
 
-def _abstract_targets(config, num_train: int, model, sharding) -> dict:
+def _abstract_targets(config, num_train: int, model, sharding, *,
+                      pixel_dim: int = 0) -> dict:
   num_clusters = config.pseudo_labels.num_clusters
   targets = {"pseudo_labels": jax.ShapeDtypeStruct((num_train,), jnp.int32,
                                                    sharding=sharding),
@@ -637,6 +646,9 @@ def _abstract_targets(config, num_train: int, model, sharding) -> dict:
         (num_train,) + parts.descriptors.shape[1:], jnp.float32, sharding=sharding)
     targets["part_weights"] = jax.ShapeDtypeStruct(
         (num_train,) + parts.weights.shape[1:], jnp.float32, sharding=sharding)
+  if config.similarity.source == "pixels":
+    targets["pixel_features"] = jax.ShapeDtypeStruct((num_train, pixel_dim),
+                                                     jnp.float32, sharding=sharding)
   return targets
 
 

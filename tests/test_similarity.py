@@ -7,7 +7,8 @@ import pytest
 
 from psch_jax.attention import GroupedAttention
 from psch_jax.errors import UserError
-from psch_jax.similarity import (soft_similarity, soft_similarity_between,
+from psch_jax.similarity import (pixel_similarity, soft_similarity,
+                                 soft_similarity_between,
                                  target_similarity)
 
 
@@ -208,3 +209,18 @@ def test_cross_cluster_ceiling_needs_affinity_and_a_value_below_the_floor():
   with pytest.raises(UserError, match="same_class_floor"):
     target_similarity(_soft_sim(), LABELS, cross_cluster_ceiling=0.5,
                       cluster_affinity=_affinity())
+
+
+def test_pixel_similarity_is_the_cosine_of_non_negative_pixels():
+  rng = np.random.default_rng(11)
+  pixels = rng.uniform(size=(6, 20)).astype(np.float32)
+  pixels[2] = 0.0
+  pixels[2, :3] = 1.0
+  unit = pixels / np.linalg.norm(pixels, axis=1, keepdims=True)
+  similarity = np.asarray(pixel_similarity(jnp.asarray(unit)))
+  np.testing.assert_allclose(similarity, unit @ unit.T, atol=1e-6)
+  np.testing.assert_allclose(np.diag(similarity), 1.0, atol=1e-6)
+  assert similarity.min() >= 0.0 and similarity.max() <= 1.0 + 1e-6
+  # Signed features (not pixels) are clipped at 0, the floor of Eq. 7's scale.
+  signed = np.asarray(pixel_similarity(jnp.asarray([[1.0, 0.0], [-1.0, 0.0]])))
+  np.testing.assert_array_equal(signed, [[1.0, 0.0], [0.0, 1.0]])
