@@ -44,6 +44,15 @@ def manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
                                item_names=("state", "targets", "meta"))
 
 
+def close(mngr: ocp.CheckpointManager) -> None:
+  """Waits for pending saves and for the start-up clean-up of temporary directories,
+  then closes. close() alone does not wait for the clean-up: a run that fails right
+  after start-up would exit under it and print an Orbax traceback after our error
+  (orbax-checkpoint 0.12 has no public way to wait for it)."""
+  getattr(mngr, "_maybe_await_cleanup_tmp_directory", lambda: None)()
+  mngr.close()
+
+
 def save(mngr: ocp.CheckpointManager, step: int, *, state: Any, targets: Any,
          meta: dict) -> None:
   """Saves asynchronously; the rename that makes it visible happens when it is done."""

@@ -190,6 +190,7 @@ def target_quality(config, workdir: str, *, query_stride: int = 1) -> dict:
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec
 
+  from psch_jax import checkpointing
   from psch_jax import train
   from psch_jax.similarity import (pixel_similarity, soft_similarity,
                                    target_similarity)
@@ -225,11 +226,7 @@ def target_quality(config, workdir: str, *, query_stride: int = 1) -> dict:
           batch_size=config.eval.batch_size, mesh=run.mesh,
           keys=["part_descriptors", "part_weights"]))
   finally:
-    # The manager starts a background clean-up of temporary checkpoint directories
-    # that close() does not wait for; an early error would exit under it and print
-    # an Orbax traceback after our message (orbax-checkpoint has no public wait).
-    getattr(run.mngr, "_maybe_await_cleanup_tmp_directory", lambda: None)()
-    run.mngr.close()
+    checkpointing.close(run.mngr)
   seconds["targets"] = time.perf_counter() - tick
 
   tick = time.perf_counter()

@@ -508,7 +508,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # On an error (a non-finite loss, a full disk, Ctrl-C) an asynchronous save may
     # still be writing: close() waits for it, so the newest checkpoint is complete
     # rather than a *.orbax-checkpoint-tmp directory the next run deletes.
-    run.mngr.close()
+    checkpointing.close(run.mngr)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, run: _Run) -> dict:
@@ -756,17 +756,19 @@ def _write_results(workdir: str, results: dict, codes: dict[str, np.ndarray], so
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Evaluates the latest checkpoint in `workdir` without training."""
   run = _setup(config, workdir)
-  restored = _restore(config, run)
-  if restored is None:
-    raise UserError(f"no checkpoint in {run.workdir}/checkpoints to evaluate; train "
-                    "first (--mode=train) or pass the --workdir of a trained run.")
-  state, _, meta = restored
-  results, codes = evaluate(config, run.encode, state["params"], run.source,
-                            run.index_sets, mesh=run.mesh)
-  results.update({"steps": int(state["step"]), "epochs": meta["epoch"],
-                  "selection": "latest checkpoint"})
-  _write_results(run.workdir, results, codes, run.source, run.index_sets)
-  run.mngr.close()
+  try:
+    restored = _restore(config, run)
+    if restored is None:
+      raise UserError(f"no checkpoint in {run.workdir}/checkpoints to evaluate; train "
+                      "first (--mode=train) or pass the --workdir of a trained run.")
+    state, _, meta = restored
+    results, codes = evaluate(config, run.encode, state["params"], run.source,
+                              run.index_sets, mesh=run.mesh)
+    results.update({"steps": int(state["step"]), "epochs": meta["epoch"],
+                    "selection": "latest checkpoint"})
+    _write_results(run.workdir, results, codes, run.source, run.index_sets)
+  finally:
+    checkpointing.close(run.mngr)
   return results
 
 
