@@ -15,6 +15,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from psch_jax.errors import EXIT_BAD_INPUT, flag_error_message
+
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py "
                                 "(add :tiny for the smoke variant).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, splits, metrics and results go here; "
@@ -30,24 +32,13 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (Clou
                   "pods and SLURM detect the rest).")
 flags.mark_flags_as_required(["config"])
 
-EXIT_BAD_INPUT = 2
-
-
-def _flag_error_message(error: BaseException) -> str:
-  """The readable message of a flag error: ml_collections wraps a KeyError, whose
-  str() is a repr, in an AttributeError."""
-  while error.args and isinstance(error.args[0], BaseException):
-    error = error.args[0]
-  if isinstance(error, KeyError) and error.args:
-    return str(error.args[0])
-  return str(error)
 
 
 def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-    print(f"error: {_flag_error_message(e)}\nRun `python main.py --helpfull` for the flags; config fields "
+    print(f"error: {flag_error_message(e)}\nRun `python main.py --helpfull` for the flags; config fields "
           "are overridden as --config.<section>.<field>=<value>.", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
 

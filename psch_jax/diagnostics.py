@@ -49,12 +49,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from psch_jax.errors import UserError
+from psch_jax.errors import EXIT_BAD_INPUT, UserError, flag_error_message
 
 MAX_TRAIN_IMAGES = 20_000
 # Queries ranked at once: the sort holds a few (chunk x N) arrays (int64 order).
 QUERY_CHUNK = 256
-EXIT_BAD_INPUT = 2
 
 
 # ------------------------------------------------------------------------ rankings
@@ -300,16 +299,6 @@ def format_report(report: dict) -> str:
 
 # -------------------------------------------------------------------- command line
 
-def _flag_error_message(error: BaseException) -> str:
-  """The readable message of a flag error: ml_collections wraps a KeyError, whose
-  str() is a repr, in an AttributeError."""
-  while error.args and isinstance(error.args[0], BaseException):
-    error = error.args[0]
-  if isinstance(error, KeyError) and error.args:
-    return str(error.args[0])
-  return str(error)
-
-
 def _main(argv: Sequence[str]) -> None:
   from absl import flags
   from absl import logging
@@ -351,7 +340,7 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-    print(f"error: {_flag_error_message(e)}\nRun `python -m psch_jax.diagnostics "
+    print(f"error: {flag_error_message(e)}\nRun `python -m psch_jax.diagnostics "
           "--helpfull` for the flags; config fields are overridden as "
           "--config.<section>.<field>=<value>.", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)

@@ -8,3 +8,17 @@ and the other command-line entries print it and exit with code 2.
 
 class UserError(ValueError):
   """Bad user input: the message says what is wrong and how to fix it."""
+
+
+# The exit code of every command line on bad input.
+EXIT_BAD_INPUT = 2
+
+
+def flag_error_message(error: BaseException) -> str:
+  """The readable message of a flag-parsing error: ml_collections wraps a KeyError,
+  whose str() is a repr, in an AttributeError."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  if isinstance(error, KeyError) and error.args:
+    return str(error.args[0])
+  return str(error)

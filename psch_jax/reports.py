@@ -36,7 +36,7 @@ import numpy as np
 
 from psch_jax import evaluation
 from psch_jax import io_utils
-from psch_jax.errors import UserError
+from psch_jax.errors import EXIT_BAD_INPUT, UserError
 
 # results.json fields that describe the run rather than measure it.
 PROTOCOL_FIELDS = ("dataset", "protocol", "num_bits", "seed", "num_query",
@@ -44,7 +44,6 @@ PROTOCOL_FIELDS = ("dataset", "protocol", "num_bits", "seed", "num_query",
                    "conventions")
 TOLERANCE = 1e-6
 EXIT_MISMATCH = 1
-EXIT_BAD_INPUT = 2
 
 _WORD_BITS = 32
 _RELEVANT_COLOUR = "#2ca02c"

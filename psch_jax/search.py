@@ -34,10 +34,9 @@ from psch_jax import evaluation
 from psch_jax import models
 from psch_jax import reports
 from psch_jax import train
-from psch_jax.errors import UserError
+from psch_jax.errors import EXIT_BAD_INPUT, UserError
 from psch_jax.preprocess import preprocess
 
-EXIT_BAD_INPUT = 2
 
 
 class SearchIndex(NamedTuple):
