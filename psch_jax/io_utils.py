@@ -1,5 +1,5 @@
 """Atomic file writes: a reader (or a rerun after a kill) sees the old file or the new
-one, never half of one.
+one, never half of one. And `read_json`, the reader of a work directory's JSON files.
 
 Each writer fills a temporary file in the destination directory (so the final rename
 stays on one file system), flushes it to disk, then `os.replace`s it over the target.
@@ -45,3 +45,20 @@ def write_text(path: str, text: str) -> None:
 def save_npy(path: str, array: np.ndarray) -> None:
   with atomic_open(path, "wb") as f:
     np.save(f, array)
+
+
+def read_json(path: str, *, missing_fix: str, corrupt_fix: str) -> Any:
+  """The JSON value in `path`.
+
+  Raises:
+    UserError: the file is missing (the message ends with `missing_fix`) or cannot be
+      read or parsed (`corrupt_fix`).
+  """
+  from psch_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise UserError(f"{path} is missing; {missing_fix}")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (ValueError, OSError) as e:
+    raise UserError(f"cannot read {path} ({e}); {corrupt_fix}") from e

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import re
 import sys
@@ -471,16 +470,11 @@ def load_npy(path: str, what: str) -> np.ndarray:
 
 
 def load_results(workdir: str) -> dict:
-  path = os.path.join(workdir, "results.json")
-  if not os.path.isfile(path):
-    raise UserError(f"{path} is missing; train (main.py) or evaluate (main.py "
-                    f"--mode=eval) with --workdir={workdir} first.")
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (ValueError, OSError) as e:
-    raise UserError(f"cannot read {path} ({e}); evaluate again with main.py "
-                    "--mode=eval.") from e
+  return io_utils.read_json(
+      os.path.join(workdir, "results.json"),
+      missing_fix=(f"train (main.py) or evaluate (main.py --mode=eval) with "
+                   f"--workdir={workdir} first."),
+      corrupt_fix="evaluate again with main.py --mode=eval.")
 
 
 def compare_results(workdir: str, source: Any) -> list[MetricCheck]:
@@ -545,15 +539,14 @@ def load_run_source(workdir: str) -> Any:
   """The dataset of a run, opened as its workdir/config.json says."""
   from psch_jax.data import sources  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise UserError(f"{path} is missing; it is written by training (main.py). Point "
-                    "--workdir at a run trained with this version.")
-  try:
-    with open(path) as f:
-      data = json.load(f)["data"]
-  except (ValueError, OSError, KeyError, TypeError) as e:
-    raise UserError(f"cannot read the data section of {path} ({e}); train again "
-                    "in a new --workdir.") from e
+  config = io_utils.read_json(
+      path, missing_fix=("it is written by training (main.py). Point --workdir at a "
+                         "run trained with this version."),
+      corrupt_fix="train again in a new --workdir.")
+  data = config.get("data") if isinstance(config, dict) else None
+  if not isinstance(data, dict) or "name" not in data:
+    raise UserError(f"{path} has no data section with a dataset name; train again in "
+                    "a new --workdir.")
   return sources.load_source(data["name"], data_dir=data.get("data_dir"),
                              manual_dir=data.get("manual_dir"))
 

@@ -17,7 +17,6 @@ decodable, topk < 1) prints what is wrong and how to fix it, and exits with code
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ import orbax.checkpoint as ocp
 from PIL import Image
 
 from psch_jax import evaluation
+from psch_jax import io_utils
 from psch_jax import models
 from psch_jax import reports
 from psch_jax import train
@@ -68,12 +68,11 @@ def _require(path: str, what: str) -> str:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = _require(os.path.join(workdir, "config.json"), "the run's config")
-  try:
-    with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
-  except (ValueError, OSError) as e:
-    raise UserError(f"cannot read {path} ({e}); train again in a new --workdir.") from e
+  return ml_collections.ConfigDict(io_utils.read_json(
+      os.path.join(workdir, "config.json"),
+      missing_fix=("the run's config; pass the --workdir of a run that main.py "
+                   "trained and evaluated, or finish that run first."),
+      corrupt_fix="train again in a new --workdir."))
 
 
 def restore_params(workdir: str, model: models.PSCHNet,
