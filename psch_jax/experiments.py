@@ -7,8 +7,8 @@ lengths and seeds.
       [--config.train.num_epochs=20]
 
 For every bit length x seed it runs each method of `--methods` (default: all of
-`METHODS`): PSCH as the config says, the six ablations of docs/method.md (the config
-with one override each; `--epochs_ablation` gives them a shorter schedule and
+`METHODS`): PSCH as the config says, the ablations of docs/method.md (the config
+with one override each: the paper's six, and the two tuned choices undone; `--epochs_ablation` gives them a shorter schedule and
 `--ablation_bits` fewer code lengths, both stated in the table), and the
 baselines of `psch_jax.baselines` on the raw pixels in [0, 1] of the same training
 split (fitted on the train split, encoding query and database). The splits of a seed
@@ -83,6 +83,10 @@ _METHOD_LIST = (
            (("attention.uniform", True),)),
     Method("no_lcls", "PSCH, no L_cls (alpha = 0)", (("loss.alpha", 0.0),)),
     Method("no_lq", "PSCH, no L_q (beta = 0)", (("loss.beta", 0.0),)),
+    Method("pixel_kmeans", "PSCH, k-means on pixels (no Eq. 1a)",
+           (("pseudo_labels.features", "pixels"),)),
+    Method("minus_one_across", "PSCH, -1 across clusters (no Eq. 7b)",
+           (("similarity.cross_cluster_ceiling", None),)),
     Method("lsh", "LSH", baseline=True),
     Method("pcah", "PCAH", baseline=True),
     Method("itq", "ITQ", baseline=True),

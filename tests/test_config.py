@@ -28,6 +28,20 @@ def test_configs_validate(name, variant):
   psch_config.validate(c, num_devices=8)
 
 
+def test_fashion_mnist_paper_variant_undoes_only_the_tuned_choices():
+  tuned, paper = load("fashion_mnist").to_dict(), load("fashion_mnist", "paper").to_dict()
+  assert {k: v for k, v in tuned.items() if not isinstance(v, dict)} == {
+      k: v for k, v in paper.items() if not isinstance(v, dict)}
+  changed = {(section, field) for section, fields in tuned.items()
+             if isinstance(fields, dict) for field in fields
+             if fields[field] != paper[section][field]}
+  assert changed == {("pseudo_labels", "features"),
+                     ("similarity", "cross_cluster_ceiling"), ("train", "num_epochs")}
+  assert paper["pseudo_labels"]["features"] == "pixels"
+  assert paper["similarity"]["cross_cluster_ceiling"] is None
+  psch_config.validate(load("fashion_mnist", "paper"), num_devices=8)
+
+
 def test_unknown_variant_is_an_error():
   with pytest.raises(ValueError, match="unknown variant"):
     load("fashion_mnist", "huge")

@@ -31,7 +31,7 @@ def test_ablation_configs_are_the_overrides_of_method_md():
     section = f.read().split("## Ablations, from config alone")[1].split("\n## ")[0]
   documented = {field: ast.literal_eval(value) for field, value in
                 re.findall(r"`--config\.([\w.]+)=([^`]+)`", section)}
-  assert len(documented) == len(experiments.ABLATIONS) == 6
+  assert len(documented) == len(experiments.ABLATIONS) == 8
   config = experiments.load_config(f"{CONFIG}:tiny")
   before = config.to_dict()
   applied = {}
