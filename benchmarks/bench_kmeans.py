@@ -180,9 +180,11 @@ def pass_profile(num_points: int, dim: int, num_clusters: int, chunk: int,
   """Times one assignment pass built up op by op, as psch_jax.kmeans runs it.
 
   Each variant is a jitted `lax.scan` over (chunk, D) blocks of zero-padded rows,
-  1 device: the distance product alone, then + argmin, + the exact recomputation of
-  the distance to the chosen centroid, + the per-cluster sums as a one-hot product
-  (what psch_jax.kmeans does today) or as a scatter-add (`segment_sum`).
+  1 device, in the chunks psch_jax.kmeans cuts (`_layout`, about 2 MiB each): the
+  distance product alone, then + argmin, + the exact recomputation of the distance
+  to the chosen centroid (the final pass only; Lloyd iterations skip it), + the
+  per-cluster sums as a one-hot product (K <= 32, and on accelerators) or as a
+  scatter-add (`segment_sum`, K > 32 on CPU).
   """
   points, init = make_blobs(num_points, dim, num_clusters)
   padded_rows = -(-num_points // chunk) * chunk
@@ -227,7 +229,7 @@ def pass_profile(num_points: int, dim: int, num_clusters: int, chunk: int,
 
   names = ["distance product x c^T", "+ distances and argmin",
            "+ exact distance to the chosen centroid",
-           "+ sums by one-hot product (today)", "+ sums by segment_sum instead"]
+           "+ sums by one-hot product (K <= 32)", "+ sums by segment_sum (K > 32, CPU)"]
   best = interleaved_best_of(repeats, {name: make(stage)
                                        for stage, name in enumerate(names)})
   print(f"\n### One assignment pass, N={num_points:,} D={dim} K={num_clusters}, "
@@ -285,7 +287,8 @@ def main() -> None:
           args.scaling_repeats)
   if args.profile:
     first = parse_case(args.cases.split(",")[0])
-    pass_profile(*first, chunk=4096, repeats=max(args.repeats, 3))
+    chunk = kmeans_lib._layout(first[0], first[1], 1, 4096).chunk  # pylint: disable=protected-access
+    pass_profile(*first, chunk=chunk, repeats=max(args.repeats, 3))
   load = os.getloadavg()
   print(f"\nload average at end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
 
