@@ -556,6 +556,49 @@ def _bucket_table(breakpoints: np.ndarray) -> np.ndarray:
   return np.searchsorted(breakpoints, np.arange(limit + 1), side="left").astype(np.int32)
 
 
+def _segment_layout(num_database: int, db_segment: int, block_size: int
+                    ) -> tuple[int, int]:
+  """(num_segments, segment_size): segments of equal size, whole blocks of
+  `block_size` items and at most about `db_segment` items, so one compile serves them
+  all and the last one is not mostly padding."""
+  num_segments = -(-num_database // max(db_segment // block_size * block_size,
+                                        block_size))
+  segment_size = -(-num_database // (num_segments * block_size)) * block_size
+  return num_segments, segment_size
+
+
+def _sweep_segments(states: list, query_steps: list, update, read_segment, *,
+                    num_database: int, segment_size: int, mesh: Mesh,
+                    resident: Any = None) -> list:
+  """One pass over the database, segment by segment, for every query step.
+
+  Args:
+    states: one per query step, threaded through `update`.
+    query_steps: [(query_packed, query_labels)], each split over the mesh.
+    update: (state, query, segment, start) -> state, `start` the segment's first
+      database index (a Python int).
+    read_segment: (start, stop) -> (codes, labels) blocks of `segment_size` rows.
+    resident: the whole database (one segment) already on the devices, used instead
+      of reading it again.
+
+  Returns:
+    The states after the last segment.
+  """
+  replicated = NamedSharding(mesh, P())
+  in_flight = None
+  for start in range(0, num_database, segment_size):
+    segment = resident if resident is not None else jax.device_put(
+        read_segment(start, min(start + segment_size, num_database)), replicated)
+    states = [update(state, query, segment, start)
+              for state, query in zip(states, query_steps)]
+    # Dispatch is asynchronous: wait for the previous segment's work, so the host
+    # reads ahead by one segment and no more.
+    if in_flight is not None:
+      jax.block_until_ready(in_flight)
+    in_flight = states
+  return states
+
+
 def _segmented_statistics(query_steps: list, read_segment, *, num_database: int,
                           segment_size: int, mesh: Mesh, code_length: int,
                           bucket_of_rank: jax.Array, num_buckets: int) -> list:
@@ -572,23 +615,13 @@ def _segmented_statistics(query_steps: list, read_segment, *, num_database: int,
     [(counts, precision_sums, relevant_counts)] per query step, as
     `_sharded_statistics` returns them.
   """
-  replicated = NamedSharding(mesh, P())
   split = NamedSharding(mesh, P(_QUERY_AXIS))
   total = jnp.int32(num_database)
 
   def sweep(states, update):
-    in_flight = None
-    for start in range(0, num_database, segment_size):
-      segment = jax.device_put(
-          read_segment(start, min(start + segment_size, num_database)), replicated)
-      states = [update(state, query, segment, start)
-                for state, query in zip(states, query_steps)]
-      # Dispatch is asynchronous: wait for the previous segment's work, so the host
-      # reads ahead by one segment and no more.
-      if in_flight is not None:
-        jax.block_until_ready(in_flight)
-      in_flight = states
-    return states
+    return _sweep_segments(states, query_steps, update, read_segment,
+                           num_database=num_database, segment_size=segment_size,
+                           mesh=mesh)
 
   counts = sweep(
       [jax.device_put(np.zeros((len(query), code_length + 2, 2), np.int32), split)
@@ -900,26 +933,16 @@ def _top_k_sums(query_steps: list, read_segment, *, num_database: int, segment_s
   Returns:
     [(hi, lo, num_relevant_top)] per query step, from `_top_k_precision_sums`.
   """
-  replicated = NamedSharding(mesh, P())
   split = NamedSharding(mesh, P(_QUERY_AXIS))
   total = jnp.int32(num_database)
-  starts = range(0, num_database, segment_size)
   resident = None
-  if len(starts) == 1:
-    resident = jax.device_put(read_segment(0, num_database), replicated)
+  if num_database <= segment_size:
+    resident = jax.device_put(read_segment(0, num_database), NamedSharding(mesh, P()))
 
   def sweep(states, steps, update):
-    in_flight = None
-    for start in starts:
-      segment = resident if resident is not None else jax.device_put(
-          read_segment(start, min(start + segment_size, num_database)), replicated)
-      states = [update(state, query, segment, jnp.int32(start))
-                for state, query in zip(states, steps)]
-      # The host reads ahead by one segment and no more (see `_segmented_statistics`).
-      if in_flight is not None:
-        jax.block_until_ready(in_flight)
-      in_flight = states
-    return states
+    return _sweep_segments(states, steps, update, read_segment,
+                           num_database=num_database, segment_size=segment_size,
+                           mesh=mesh, resident=resident)
 
   table_bytes = len(query_steps[0][0]) * k * 5  # int32 distance + bool relevance
   group_size = max(1, _TOP_K_TABLE_BYTES // table_bytes)
@@ -930,7 +953,7 @@ def _top_k_sums(query_steps: list, read_segment, *, num_database: int, segment_s
         [jax.device_put(np.zeros((len(query), code_length + 1), np.int32), split)
          for query, _ in steps], steps,
         lambda counts, query, segment, start: _sharded_distance_counts(
-            counts, query[0], segment[0], start, total, mesh=mesh,
+            counts, query[0], segment[0], jnp.int32(start), total, mesh=mesh,
             code_length=code_length))
     tables = sweep(
         [(counts, jax.device_put((np.zeros(len(query), np.int32),
@@ -939,7 +962,7 @@ def _top_k_sums(query_steps: list, read_segment, *, num_database: int, segment_s
                                   np.zeros((len(query), k), bool)), split))
          for counts, (query, _) in zip(counts, steps)], steps,
         lambda state, query, segment, start: (state[0], _sharded_selection(
-            state[1], state[0], *query, *segment, start, total, mesh=mesh)))
+            state[1], state[0], *query, *segment, jnp.int32(start), total, mesh=mesh)))
     sums.extend(_sharded_top_k_sums(*table[2:], mesh=mesh, code_length=code_length)
                 for _, table in tables)
     jax.block_until_ready(sums[-1])  # the group's tables are freed before the next
@@ -1135,10 +1158,7 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
   bucket_of_rank = jax.device_put(_bucket_table(breakpoints), replicated)
   db_chunk = min(db_chunk, num_database)
 
-  # Segments of equal size (whole blocks, at most `db_segment` items), so one compile
-  # serves them all and the last one is not mostly padding.
-  num_segments = -(-num_database // max(db_segment // db_chunk * db_chunk, db_chunk))
-  segment_size = -(-num_database // (num_segments * db_chunk)) * db_chunk
+  num_segments, segment_size = _segment_layout(num_database, db_segment, db_chunk)
   if num_segments == 1:
     num_rows = -(-num_database // db_chunk) * db_chunk
     # Copied to every device once, not at every step.
@@ -1257,9 +1277,7 @@ def average_precision_at_k(query_codes: Any, query_labels: Any, db_codes: Any,
   mesh, query_steps = _query_steps(query_packed, query_labels, devices=devices,
                                    query_chunk=query_chunk)
   block_size = -(-min(db_chunk, num_database) // _WORD_BITS) * _WORD_BITS
-  num_segments = -(-num_database // max(db_segment // block_size * block_size,
-                                        block_size))
-  segment_size = -(-num_database // (num_segments * block_size)) * block_size
+  _, segment_size = _segment_layout(num_database, db_segment, block_size)
   pending = _top_k_sums(
       query_steps, functools.partial(_database_blocks, db_codes, db_labels,
                                      num_rows=segment_size, block_size=block_size,
