@@ -221,6 +221,12 @@ def encode_images(encode, params, source, indices: np.ndarray, *, batch_size: in
 
 # -------------------------------------------------------------------- pseudo labels
 
+def _spectral_components(config: ml_collections.ConfigDict) -> int:
+  """d of Eq. 1a: `pseudo_labels.spectral_components`, by default K_c."""
+  p = config.pseudo_labels
+  return p.spectral_components or p.num_clusters
+
+
 def compute_targets(config, encode, params, source, train_indices, *, mesh,
                     epoch: int, features: str, similarity_from=None) -> tuple[dict, dict]:
   """Pseudo labels (Eq. 2) for the training images, and the part features of the
@@ -255,12 +261,10 @@ def compute_targets(config, encode, params, source, train_indices, *, mesh,
     pixels = pixels.astype(np.float32) / 255.0
   z = pixels if features in ("pixels", "spectral") else encoded[keys[0]]
   if features == "spectral":
+    # The sizes were checked against the training split by `_setup`.
     embedding_key, key = jax.random.split(key)
-    components = p.spectral_components or p.num_clusters
-    spectral.check_arguments(len(z), num_components=components,
-                             num_neighbors=p.spectral_neighbors)
     z = spectral.spectral_embedding(embedding_key, jnp.asarray(z),
-                                    num_components=components,
+                                    num_components=_spectral_components(config),
                                     num_neighbors=p.spectral_neighbors)
   labels, stats = make_pseudo_labels(
       key, jnp.asarray(z), num_clusters=p.num_clusters, keep_quantile=p.keep_quantile,
@@ -313,14 +317,12 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.PSCHNet,
                         rngs={"dropout": dropout_key})
       if config.similarity.source == "pixels":
         soft = pixel_similarity(targets["pixel_features"][position])
+      elif config.similarity.source == "online":
+        parts = attention.apply({}, jax.lax.stop_gradient(out["feature_map"]))
+        soft = soft_similarity(parts.descriptors, parts.weights)
       else:
-        if config.similarity.source == "online":
-          parts = attention.apply({}, jax.lax.stop_gradient(out["feature_map"]))
-          descriptors, weights = parts.descriptors, parts.weights
-        else:
-          descriptors = targets["part_descriptors"][position]
-          weights = targets["part_weights"][position]
-        soft = soft_similarity(descriptors, weights)
+        soft = soft_similarity(targets["part_descriptors"][position],
+                               targets["part_weights"][position])
       target, pair_weight = target_similarity(
           soft, labels, same_class_floor=config.similarity.same_class_floor,
           unlabelled_weight=config.similarity.unlabelled_weight,
@@ -426,8 +428,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   if config.pseudo_labels.features == "spectral":
     spectral.check_arguments(
         num_train, num_neighbors=config.pseudo_labels.spectral_neighbors,
-        num_components=(config.pseudo_labels.spectral_components
-                        or config.pseudo_labels.num_clusters))
+        num_components=_spectral_components(config))
   if source.image_shape[-1] not in (1, config.model.channels):
     raise UserError(f"{config.data.name} images have {source.image_shape[-1]} channels "
                     f"but config.model.channels={config.model.channels}.")
