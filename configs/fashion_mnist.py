@@ -37,7 +37,12 @@ def get_config(variant: str = ""):
   # Validation mAP@all after 10 epochs equals that after 15 (docs/method.md).
   c.train.num_epochs = 10
   if variant == "tiny":
-    _make_tiny(c)
+    psch_config.make_tiny(c, query_per_class=4, train_per_class=8, num_validation=20,
+                          num_bits=16, num_clusters=4, global_batch_size=16,
+                          num_epochs=2, topk=10, eval_batch_size=64)
+    c.data.num_database = 200
+    c.pseudo_labels.spectral_neighbors = 5
+    c.train.checkpoint_every_steps = 2
   elif variant == "paper":
     # The formulation of docs/method.md without the tuned options: a random
     # network's features carry little class structure, so k-means runs on the raw
@@ -46,22 +51,5 @@ def get_config(variant: str = ""):
     c.similarity.cross_cluster_ceiling = None
     c.train.num_epochs = 30
   elif variant:
-    raise ValueError(f"unknown variant {variant!r}; use '', 'paper' or 'tiny'")
+    raise psch_config.unknown_variant("fashion_mnist", variant, ("", "paper", "tiny"))
   return c
-
-
-def _make_tiny(c):
-  c.data.query_per_class = 4
-  c.data.train_per_class = 8
-  c.data.allow_fewer = True
-  c.data.num_database = 200
-  c.data.num_validation = 20
-  c.model.num_bits = 16
-  c.pseudo_labels.num_clusters = 4
-  c.pseudo_labels.spectral_neighbors = 5
-  c.pseudo_labels.n_init = 1
-  c.train.global_batch_size = 16
-  c.train.num_epochs = 2
-  c.train.checkpoint_every_steps = 2
-  c.eval.topk = (10,)
-  c.eval.batch_size = 64

@@ -1,9 +1,14 @@
 """The base configuration every config file in `configs/` starts from, and its checks.
 
 Every method choice of docs/method.md is a field here, with the default the method
-states; `configs/<dataset>.py` changes what differs per dataset. `validate` turns a
-config a user could have mistyped into a `UserError` that names the field and the fix,
-before anything is trained or written.
+states; `configs/<dataset>.py` changes what differs per dataset, from the pieces here:
+`base_config` (the small CNN from scratch), `vgg16_config` (the paper's pretrained
+VGG-16 setting), `multi_label_config` (NUS-WIDE and MIRFlickr-25K, which differ only
+in their name), `small_cnn_from_scratch` and `make_tiny` (the `:cpu` and `:tiny`
+variants). The pieces live in the package rather than in `configs/` because
+`config_flags` loads a config file by path, where a sibling module is not importable.
+`validate` turns a config a user could have mistyped into a `UserError` that names the
+field and the fix, before anything is trained or written.
 """
 import ml_collections
 from ml_collections import config_dict
@@ -101,6 +106,90 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 512
   c.eval.validation_every_epochs = 0                 # 0 = only after training
   return c
+
+
+# What torchvision's ImageNet weights were trained on: the VGG-16 configs normalise
+# with these, as the weights expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def vgg16_config(name: str) -> ml_collections.ConfigDict:
+  """The paper's setting for an RGB dataset `name`: VGG-16 with ImageNet weights at
+  224 x 224, k-means on its L2-normalised fc7 features (method.md 1.1), new layers at
+  learning rate 1e-4 and the pretrained backbone at a tenth of it, 50 epochs of 64."""
+  c = base_config()
+  c.data.name = name
+  c.data.mean = IMAGENET_MEAN
+  c.data.std = IMAGENET_STD
+  c.model.backbone = "vgg16"
+  c.model.image_size = 224
+  c.model.channels = 3
+  c.model.dropout_rate = 0.5
+  c.pseudo_labels.features = "global"
+  c.optim.learning_rate = 1e-4
+  c.optim.backbone_lr_multiplier = 0.1
+  c.train.global_batch_size = 64
+  c.train.num_epochs = 50
+  return c
+
+
+def multi_label_config(name: str, variant: str = "") -> ml_collections.ConfigDict:
+  """NUS-WIDE (`name="nus_wide"`) or MIRFlickr-25K (`"mirflickr25k"`): the VGG-16
+  setting with flips, 20 clusters and mAP@5000; `variant="tiny"` is the smoke run the
+  tests use on generated files."""
+  c = vgg16_config(name)
+  c.data.augment = "flip"
+  c.pseudo_labels.num_clusters = 20
+  c.eval.topk = (5000,)
+  if variant == "tiny":
+    small_cnn_from_scratch(c)
+    make_tiny(c, query_per_class=1, train_per_class=2, num_validation=4, num_bits=8,
+              num_clusters=3, global_batch_size=8, num_epochs=1, topk=5,
+              eval_batch_size=16)
+  elif variant:
+    raise unknown_variant(name, variant, ("", "tiny"))
+  return c
+
+
+def small_cnn_from_scratch(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Replaces a VGG-16 config's network by the small CNN at 32 x 32 from random
+  initialisation, clustering the pixels (a random network's features carry little
+  class structure; method.md section 1). Changes `c` in place and returns it."""
+  c.data.mean = (0.5, 0.5, 0.5)
+  c.data.std = (0.25, 0.25, 0.25)
+  c.model.backbone = "small_cnn"
+  c.model.image_size = 32
+  c.model.dropout_rate = 0.0
+  c.pseudo_labels.features = "pixels"
+  return c
+
+
+def make_tiny(c: ml_collections.ConfigDict, *, query_per_class: int,
+              train_per_class: int, num_validation: int, num_bits: int,
+              num_clusters: int, global_batch_size: int, num_epochs: int, topk: int,
+              eval_batch_size: int) -> ml_collections.ConfigDict:
+  """Shrinks `c` (in place; returned) to a `:tiny` smoke run of seconds: a few images
+  per class, taking fewer where a class is short (tiny and mock sets), short codes,
+  one k-means start, mAP@`topk`."""
+  c.data.query_per_class = query_per_class
+  c.data.train_per_class = train_per_class
+  c.data.allow_fewer = True
+  c.data.num_validation = num_validation
+  c.model.num_bits = num_bits
+  c.pseudo_labels.num_clusters = num_clusters
+  c.pseudo_labels.n_init = 1
+  c.train.global_batch_size = global_batch_size
+  c.train.num_epochs = num_epochs
+  c.eval.topk = (topk,)
+  c.eval.batch_size = eval_batch_size
+  return c
+
+
+def unknown_variant(name: str, variant: str, variants) -> UserError:
+  """The error of `configs/<name>.py:<variant>` for a variant the file does not have."""
+  return UserError(f"unknown variant {variant!r} of configs/{name}.py; use one of "
+                   f"{list(variants)}, e.g. --config=configs/{name}.py:tiny.")
 
 
 def _require(condition: bool, message: str) -> None:
