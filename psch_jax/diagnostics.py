@@ -43,13 +43,14 @@ anything is written when it is the config.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 
+from absl import flags
 import numpy as np
 
-from psch_jax.errors import EXIT_BAD_INPUT, UserError, flag_error_message
+from psch_jax import cli
+from psch_jax.errors import UserError
 
 MAX_TRAIN_IMAGES = 20_000
 # Queries ranked at once: the sort holds a few (chunk x N) arrays (int64 order).
@@ -299,55 +300,29 @@ def format_report(report: dict) -> str:
 
 # -------------------------------------------------------------------- command line
 
-def _main(argv: Sequence[str]) -> None:
-  from absl import flags
-  from absl import logging
-
+def main(argv: Sequence[str]) -> None:
+  """The command line (module docstring); flags from `define_flags`."""
   from psch_jax import io_utils
 
   del argv
   FLAGS = flags.FLAGS
-  # tfds and Orbax log every read at INFO; the table says enough.
-  logging.set_verbosity(logging.WARNING)
-  try:
-    report = target_quality(FLAGS.config, FLAGS.workdir, query_stride=FLAGS.query_stride)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
+  report = target_quality(FLAGS.config, FLAGS.workdir, query_stride=FLAGS.query_stride)
   path = os.path.join(os.path.abspath(FLAGS.workdir), "target_quality.json")
   io_utils.write_json(path, report)
   print(format_report(report))
   print(f"wrote {path}")
 
 
-def _define_flags() -> None:
-  from absl import flags
-  from ml_collections import config_flags
-
-  config_flags.DEFINE_config_file(
-      "config", None, "PSCH config file, e.g. configs/fashion_mnist.py (:tiny for the "
-      "smoke variant).", lock_config=True)
+def define_flags() -> None:
+  cli.define_config_flag("PSCH config file, e.g. configs/fashion_mnist.py (:tiny for "
+                         "the smoke variant).")
   flags.DEFINE_string("workdir", None, "Directory for the splits and "
                       "target_quality.json (a training run's directory reuses its "
                       "splits).")
   flags.DEFINE_integer("query_stride", 1, "Rank every query_stride-th training image "
                        "as a query (1 = all of them).")
-  flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _parse_flags(argv):
-  from absl import flags
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-    print(f"error: {flag_error_message(e)}\nRun `python -m psch_jax.diagnostics "
-          "--helpfull` for the flags; config fields are overridden as "
-          "--config.<section>.<field>=<value>.", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
+  flags.mark_flags_as_required(["workdir"])
 
 
 if __name__ == "__main__":
-  from absl import app
-
-  _define_flags()
-  app.run(_main, flags_parser=_parse_flags)
+  cli.run(main, define_flags=define_flags, command="python -m psch_jax.diagnostics")

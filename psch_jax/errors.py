@@ -1,8 +1,8 @@
 """The one exception type for bad user input.
 
 Library code raises `UserError` when the input a user controls (a config, a file, a
-dataset, a checkpoint) is wrong; its message names the problem and the fix. `main.py`
-and the other command-line entries print it and exit with code 2.
+dataset, a checkpoint) is wrong; its message names the problem and the fix. Every
+command line (`psch_jax.cli.run`) prints it as "error: ..." and exits with code 2.
 """
 
 
@@ -15,10 +15,11 @@ EXIT_BAD_INPUT = 2
 
 
 def flag_error_message(error: BaseException) -> str:
-  """The readable message of a flag-parsing error: ml_collections wraps a KeyError,
-  whose str() is a repr, in an AttributeError."""
+  """The readable message of a flag-parsing error: ml_collections wraps the KeyError
+  of a --config.<field> the config does not have, whose str() is a repr, in an
+  AttributeError."""
   while error.args and isinstance(error.args[0], BaseException):
     error = error.args[0]
   if isinstance(error, KeyError) and error.args:
-    return str(error.args[0])
+    return f"the config has no field {error.args[0]}"
   return str(error)

@@ -36,7 +36,6 @@ One process: the harness is not written for multi-host runs.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import sys
@@ -45,11 +44,13 @@ import zlib
 from collections.abc import Sequence
 from typing import Any
 
+from absl import flags
 import jax
 import ml_collections
 import numpy as np
 
 from psch_jax import baselines
+from psch_jax import cli
 from psch_jax import config as psch_config
 from psch_jax import evaluation
 from psch_jax import io_utils
@@ -104,26 +105,6 @@ _ENCODE_CHUNK = 8192
 
 # ------------------------------------------------------------------------ configs
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """A config from "path/to/config.py" or "path/to/config.py:variant"."""
-  path, _, variant = spec.partition(":")
-  if not os.path.isfile(path):
-    raise UserError(f"config file {path!r} does not exist; pass e.g. "
-                    "--config=configs/fashion_mnist.py.")
-  module_spec = importlib.util.spec_from_file_location("psch_experiment_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
-
-
-def _set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
-  *parents, leaf = dotted.split(".")
-  node = config
-  for parent in parents:
-    node = node[parent]
-  node[leaf] = value
-
-
 def method_config(config: ml_collections.ConfigDict, method: str, *, num_bits: int,
                   seed: int, ablation_epochs: int | None = None
                   ) -> ml_collections.ConfigDict:
@@ -132,8 +113,7 @@ def method_config(config: ml_collections.ConfigDict, method: str, *, num_bits: i
   run_config = config.copy_and_resolve_references()
   run_config.model.num_bits = int(num_bits)
   run_config.seed = int(seed)
-  for field, value in METHODS[method].overrides:
-    _set_field(run_config, field, value)
+  run_config.update_from_flattened_dict(dict(METHODS[method].overrides))
   if method in ABLATIONS and ablation_epochs is not None:
     run_config.train.num_epochs = int(ablation_epochs)
   return run_config
@@ -533,14 +513,10 @@ def write_report(config, runs: Sequence[dict], *, workdir: str, bits: Sequence[i
 
 # -------------------------------------------------------------------- command line
 
-def _main(argv: Sequence[str]) -> None:
-  from absl import flags
-  from absl import logging
-
+def main(argv: Sequence[str]) -> None:
+  """The command line (module docstring); flags from `define_flags`."""
   del argv
   FLAGS = flags.FLAGS
-  # tfds and Orbax log every read and save at INFO; the per-run lines say enough.
-  logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join("experiments", config.data.name)
   cache_dir = (os.path.join(workdir, "jax_cache") if FLAGS.compilation_cache_dir is None
@@ -548,25 +524,17 @@ def _main(argv: Sequence[str]) -> None:
   if cache_dir:
     # Runs that differ only in their seed compile the same programs.
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
-  try:
-    run_experiments(config, workdir=workdir, bits=FLAGS.bits, seeds=FLAGS.seeds,
-                    methods=FLAGS.methods, ablation_epochs=FLAGS.epochs_ablation,
-                    ablation_bits=FLAGS.ablation_bits,
-                    command=" ".join(["python -m psch_jax.experiments", *sys.argv[1:]]))
-  except (UserError, FloatingPointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  run_experiments(config, workdir=workdir, bits=FLAGS.bits, seeds=FLAGS.seeds,
+                  methods=FLAGS.methods, ablation_epochs=FLAGS.epochs_ablation,
+                  ablation_bits=FLAGS.ablation_bits,
+                  command=" ".join(["python -m psch_jax.experiments", *sys.argv[1:]]))
   print(f"wrote {os.path.join(workdir, 'results.md')}")
 
 
-def _define_flags() -> None:
-  from absl import flags
-  from ml_collections import config_flags
-
-  config_flags.DEFINE_config_file(
-      "config", None, "PSCH config file, e.g. configs/fashion_mnist.py (:tiny for the "
-      "smoke variant); --config.<field>=<value> overrides apply to every PSCH run.",
-      lock_config=True)
+def define_flags() -> None:
+  cli.define_config_flag(
+      "PSCH config file, e.g. configs/fashion_mnist.py (:tiny for the smoke variant); "
+      "--config.<field>=<value> overrides apply to every PSCH run.")
   flags.DEFINE_list("bits", ["16", "32", "64"], "Code lengths (table columns).")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (mean ± std over them).")
   flags.DEFINE_list("methods", list(METHODS), f"Table rows, from {list(METHODS)}.")
@@ -579,22 +547,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("compilation_cache_dir", None, "XLA's persistent compilation "
                       "cache (default <workdir>/jax_cache; '' turns it off). Experiments "
                       "may share one.")
-  flags.mark_flags_as_required(["config"])
-
-
-def _parse_flags(argv):
-  from absl import flags
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-    print(f"error: {e}\nRun `python -m psch_jax.experiments --helpfull` for the flags; "
-          "config fields are overridden as --config.<section>.<field>=<value>.",
-          file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":
-  from absl import app
-
-  _define_flags()
-  app.run(_main, flags_parser=_parse_flags)
+  cli.run(main, define_flags=define_flags, command="python -m psch_jax.experiments")

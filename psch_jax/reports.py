@@ -23,11 +23,9 @@ without results, codes, splits or config, or a dataset that cannot be opened).
 """
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import re
-import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -35,7 +33,7 @@ import numpy as np
 
 from psch_jax import evaluation
 from psch_jax import io_utils
-from psch_jax.errors import EXIT_BAD_INPUT, UserError
+from psch_jax.errors import UserError
 
 # results.json fields that describe the run rather than measure it.
 PROTOCOL_FIELDS = ("dataset", "protocol", "num_bits", "seed", "num_query",
@@ -551,18 +549,15 @@ def load_run_source(workdir: str) -> Any:
                              manual_dir=data.get("manual_dir"))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m psch_jax.reports",
-      description="Recompute a run's metrics from its saved codes with plain NumPy "
-                  "and compare them with results.json.")
-  parser.add_argument("--workdir", required=True, help="the run's work directory")
-  args = parser.parse_args(argv)
-  try:
-    checks = compare_results(args.workdir, load_run_source(args.workdir))
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+def print_comparison(workdir: str) -> int:
+  """Prints each metric of workdir/results.json beside its recomputation (the
+  command line); returns the exit code: 0 if all agree, `EXIT_MISMATCH` if not.
+
+  Raises:
+    UserError: the work directory lacks results, codes, splits or config, or its
+      dataset cannot be opened.
+  """
+  checks = compare_results(workdir, load_run_source(workdir))
   width = max(len(c.name) for c in checks)
   print(f"{'metric':<{width}}  {'results.json':>12}  {'recomputed':>12}  "
         f"{'difference':>10}")
@@ -577,5 +572,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
+def main(argv: Sequence[str]) -> int:
+  """The command line (module docstring); flags from `define_flags`."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  del argv
+  return print_comparison(flags.FLAGS.workdir)
+
+
+def define_flags() -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "The run's work directory.")
+  flags.mark_flags_as_required(["workdir"])
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  from psch_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, define_flags=define_flags, command="python -m psch_jax.reports")

@@ -16,12 +16,11 @@ decodable, topk < 1) prints what is wrong and how to fix it, and exits with code
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -29,12 +28,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image
 
+from psch_jax import cli
 from psch_jax import evaluation
 from psch_jax import io_utils
 from psch_jax import models
 from psch_jax import reports
 from psch_jax import train
-from psch_jax.errors import EXIT_BAD_INPUT, UserError
+from psch_jax.errors import UserError
 from psch_jax.preprocess import preprocess
 
 
@@ -67,7 +67,8 @@ def _require(path: str, what: str) -> str:
   return path
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was trained with: its workdir/config.json."""
   return ml_collections.ConfigDict(io_utils.read_json(
       os.path.join(workdir, "config.json"),
       missing_fix=("the run's config; pass the --workdir of a run that main.py "
@@ -132,7 +133,7 @@ def load_index(workdir: str) -> SearchIndex:
   if not os.path.isdir(workdir):
     raise UserError(f"work directory {workdir} does not exist; pass the --workdir of "
                     "a trained run.")
-  config = load_config(workdir)
+  config = read_run_config(workdir)
   database_packed = reports.load_npy(os.path.join(workdir, "codes", "database.npy"),
                                       "the database codes written by the evaluation")
   database_indices = reports.load_npy(os.path.join(workdir, "splits", "database.npy"),
@@ -235,25 +236,21 @@ def format_matches(image_path: str, matches: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m psch_jax.search",
-      description="Find the database images nearest (in Hamming distance) to your own "
-                  "images, with a trained run's checkpoint and saved codes.")
-  parser.add_argument("--workdir", required=True, help="the run's work directory")
-  parser.add_argument("--images", required=True,
-                      help="comma-separated image files, e.g. a.png,b.jpg")
-  parser.add_argument("--topk", type=int, default=10, help="results per image")
-  args = parser.parse_args(argv)  # exits 2 on malformed flags
-  paths = [p for p in args.images.split(",") if p]
-  try:
-    results = search(args.workdir, paths, topk=args.topk)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+def main(argv: Sequence[str]) -> None:
+  """The command line (module docstring); flags from `define_flags`."""
+  del argv
+  paths = [p for p in flags.FLAGS.images.split(",") if p]
+  results = search(flags.FLAGS.workdir, paths, topk=flags.FLAGS.topk)
   print("\n\n".join(format_matches(p, m) for p, m in zip(paths, results)))
-  return 0
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "The run's work directory (trained and "
+                      "evaluated by main.py).")
+  flags.DEFINE_string("images", None, "Comma-separated image files, e.g. a.png,b.jpg.")
+  flags.DEFINE_integer("topk", 10, "Results per image.")
+  flags.mark_flags_as_required(["workdir", "images"])
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main, define_flags=define_flags, command="python -m psch_jax.search")
