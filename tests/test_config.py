@@ -1,10 +1,11 @@
 """Every shipped config loads, validates, has a tiny variant, and bad values are
 named with their fix."""
-import importlib.util
+import ast
 import os
 
 import pytest
 
+from psch_jax import cli
 from psch_jax import config as psch_config
 from psch_jax.errors import UserError
 
@@ -13,11 +14,14 @@ CONFIGS = ("fashion_mnist", "cifar10", "nus_wide", "mirflickr25k")
 
 
 def load(name, variant=""):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIG_DIR, name + ".py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  assert "python main.py --config=configs/" + name + ".py" in module.__doc__
-  return module.get_config(variant)
+  return cli.load_config(os.path.join(CONFIG_DIR, f"{name}.py:{variant}"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_docstring_states_its_command(name):
+  with open(os.path.join(CONFIG_DIR, name + ".py")) as f:
+    docstring = ast.get_docstring(ast.parse(f.read()))
+  assert "python main.py --config=configs/" + name + ".py" in docstring
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -42,9 +46,39 @@ def test_fashion_mnist_paper_variant_undoes_only_the_tuned_choices():
   psch_config.validate(load("fashion_mnist", "paper"), num_devices=8)
 
 
+@pytest.mark.parametrize("variant", ["", "tiny"])
+def test_nus_wide_and_mirflickr_differ_only_in_the_dataset(variant):
+  nus, mir = load("nus_wide", variant).to_dict(), load("mirflickr25k", variant).to_dict()
+  assert (nus["data"].pop("name"), mir["data"].pop("name")) == ("nus_wide",
+                                                                "mirflickr25k")
+  assert nus == mir
+
+
+def test_the_vgg16_configs_share_the_pretrained_setting():
+  for name in ("cifar10", "nus_wide", "mirflickr25k"):
+    c = load(name)
+    assert (c.model.backbone, c.model.image_size, c.model.dropout_rate) == (
+        "vgg16", 224, 0.5)
+    assert c.data.mean == psch_config.IMAGENET_MEAN
+    assert (c.optim.learning_rate, c.optim.backbone_lr_multiplier) == (1e-4, 0.1)
+
+
+def test_load_config_without_a_variant_is_get_config():
+  assert (cli.load_config(os.path.join(CONFIG_DIR, "cifar10.py")).to_dict()
+          == load("cifar10", "").to_dict())
+  assert load("cifar10", "cpu").model.backbone == "small_cnn"
+
+
 def test_unknown_variant_is_an_error():
-  with pytest.raises(ValueError, match="unknown variant"):
+  with pytest.raises(UserError, match="unknown variant"):
     load("fashion_mnist", "huge")
+  with pytest.raises(UserError, match="unknown variant"):
+    load("nus_wide", "cpu")
+
+
+def test_missing_config_file_is_an_error():
+  with pytest.raises(UserError, match="does not exist"):
+    cli.load_config(os.path.join(CONFIG_DIR, "no_such_config.py:tiny"))
 
 
 @pytest.mark.parametrize("field,value,message", [

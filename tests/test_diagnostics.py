@@ -7,9 +7,10 @@ import sys
 import numpy as np
 import pytest
 
+from psch_jax import cli
 from psch_jax import diagnostics
 from psch_jax.errors import UserError
-from tests.test_train import ROOT, load_config, needs_fashion_mnist
+from tests.test_train import ROOT, needs_fashion_mnist
 
 CONFIG = os.path.join(ROOT, "configs", "fashion_mnist.py")
 
@@ -134,4 +135,4 @@ def test_a_training_split_too_large_for_the_target_matrix_is_refused(tmp_path,
                                                                      monkeypatch):
   monkeypatch.setattr(diagnostics, "MAX_TRAIN_IMAGES", 10)
   with pytest.raises(UserError, match="train_per_class"):
-    diagnostics.target_quality(load_config("fashion_mnist"), str(tmp_path / "diag"))
+    diagnostics.target_quality(cli.load_config(f"{CONFIG}:tiny"), str(tmp_path / "diag"))

@@ -47,3 +47,53 @@ def test_missing_dataset_says_how_to_get_it(tmp_path):
                f"--config.data.data_dir={tmp_path}/no_tfds")
   assert result.returncode == 2
   assert "cifar10" in result.stderr and "download_and_prepare" in result.stderr
+
+
+# The five commands and, for each, two bad command lines: (argv, what stderr names).
+COMMANDS = {
+    "main": ["main.py"],
+    "experiments": ["-m", "psch_jax.experiments"],
+    "diagnostics": ["-m", "psch_jax.diagnostics"],
+    "search": ["-m", "psch_jax.search"],
+    "reports": ["-m", "psch_jax.reports"],
+}
+WITH_CONFIG = ("main", "experiments", "diagnostics")
+BAD_INPUT = [
+    *[(command, ["--config=configs/no_such_file.py"], "no_such_file.py")
+      for command in WITH_CONFIG],
+    *[(command, ["--config=configs/fashion_mnist.py:tiny",
+                 "--config.model.num_bitz=32"], "num_bitz") for command in WITH_CONFIG],
+    ("search", ["--images=a.png"], "does not exist"),   # the bad path is the workdir
+    ("search", ["--images=a.png", "--topkk=3"], "topkk"),
+    ("reports", [], "config.json is missing"),
+    ("reports", ["--workdirr=x"], "workdirr"),
+]
+
+
+def run_command(command, *args):
+  return subprocess.run([sys.executable, *COMMANDS[command], *args], cwd=ROOT,
+                        text=True, capture_output=True, timeout=300)
+
+
+@pytest.mark.parametrize("command,args,expected", BAD_INPUT)
+def test_every_command_exits_2_on_bad_input_without_a_traceback(command, args,
+                                                                expected, tmp_path):
+  workdir = tmp_path / "work"
+  result = run_command(command, *args, f"--workdir={workdir}")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "error:" in result.stderr and expected in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_lists_its_flags(command):
+  result = run_command(command, "--helpfull")
+  assert "--workdir" in result.stdout and "Traceback" not in result.stderr
+  assert ("--config" in result.stdout) == (command in WITH_CONFIG)
+
+
+def test_unknown_config_variant_names_the_variants():
+  result = run_command("main", "--config=configs/fashion_mnist.py:huge")
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert "huge" in result.stderr and "'paper', 'tiny'" in result.stderr

@@ -8,7 +8,6 @@ reference run is shared; it runs in parallel with the crash test's work director
 which is killed three times and then completed.
 """
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -23,6 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from psch_jax import checkpointing
+from psch_jax import cli
 from psch_jax import config as psch_config
 from psch_jax import evaluation
 from psch_jax import io_utils
@@ -41,12 +41,7 @@ needs_fashion_mnist = pytest.mark.skipif(
     reason="apt-get install dataset-fashion-mnist")
 
 
-def load_config(name: str = "fashion_mnist", variant: str = "tiny"):
-  path = os.path.join(ROOT, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+TINY_CONFIG = os.path.join(ROOT, "configs", "fashion_mnist.py:tiny")
 
 
 # ------------------------------------------------------------- running main.py
@@ -154,7 +149,7 @@ def test_killed_three_times_then_rerun_ends_with_the_uninterrupted_codes_and_met
   first_save_completed = any(name.isdigit() for name in entries())
 
   # 3. During the evaluation after training: the last checkpoint is complete.
-  config = load_config()
+  config = cli.load_config(TINY_CONFIG)
   num_train = len(np.load(os.path.join(workdir, "splits", "train.npy")))
   last_step = num_train // config.train.global_batch_size * config.train.num_epochs
   _kill_when(workdir, log(3),
@@ -184,7 +179,7 @@ def test_run_killed_between_two_split_files_draws_the_splits_again(reference, tm
   shutil.copytree(os.path.join(reference.wait(), "splits"),
                   os.path.join(workdir, "splits"))
   os.remove(os.path.join(workdir, "splits", f"{splits_lib.SPLIT_NAMES[-1]}.npy"))
-  _, index_sets = train.load_data(load_config(), workdir)
+  _, index_sets = train.load_data(cli.load_config(TINY_CONFIG), workdir)
   expected = splits_lib.load_splits(os.path.join(reference.workdir, "splits"))
   for name in splits_lib.SPLIT_NAMES:
     np.testing.assert_array_equal(index_sets[name], expected[name])
@@ -311,7 +306,7 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("keep me")
   with pytest.raises(UserError, match="not writable.*--workdir"):
-    train.train_and_evaluate(load_config(), str(blocker))
+    train.train_and_evaluate(cli.load_config(TINY_CONFIG), str(blocker))
   assert blocker.read_text() == "keep me"
 
 
@@ -324,7 +319,7 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
 ])
 def test_config_that_does_not_fit_the_data_or_model_is_refused(tmp_path, field, value,
                                                                message):
-  config = load_config()
+  config = cli.load_config(TINY_CONFIG)
   section, name = field.split(".")
   config[section][name] = value
   with pytest.raises(UserError, match=message):
@@ -336,7 +331,7 @@ def test_config_that_does_not_fit_the_data_or_model_is_refused(tmp_path, field, 
 @needs_fashion_mnist
 def test_evaluating_a_workdir_without_checkpoint_says_to_train_first(tmp_path):
   with pytest.raises(UserError, match="no checkpoint in .* train first"):
-    train.evaluate_checkpoint(load_config(), str(tmp_path))
+    train.evaluate_checkpoint(cli.load_config(TINY_CONFIG), str(tmp_path))
 
 
 def _save_checkpoint(workdir: str) -> None:

@@ -7,6 +7,8 @@ as `train.py` saves them (packed codes, sorted splits, results.json).
 """
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +20,8 @@ from psch_jax import reports
 from psch_jax.data import sources
 from psch_jax.data import splits as splits_lib
 from psch_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 NUM_IMAGES, NUM_QUERY, NUM_BITS, NUM_LABELS = 90, 12, 10, 4
 TOPK = (5, 1000)  # 1000 > database: the whole database
@@ -192,21 +196,24 @@ def test_command_line_exit_codes(tmp_path, monkeypatch, capsys):
   source = fake_source(1)
   fake_run(str(tmp_path), source)
   monkeypatch.setattr(reports, "load_run_source", lambda workdir: source)
-  assert reports.main([f"--workdir={tmp_path}"]) == 0
+  assert reports.print_comparison(str(tmp_path)) == 0
   out = capsys.readouterr().out
   assert "map@all_tie_aware" in out and "MISMATCH" not in out
 
   results = json.loads((tmp_path / "results.json").read_text())
   results["map@5"] += 0.01
   (tmp_path / "results.json").write_text(json.dumps(results))
-  assert reports.main([f"--workdir={tmp_path}"]) == reports.EXIT_MISMATCH
+  assert reports.print_comparison(str(tmp_path)) == reports.EXIT_MISMATCH == 1
   assert "MISMATCH" in capsys.readouterr().out
 
   os.remove(tmp_path / "codes" / "query.npy")
-  assert reports.main([f"--workdir={tmp_path}"]) == reports.EXIT_BAD_INPUT
-  assert "query.npy is missing" in capsys.readouterr().err
+  with pytest.raises(UserError, match="query.npy is missing"):
+    reports.print_comparison(str(tmp_path))
 
 
-def test_command_line_without_config_exits_2(tmp_path, capsys):
-  assert reports.main([f"--workdir={tmp_path}"]) == reports.EXIT_BAD_INPUT
-  assert "config.json is missing" in capsys.readouterr().err
+def test_command_line_without_config_exits_2(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "psch_jax.reports",
+                           f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "config.json is missing" in result.stderr

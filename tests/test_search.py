@@ -10,16 +10,19 @@ and that reports can be drawn from the work directory alone.
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from psch_jax import cli
 from psch_jax import reports
 from psch_jax import search
 from psch_jax import train
 from psch_jax.errors import UserError
-from tests.test_train import load_config, needs_fashion_mnist
+from tests.test_train import ROOT, needs_fashion_mnist
 
 pytestmark = needs_fashion_mnist
 
@@ -29,7 +32,8 @@ DATABASE_ROWS = (0, 57, 199)
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("fmnist_tiny"))
-  train.train_and_evaluate(load_config("fashion_mnist"), path)
+  train.train_and_evaluate(
+      cli.load_config(os.path.join(ROOT, "configs", "fashion_mnist.py:tiny")), path)
   return path
 
 
@@ -121,20 +125,28 @@ def test_workdir_without_checkpoint_codes_or_config_is_a_user_error(workdir, tmp
     search.load_index(str(partial))
 
 
-def test_command_line(workdir, database_images, tmp_path, capsys):
-  assert search.main([f"--workdir={workdir}", f"--images={database_images[2]}",
-                      "--topk=4"]) == 0
-  out = capsys.readouterr().out
-  assert database_images[2] in out and "distance" in out
-  assert search.main([f"--workdir={workdir}", f"--images={tmp_path / 'missing.png'}"]
-                     ) == search.EXIT_BAD_INPUT
-  assert "does not exist" in capsys.readouterr().err
-  assert search.main([f"--workdir={workdir}", f"--images={database_images[0]}",
-                      "--topk=0"]) == search.EXIT_BAD_INPUT
+def run_search(*flags):
+  return subprocess.run([sys.executable, "-m", "psch_jax.search", *flags], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_command_line(workdir, database_images, tmp_path):
+  result = run_search(f"--workdir={workdir}",
+                      f"--images={database_images[2]},{tmp_path / 'missing.png'}",
+                      "--topk=4")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+  result = run_search(f"--workdir={workdir}", f"--images={database_images[2]}",
+                      "--topk=4")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert database_images[2] in result.stdout and "distance" in result.stdout
+  result = run_search(f"--workdir={workdir}", f"--images={database_images[0]}",
+                      "--topk=0")
+  assert result.returncode == 2 and "topk" in result.stderr
 
 
 def test_trained_run_results_agree_with_independent_recomputation(workdir):
-  assert reports.main([f"--workdir={workdir}"]) == 0
+  assert reports.print_comparison(workdir) == 0
   source = reports.load_run_source(workdir)
   names = {c.name for c in reports.verify_results(workdir, source)}
   assert {"map@10", "map@all", "map@all_tie_aware", "precision@radius2"} <= names
