@@ -67,12 +67,8 @@ UNLABELLED_FRACTION = 0.3
 
 def load_config(name: str):
   """The config file `configs/<name>.py` as `get_config()` returns it."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location(
-      f"config_{name}", os.path.join(REPO_ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from psch_jax import cli  # pylint: disable=import-outside-toplevel
+  return cli.load_config(os.path.join(REPO_ROOT, "configs", f"{name}.py"))
 
 
 def step_config(model_name: str):

@@ -29,8 +29,10 @@ import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from absl import flags
 import numpy as np
 
+from psch_jax import cli
 from psch_jax import evaluation
 from psch_jax import io_utils
 from psch_jax.errors import UserError
@@ -574,17 +576,14 @@ def print_comparison(workdir: str) -> int:
 
 def main(argv: Sequence[str]) -> int:
   """The command line (module docstring); flags from `define_flags`."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   del argv
   return print_comparison(flags.FLAGS.workdir)
 
 
 def define_flags() -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("workdir", None, "The run's work directory.")
   flags.mark_flags_as_required(["workdir"])
 
 
 if __name__ == "__main__":
-  from psch_jax import cli  # pylint: disable=g-import-not-at-top
   cli.run(main, define_flags=define_flags, command="python -m psch_jax.reports")

@@ -4,7 +4,6 @@ These are the tests that the product holds together: a config file goes in, code
 metrics come out, the same seed gives the same bits, a killed run resumes to the same
 codes, and the data-parallel step is the single-device step.
 """
-import importlib.util
 import json
 import os
 import shutil
@@ -30,11 +29,9 @@ needs_fashion_mnist = pytest.mark.skipif(
 
 
 def load_config(name: str, variant: str = "tiny"):
-  path = os.path.join(ROOT, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  """configs/<name>.py:<variant>, through the public loader."""
+  from psch_jax import cli  # pylint: disable=import-outside-toplevel
+  return cli.load_config(os.path.join(ROOT, "configs", f"{name}.py:{variant}"))
 
 
 def read_outputs(workdir: str) -> tuple[dict, dict]:
