@@ -93,11 +93,11 @@ FIELDS: dict[str, Field] = {
     "data.manual_dir": _PATH,
     "data.preset": _choice(psch_config.PRESETS),
     "data.query_per_class": _int(1, nullable=True, meaning=(
-        "query images per class (unset: the preset's)")),
+        "the query images per class (unset: the preset's)")),
     "data.train_per_class": _int(1, nullable=True, meaning=(
-        "training images per class (unset: the preset's)")),
+        "the training images per class (unset: the preset's)")),
     "data.num_validation": _int(0, nullable=True, meaning=(
-        "validation images (0: no validation; unset: as many as the query)")),
+        "the validation images (0: no validation; unset: as many as the query)")),
     "data.num_database": _int(1, nullable=True, meaning=(
         "the size of a database subset for smoke runs (unset: the preset's)")),
     "data.allow_fewer": _BOOL,
@@ -115,7 +115,7 @@ FIELDS: dict[str, Field] = {
     "model.channels": Field(int, choices=(1, 3)),
     "model.pretrained_path": _PATH,
     "model.dropout_rate": _float(0.0, 1.0, high_open=True, meaning=(
-        "the fraction of VGG-16 classifier units dropped; 1 would drop all")),
+        "the fraction of VGG-16 classifier units dropped (1 would drop all)")),
 
     "pseudo_labels.num_clusters": _int(2, meaning="K_c, the number of pseudo classes"),
     "pseudo_labels.keep_quantile": _float(0.0, 1.0, low_open=True, meaning=(
@@ -125,13 +125,13 @@ FIELDS: dict[str, Field] = {
         "a distance to the centroid, or unset")),
     "pseudo_labels.features": _choice(psch_config.FEATURE_SOURCES),
     "pseudo_labels.refresh_every_epochs": _int(0, meaning=(
-        "epochs between pseudo-label refreshes; 0 = once, before training")),
+        "the epochs between pseudo-label refreshes (0 = once, before training)")),
     "pseudo_labels.spectral_neighbors": _int(1, meaning=(
         "k of the pixels' k-NN graph (Eq. 1a)")),
     "pseudo_labels.spectral_components": _int(1, nullable=True, meaning=(
-        "the spectral embedding size d (Eq. 1a); unset = num_clusters")),
-    "pseudo_labels.n_init": _int(1, meaning="k-means restarts"),
-    "pseudo_labels.max_iter": _int(0, meaning="Lloyd iterations per restart"),
+        "the spectral embedding size d of Eq. 1a (unset = num_clusters)")),
+    "pseudo_labels.n_init": _int(1, meaning="the number of k-means restarts"),
+    "pseudo_labels.max_iter": _int(0, meaning="the Lloyd iterations per restart"),
     "pseudo_labels.tol": _float(0.0, meaning="the k-means convergence tolerance"),
 
     "attention.num_parts": _int(1, meaning="P, the attention parts (1 = single part)"),
@@ -141,12 +141,12 @@ FIELDS: dict[str, Field] = {
     "similarity.source": _choice(psch_config.SIMILARITY_SOURCES),
     "similarity.hard": _BOOL,
     "similarity.same_class_floor": _float(0.0, 1.0, meaning="lambda of Eq. 7"),
-    "similarity.unlabelled_weight": _float(0.0, meaning="mu of Eq. 7; 0 masks"),
+    "similarity.unlabelled_weight": _float(0.0, meaning="mu of Eq. 7 (0 masks)"),
     "similarity.cross_cluster_ceiling": _float(-1.0, nullable=True, meaning=(
-        "c of Eq. 7b; unset keeps the paper's -1")),
+        "c of Eq. 7b (unset keeps the paper's -1)")),
 
-    "loss.alpha": _float(0.0, meaning="the L_cls weight; 0 = ablation"),
-    "loss.beta": _float(0.0, meaning="the L_q weight; 0 = ablation"),
+    "loss.alpha": _float(0.0, meaning="the L_cls weight (0 = ablation)"),
+    "loss.beta": _float(0.0, meaning="the L_q weight (0 = ablation)"),
 
     "optim.name": _choice(psch_config.OPTIMIZERS),
     "optim.learning_rate": _float(0.0, low_open=True, meaning="the peak learning rate"),
@@ -154,25 +154,25 @@ FIELDS: dict[str, Field] = {
         "the backbone's learning-rate factor (0.1 for a pretrained backbone, 0 "
         "freezes it)")),
     "optim.momentum": _float(0.0, 1.0, high_open=True, meaning="SGD's momentum"),
-    "optim.weight_decay": _float(0.0, meaning="the decoupled weight decay; 0 = none"),
-    "optim.warmup_epochs": _int(0, meaning="epochs of linear warmup; 0 = none"),
+    "optim.weight_decay": _float(0.0, meaning="the decoupled weight decay (0 = none)"),
+    "optim.warmup_epochs": _int(0, meaning="the epochs of linear warmup (0 = none)"),
     "optim.grad_clip_norm": _float(0.0, low_open=True, meaning=(
         "the global gradient norm clipped to")),
 
     "train.global_batch_size": _int(2, meaning=(
-        "images per step over all devices (the pairwise loss needs two)")),
-    "train.num_epochs": _int(1, meaning="epochs of training"),
+        "the images per step over all devices (the pairwise loss needs two)")),
+    "train.num_epochs": _int(1, meaning="the epochs of training"),
     "train.checkpoint_every_steps": _int(1, meaning=(
         "the steps between checkpoints; every epoch end saves one too")),
     "train.keep_checkpoints": _int(1, meaning=(
-        "checkpoints kept; with none a killed run cannot resume")),
+        "the number of checkpoints kept: with none, a killed run cannot resume")),
     "train.tensorboard": _BOOL,
 
     "eval.topk": Field(tuple, item=int, low=1, example="(1000,)",
                        meaning="the cut-offs K of mAP@K"),
-    "eval.batch_size": _int(1, meaning="images per encoding step over all devices"),
+    "eval.batch_size": _int(1, meaning="the images per encoding step over all devices"),
     "eval.validation_every_epochs": _int(0, meaning=(
-        "epochs between validations; 0 = only after training")),
+        "the epochs between validations (0 = only after training)")),
 }
 
 

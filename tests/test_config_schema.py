@@ -73,7 +73,7 @@ def test_shipped_configs_pass(name):
      r"set --config.data.augment to one of them"),
     ("--config.seed=-1", r"config.seed=-1 must be in \[0, 4294967295\]"),
     ("--config.data.query_per_class=0",
-     r"config.data.query_per_class=0 must be >= 1; it is query images per class"),
+     r"config.data.query_per_class=0 must be >= 1; it is the query images per class"),
     ("--config.eval.topk=abc",
      r"config.eval.topk=\('abc',\) holds 'abc', which is not an integer.*"
      r"Set --config.eval.topk='\(1000,\)'"),
@@ -89,8 +89,8 @@ def test_shipped_configs_pass(name):
     ("--config.data.std=(0.0,)",
      r"config.data.std=\(0.0,\) holds 0.0; every entry must be > 0"),
     ("--config.train.keep_checkpoints=0",
-     r"config.train.keep_checkpoints=0 must be >= 1; it is checkpoints kept; with none "
-     r"a killed run cannot resume"),
+     r"config.train.keep_checkpoints=0 must be >= 1; it is the number of checkpoints "
+     r"kept: with none, a killed run cannot resume"),
     ("--config.optim.grad_clip_norm=-1", r"config.optim.grad_clip_norm=-1.0 must be > 0"),
     ("--config.optim.weight_decay=-1", r"config.optim.weight_decay=-1.0 must be >= 0"),
     ("--config.optim.warmup_epochs=-5", r"config.optim.warmup_epochs=-5 must be >= 0"),
