@@ -163,7 +163,7 @@ FIELDS: dict[str, Field] = {
         "the images per step over all devices (the pairwise loss needs two)")),
     "train.num_epochs": _int(1, meaning="the epochs of training"),
     "train.checkpoint_every_steps": _int(1, meaning=(
-        "the steps between checkpoints; every epoch end saves one too")),
+        "the steps between checkpoints (every epoch end saves one too)")),
     "train.keep_checkpoints": _int(1, meaning=(
         "the number of checkpoints kept: with none, a killed run cannot resume")),
     "train.tensorboard": _BOOL,
@@ -275,8 +275,8 @@ def _tuple_problem(name: str, value, field: Field) -> Optional[str]:
     if not math.isfinite(entry):
       return f"{shown} holds {entry!r}, which is not finite{meaning}. {fix}"
     if not _in_range(entry, field):
-      return (f"{shown} holds {entry!r}; every entry must be {_range_text(field)}"
-              f"{meaning}. {fix}")
+      return (f"{shown} holds {entry!r}, but every entry must be "
+              f"{_range_text(field)}{meaning}. {fix}")
   return None
 
 

@@ -67,7 +67,7 @@ def test_shipped_configs_pass(name):
 @pytest.mark.parametrize("override,message", [
     ("--config.train.checkpoint_every_steps=0",
      r"config.train.checkpoint_every_steps=0 must be >= 1; it is the steps between "
-     r"checkpoints.*Set --config.train.checkpoint_every_steps to a value >= 1"),
+     r"checkpoints \(every epoch end saves one too\). Set --config.train.checkpoint_every_steps to a value >= 1"),
     ("--config.data.augment=foo",
      r"config.data.augment='foo' is not one of \['none', 'flip', 'crop_flip'\]; "
      r"set --config.data.augment to one of them"),
@@ -81,13 +81,13 @@ def test_shipped_configs_pass(name):
     ("--config.eval.topk=(1.5,)", r"config.eval.topk=\(1.5,\) holds 1.5, which is not "
                                   r"an integer"),
     ("--config.eval.topk=()", r"config.eval.topk=\(\) is empty"),
-    ("--config.eval.topk=(0,)", r"config.eval.topk=\(0,\) holds 0; every entry must "
-                                r"be >= 1"),
+    ("--config.eval.topk=(0,)", r"config.eval.topk=\(0,\) holds 0, but every entry "
+                                r"must be >= 1"),
     ("--config.data.mean=abc",
      r"config.data.mean=\('abc',\) holds 'abc', which is not a number.*"
      r"Set --config.data.mean='\(0.5,\)'"),
     ("--config.data.std=(0.0,)",
-     r"config.data.std=\(0.0,\) holds 0.0; every entry must be > 0"),
+     r"config.data.std=\(0.0,\) holds 0.0, but every entry must be > 0"),
     ("--config.train.keep_checkpoints=0",
      r"config.train.keep_checkpoints=0 must be >= 1; it is the number of checkpoints "
      r"kept: with none, a killed run cannot resume"),
