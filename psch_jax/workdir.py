@@ -256,9 +256,14 @@ class LocalLock:
       return None
 
   def release(self) -> None:
-    """Releases the lock (the file stays: deleting it would race with a new run
-    that opened it)."""
+    """Empties the lock file (no holder), then releases the lock.
+
+    The file stays: deleting it would race with a new run that has opened it. Empty,
+    it is the same file before and after a run that was refused, so a refused run
+    leaves the work directory byte-identical.
+    """
     if self._fd is not None:
+      os.ftruncate(self._fd, 0)  # still held: no other run reads it half-written
       os.close(self._fd)  # closing the last descriptor drops the flock
       self._fd = None
 

@@ -227,6 +227,8 @@ def test_the_lock_is_exclusive_within_a_process_too_and_released(tmp_path):
   other_process.release()
   first.release()
   workdir_lib.lock(workdir).release()
+  # Released, the lock file names no holder: a refused run changes no byte.
+  assert os.path.getsize(first.path) == 0
 
 
 def test_a_lock_file_that_is_a_directory_is_named(tmp_path):
