@@ -73,8 +73,9 @@ def check_layout(workdir: str) -> None:
     UserError: naming the path, what is wrong and the fix.
   """
   if os.path.lexists(workdir) and not os.path.isdir(workdir):
-    raise UserError(f"work directory {workdir} is a file, not a directory; pass a "
-                    "--workdir that is a directory or does not exist yet.")
+    raise UserError(f"work directory {workdir} is not writable: it is a file, not a "
+                    "directory; pass a --workdir that is a directory or does not "
+                    "exist yet.")
   for name, (kind, what) in LAYOUT.items():
     path = os.path.join(workdir, name)
     if not os.path.lexists(path):
@@ -389,7 +390,12 @@ def lock(workdir: str, *, process_index: int = 0):
     if process_index != 0:
       return _NoLock()
     return Lease(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    # The wording of train._check_writable, which tests quote.
+    raise UserError(f"work directory {workdir} is not writable ({e.strerror}); pass a "
+                    "--workdir you can write to.") from e
   return LocalLock(os.path.join(workdir, f"{LOCAL_LOCK_PREFIX}{process_index}"))
 
 

@@ -77,8 +77,8 @@ def test_an_entry_of_the_wrong_kind_is_named_with_the_fix(tmp_path, name, messag
 def test_a_workdir_that_is_a_file_or_a_broken_link(tmp_path):
   blocker = tmp_path / "run"
   blocker.write_text("keep me")
-  with pytest.raises(UserError, match=r"work directory .*run is a file, not a "
-                                      r"directory; pass a --workdir"):
+  with pytest.raises(UserError, match=r"work directory .*run is not writable: it is a "
+                                      r"file, not a directory; pass a --workdir"):
     workdir_lib.check_layout(str(blocker))
   assert blocker.read_text() == "keep me"
   os.symlink(tmp_path / "gone", tmp_path / "config.json")
@@ -229,6 +229,13 @@ def test_the_lock_is_exclusive_within_a_process_too_and_released(tmp_path):
   workdir_lib.lock(workdir).release()
   # Released, the lock file names no holder: a refused run changes no byte.
   assert os.path.getsize(first.path) == 0
+
+
+def test_a_workdir_that_cannot_be_created_is_named(tmp_path):
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(UserError, match=r"work directory .*file/run is not writable "
+                                      r"\(Not a directory\); pass a --workdir"):
+    workdir_lib.lock(str(tmp_path / "file" / "run"))
 
 
 def test_a_lock_file_that_is_a_directory_is_named(tmp_path):
