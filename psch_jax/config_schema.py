@@ -192,7 +192,9 @@ def _range_text(field: Field) -> str:
 
 
 def _number(value: float) -> str:
-  return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else str(value)
+  if float(value).is_integer() and abs(value) < 1e15:
+    return str(int(value))
+  return str(value)
 
 
 def _kind_text(kind: type) -> str:
@@ -213,7 +215,8 @@ def _is_kind(value: Any, kind: type) -> bool:
 
 
 def _in_range(value: float, field: Field) -> bool:
-  if field.low is not None and (value < field.low or (field.low_open and value == field.low)):
+  if field.low is not None and (value < field.low or
+                                (field.low_open and value == field.low)):
     return False
   if field.high is not None and (value > field.high or
                                  (field.high_open and value == field.high)):
@@ -389,11 +392,12 @@ def _combination_problems(c: ml_collections.ConfigDict, *, num_devices: int
         f"config.model.pretrained_path is set but the backbone is "
         f"{c.model.backbone!r}; pretrained weights exist for 'vgg16' only. "
         "Set --config.model.backbone=vgg16 or drop the path.")
-  if c.pseudo_labels.spectral_components is not None and c.pseudo_labels.features != "spectral":
+  components, features = c.pseudo_labels.spectral_components, c.pseudo_labels.features
+  if components is not None and features != "spectral":
     problems.append(
-        f"config.pseudo_labels.spectral_components={c.pseudo_labels.spectral_components} "
-        f"is set but pseudo_labels.features={c.pseudo_labels.features!r} does not use "
-        "a spectral embedding; unset it or set --config.pseudo_labels.features=spectral.")
+        f"config.pseudo_labels.spectral_components={components} is set but "
+        f"pseudo_labels.features={features!r} does not use a spectral embedding; "
+        "unset it or set --config.pseudo_labels.features=spectral.")
   protocol = splits_lib.PROTOCOLS.get((c.data.name, c.data.preset))
   if protocol is not None:
     fixed = {"official_test": "query", "database": "train"}

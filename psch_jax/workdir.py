@@ -1,4 +1,4 @@
-"""Work-directory integrity: its layout, the config it was started with, one run at a time.
+"""Work-directory integrity: its layout, the config it was started with, one run at once.
 
 A run's work directory holds what makes it resumable (docs/reliability.md): the
 splits, the checkpoints, config.json, metrics.jsonl, results.json. Three things can
@@ -54,7 +54,8 @@ LAYOUT: dict[str, tuple[str, str]] = {
     "pr_curve.png": (FILE, "precision-recall plot"),
     "precision_at_topn.png": (FILE, "precision@N plot"),
     "retrieval_grid.png": (FILE, "retrieval grid"),
-    **{f"splits/{name}.npy": (FILE, f"{name} split") for name in splits_lib.SPLIT_NAMES},
+    **{f"splits/{name}.npy": (FILE, f"{name} split")
+       for name in splits_lib.SPLIT_NAMES},
     **{f"codes/{name}.npy": (FILE, f"{name} codes") for name in ("query", "database")},
 }
 
@@ -87,8 +88,9 @@ def check_layout(workdir: str) -> None:
       raise UserError(f"{path} is a file, but the run keeps its {what} in a directory "
                       f"of that name. {_FIX}")
     if kind == FILE and not os.path.isfile(path):
-      raise UserError(f"{path} is a {'directory' if os.path.isdir(path) else 'special file'}"
-                      f", but the run writes its {what} to a file of that name. {_FIX}")
+      found = "directory" if os.path.isdir(path) else "special file"
+      raise UserError(f"{path} is a {found}, but the run writes its {what} to a file "
+                      f"of that name. {_FIX}")
 
 
 # ------------------------------------------------------------ config on resume
@@ -201,7 +203,7 @@ LEASE_NAME = "lock.json"
 
 
 def is_remote(path: str) -> bool:
-  """Whether `path` is on an object store (gs://, s3://, ...) rather than a file system."""
+  """Whether `path` is on an object store (gs://, s3://, ...), not a file system."""
   return "://" in str(path)
 
 

@@ -67,7 +67,8 @@ def test_shipped_configs_pass(name):
 @pytest.mark.parametrize("override,message", [
     ("--config.train.checkpoint_every_steps=0",
      r"config.train.checkpoint_every_steps=0 must be >= 1; it is the steps between "
-     r"checkpoints \(every epoch end saves one too\). Set --config.train.checkpoint_every_steps to a value >= 1"),
+     r"checkpoints \(every epoch end saves one too\). "
+     r"Set --config.train.checkpoint_every_steps to a value >= 1"),
     ("--config.data.augment=foo",
      r"config.data.augment='foo' is not one of \['none', 'flip', 'crop_flip'\]; "
      r"set --config.data.augment to one of them"),
