@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 
 import numpy as np
 
@@ -40,7 +41,9 @@ def read_idx(path: str, *, ndim: int, fix: str) -> np.ndarray:
       content = f.read()
   except FileNotFoundError as e:
     raise UserError(f"Missing file {path}. {fix}") from e
-  except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError.
+  except (OSError, EOFError, zlib.error) as e:
+    # gzip.BadGzipFile (a bad header or CRC) is an OSError, a stream cut short an
+    # EOFError, a damaged deflate stream a zlib.error.
     raise UserError(f"Cannot read {path}: {e} (truncated or corrupt). {fix}") from e
   expected_magic = bytes([0, 0, _UNSIGNED_BYTE, ndim])
   if content[:4] != expected_magic:

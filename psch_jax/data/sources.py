@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures
+import glob
 import io
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -180,15 +182,70 @@ def _tfds_fix(name: str, data_dir: str | None) -> str:
       f"this machine, or pass data_dir= naming a directory that holds {name}/.")
 
 
+def _fashion_mnist_fix() -> str:
+  return ("Get Fashion-MNIST with `apt-get install dataset-fashion-mnist` (IDX "
+          f"files in {DEFAULT_FASHION_MNIST_DIR}), or prepare the tfds dataset "
+          "fashion_mnist on a machine with internet and pass its data_dir, or pass "
+          "manual_dir= pointing at a directory with the four IDX files "
+          f"({', '.join(sum(idx_files.FASHION_MNIST_FILES.values(), ()))}).")
+
+
 class _NotPrepared(Exception):
   """tfds has no prepared copy of a dataset in the data_dir."""
 
 
-def _read_tfds_into_memory(name: str, data_dir: str | None
+def _damaged_metadata(name: str, data_dir: str | None) -> list[str]:
+  """The JSON metadata files of `name`'s prepared tfds copies that are not JSON, or
+  when all are, its dataset_info.json files (which then hold the wrong JSON)."""
+  if data_dir:
+    roots = [data_dir]
+  else:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    roots = [os.environ.get("TFDS_DATA_DIR", tfds.core.constants.DATA_DIR)]
+  paths = [path for root in roots for path in sorted(glob.glob(
+      os.path.join(os.path.expanduser(root), name, "**", "*.json"), recursive=True))]
+  not_json = []
+  for path in paths:
+    try:
+      with open(path) as f:
+        json.load(f)
+    except (OSError, ValueError):
+      not_json.append(path)
+  return not_json or [p for p in paths if os.path.basename(p) == "dataset_info.json"]
+
+
+def _open_tfds_builder(make_builder, name: str, data_dir: str | None, *, fix: str):
+  """`make_builder()` (a tfds builder of `name` in `data_dir`), with damaged metadata
+  turned into a UserError.
+
+  tfds reads a prepared copy's dataset_info.json (and features.json) when it builds
+  the builder; a file that is not JSON, or not the JSON tfds wrote, raises protobuf's
+  ParseError or a JSONDecodeError from deep inside tfds.
+
+  Raises:
+    UserError: naming the damaged files and the dataset directory to delete, then
+      `fix` (how to get the dataset).
+  """
+  from google.protobuf import json_format  # pylint: disable=g-import-not-at-top
+  try:
+    return make_builder()
+  except (json_format.ParseError, json.JSONDecodeError) as e:
+    damaged = _damaged_metadata(name, data_dir)
+    where = ", ".join(damaged) if damaged else f"the metadata of {name} in {data_dir}"
+    directory = (os.path.dirname(damaged[0]) if damaged
+                 else os.path.join(data_dir or "<tfds data_dir>", name))
+    reason = str(e).splitlines()[0][:300]  # protobuf goes on to list every field
+    raise UserError(
+        f"The prepared tfds copy of {name} is damaged: {where} cannot be parsed "
+        f"({reason}). Delete {directory} and prepare it again. {fix}") from e
+
+
+def _read_tfds_into_memory(name: str, data_dir: str | None, *, fix: str
                            ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
   """Returns ({split: (images uint8 (n,H,W,C), class ids int64 (n,))}, num_classes)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds.builder(name, data_dir=data_dir)
+  builder = _open_tfds_builder(lambda: tfds.builder(name, data_dir=data_dir), name,
+                              data_dir, fix=fix)
   splits = {}
   for split in SPLITS:
     try:
@@ -216,17 +273,13 @@ def _array_source(name: str, splits: dict[str, tuple[np.ndarray, np.ndarray]],
 
 
 def _load_fashion_mnist(data_dir: str | None, manual_dir: str | None) -> ArraySource:
+  fix = _fashion_mnist_fix()
   try:
-    splits, num_classes = _read_tfds_into_memory("fashion_mnist", data_dir)
+    splits, num_classes = _read_tfds_into_memory("fashion_mnist", data_dir, fix=fix)
     return _array_source("fashion_mnist", splits, num_classes)
   except _NotPrepared:
     pass
   directory = manual_dir or DEFAULT_FASHION_MNIST_DIR
-  fix = ("Get Fashion-MNIST with `apt-get install dataset-fashion-mnist` (IDX "
-         f"files in {DEFAULT_FASHION_MNIST_DIR}), or prepare the tfds dataset "
-         "fashion_mnist on a machine with internet and pass its data_dir, or pass "
-         "manual_dir= pointing at a directory with the four IDX files "
-         f"({', '.join(sum(idx_files.FASHION_MNIST_FILES.values(), ()))}).")
   if not os.path.isdir(directory):
     raise UserError(f"Fashion-MNIST is not prepared in tfds "
                     f"(data_dir={data_dir}) and {directory} does not exist. {fix}")
@@ -236,7 +289,8 @@ def _load_fashion_mnist(data_dir: str | None, manual_dir: str | None) -> ArraySo
 
 def _load_cifar10(data_dir: str | None) -> ArraySource:
   try:
-    splits, num_classes = _read_tfds_into_memory("cifar10", data_dir)
+    splits, num_classes = _read_tfds_into_memory(
+        "cifar10", data_dir, fix=_tfds_fix("cifar10", data_dir))
   except _NotPrepared as e:
     raise UserError(f"CIFAR-10 is not prepared for tfds ({e}); this machine cannot "
                     f"download it. {_tfds_fix('cifar10', data_dir)}") from e
@@ -253,7 +307,10 @@ def _manual_builder(name: str, data_dir: str | None):
     raise UserError(f"{name!r} has no manual builder; use one of {_MANUAL_DATASETS}.")
   builder_class = {"nus_wide": nus_wide.NusWide,
                    "mirflickr25k": mirflickr25k.Mirflickr25k}[name]
-  return builder_class(data_dir=data_dir)
+  fix = ("Prepare it from its files with manual_dir= (load_source does it once).\n"
+         f"{builder_class.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+  return _open_tfds_builder(lambda: builder_class(data_dir=data_dir),
+                           name, data_dir, fix=fix)
 
 
 def prepare_manual_dataset(name: str, *, manual_dir: str,

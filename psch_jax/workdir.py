@@ -1,0 +1,441 @@
+"""Work-directory integrity: its layout, the config it was started with, one run at once.
+
+A run's work directory holds what makes it resumable (docs/reliability.md): the
+splits, the checkpoints, config.json, metrics.jsonl, results.json. Three things can
+make a rerun silently wrong or crash deep inside a library, and are checked here
+before the run reads or writes any of it:
+
+- `check_layout`: a file where a directory belongs (`checkpoints/`, `splits/`,
+  `codes/`) or a directory where a file belongs (`config.json`, `metrics.jsonl`,
+  `results.json`, ...).
+- `check_config_unchanged`: a config that differs from the saved config.json in a
+  field that changes the data, the splits, the schedule or the model
+  (`RESUME_FIXED`); only the fields of `RESUME_SAFE` may change on a resume.
+- `lock`: a second run on the same work directory. On a local (or NFS) file system
+  an exclusive `fcntl.flock` on `.lock-<process>`, which the kernel releases when the
+  holder dies, so a killed run never blocks the next one. On `gs://` no kernel lock
+  exists: `Lease` is a `lock.json` with a heartbeat, refused while fresh.
+
+`claim(workdir, config)` does the three in the right order and returns the lock.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from typing import Any, Optional
+
+import ml_collections
+
+from psch_jax import config_schema
+from psch_jax import io_utils
+from psch_jax.data import splits as splits_lib
+from psch_jax.errors import UserError
+
+# ----------------------------------------------------------------------- layout
+
+DIRECTORY, FILE = "directory", "file"
+
+# Every entry a run creates in its work directory: (kind, what it holds).
+LAYOUT: dict[str, tuple[str, str]] = {
+    "checkpoints": (DIRECTORY, "checkpoints"),
+    "splits": (DIRECTORY, "split index files"),
+    "codes": (DIRECTORY, "hash codes"),
+    "tensorboard": (DIRECTORY, "TensorBoard summaries"),
+    "config.json": (FILE, "config"),
+    "metrics.jsonl": (FILE, "training metrics"),
+    "results.json": (FILE, "results"),
+    "results.md": (FILE, "results report"),
+    "pr_curve.png": (FILE, "precision-recall plot"),
+    "precision_at_topn.png": (FILE, "precision@N plot"),
+    "retrieval_grid.png": (FILE, "retrieval grid"),
+    **{f"splits/{name}.npy": (FILE, f"{name} split")
+       for name in splits_lib.SPLIT_NAMES},
+    **{f"codes/{name}.npy": (FILE, f"{name} codes") for name in ("query", "database")},
+}
+
+_FIX = "Move or delete it, or pass another --workdir."
+
+
+def check_layout(workdir: str) -> None:
+  """Raises UserError when an entry of `workdir` is not of the kind a run expects.
+
+  A missing entry is fine (a run creates it); `workdir` itself may be missing.
+
+  Args:
+    workdir: a local work directory.
+
+  Raises:
+    UserError: naming the path, what is wrong and the fix.
+  """
+  if os.path.lexists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"work directory {workdir} is not writable: it is a file, not a "
+                    "directory; pass a --workdir that is a directory or does not "
+                    "exist yet.")
+  for name, (kind, what) in LAYOUT.items():
+    path = os.path.join(workdir, name)
+    if not os.path.lexists(path):
+      continue
+    if not os.path.exists(path):
+      raise UserError(f"{path} is a broken symbolic link (to {os.readlink(path)}), "
+                      f"where the run keeps its {what}. {_FIX}")
+    if kind == DIRECTORY and not os.path.isdir(path):
+      raise UserError(f"{path} is a file, but the run keeps its {what} in a directory "
+                      f"of that name. {_FIX}")
+    if kind == FILE and not os.path.isfile(path):
+      found = "directory" if os.path.isdir(path) else "special file"
+      raise UserError(f"{path} is a {found}, but the run writes its {what} to a file "
+                      f"of that name. {_FIX}")
+
+
+# ------------------------------------------------------------ config on resume
+
+# The fields that may differ between the saved config.json and a resumed run, and
+# why: none changes the data, the splits, the optimisation schedule or the model.
+RESUME_SAFE: dict[str, str] = {
+    "data.data_dir": "where the dataset is read from, not what it holds (the splits "
+                     "are checked against the dataset's size)",
+    "data.manual_dir": "the same",
+    "train.checkpoint_every_steps": "when checkpoints are saved, not what they hold",
+    "train.keep_checkpoints": "how many old checkpoints are kept",
+    "train.tensorboard": "an extra copy of the logged metrics",
+    "eval.batch_size": "how many images are encoded at once (the codes are the same "
+                       "function of the parameters, up to float rounding)",
+    "eval.topk": "which cut-offs are reported",
+    "eval.validation_every_epochs": "how often validation mAP is logged",
+}
+
+# Every other field: a change is refused on resume (docs/reliability.md lists them).
+RESUME_FIXED: tuple[str, ...] = tuple(
+    name for name in config_schema.FIELDS if name not in RESUME_SAFE)
+
+_MISSING = object()
+
+
+def _comparable(value: Any) -> Any:
+  """The value as config.json holds it (tuples are lists)."""
+  return json.loads(json.dumps(value))
+
+
+def _shown(value: Any) -> str:
+  if value is _MISSING:
+    return "absent"
+  return repr(tuple(value)) if isinstance(value, list) else repr(value)
+
+
+def config_changes(saved: dict, config: ml_collections.ConfigDict
+                   ) -> list[tuple[str, Any, Any]]:
+  """The `RESUME_FIXED` fields whose value differs.
+
+  Args:
+    saved: the config a run was started with, as in its config.json.
+    config: the config of this run.
+
+  Returns:
+    [(dotted name, saved value, this value)], sorted by name; a field absent on one
+    side has the value `_MISSING` there.
+  """
+  old = config_schema.flatten(saved)
+  new = {k: _comparable(v) for k, v in config_schema.flatten(config).items()}
+  changes = []
+  for name in sorted(set(old) | set(new)):
+    if name in RESUME_SAFE:
+      continue
+    before, after = old.get(name, _MISSING), new.get(name, _MISSING)
+    if before != after:
+      changes.append((name, before, after))
+  return changes
+
+
+def check_config_unchanged(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a config that differs from `workdir`'s config.json in a fixed field.
+
+  Nothing to compare when there is no config.json (a new work directory).
+
+  Raises:
+    UserError: config.json cannot be read, or names each changed field with its
+      old and new value, and the fix.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  saved = io_utils.read_json(
+      path, missing_fix="pass the --workdir of the run.",
+      corrupt_fix=("it is the config the run in that work directory was started with: "
+                   "restore it, or start a new --workdir."))
+  if not isinstance(saved, dict):
+    raise UserError(f"{path} holds a {type(saved).__name__}, not a config; restore it "
+                    "(it is the config the run was started with), or start a new "
+                    "--workdir.")
+  changes = config_changes(saved, config)
+  if not changes:
+    return
+  lines = [f"config.{name}: {_shown(before)} in {path}, {_shown(after)} now"
+           for name, before, after in changes]
+  restore = "; ".join(_restore_hint(name, before) for name, before, _ in changes
+                      if before is not _MISSING)
+  raise UserError(
+      f"work directory {workdir} holds a run started with another config:\n  "
+      + "\n  ".join(lines)
+      + "\nThese fields change the data, the splits, the schedule or the model, so "
+      "the run cannot resume with them. Start a new --workdir for this config, or "
+      f"restore the old value{'s' if len(changes) > 1 else ''}"
+      + (f" ({restore})." if restore else "."))
+
+
+def _restore_hint(name: str, value: Any) -> str:
+  if value is None:
+    return f"leave config.{name} unset"
+  if isinstance(value, list):
+    return f"--config.{name}='{tuple(value)!r}'"
+  return f"--config.{name}={value}"
+
+
+# -------------------------------------------------------------------------- lock
+
+LOCAL_LOCK_PREFIX = ".lock-"
+LEASE_NAME = "lock.json"
+
+
+def is_remote(path: str) -> bool:
+  """Whether `path` is on an object store (gs://, s3://, ...), not a file system."""
+  return "://" in str(path)
+
+
+def _holder(token: str = "") -> dict:
+  return {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
+              timespec="seconds"),
+          "command": " ".join(sys.argv), **({"token": token} if token else {})}
+
+
+def _describe(holder: Optional[dict]) -> str:
+  if not holder:
+    return "a run that is just starting (it has not written its pid yet)"
+  return (f"pid {holder.get('pid')} on host {holder.get('host')}, started "
+          f"{holder.get('started')} ({holder.get('command')})")
+
+
+class LocalLock:
+  """An exclusive `fcntl.flock` on a file of the work directory, held until `release`.
+
+  The kernel releases it when the holding process exits, however it dies, so a
+  killed run never blocks the next one. On NFS, Linux maps flock to a POSIX lock of
+  the server (NFSv4), so runs on two hosts exclude each other too. A child made
+  with os.fork inherits the lock while it lives; subprocesses do not (the
+  descriptor is not inheritable).
+  """
+
+  def __init__(self, path: str):
+    import fcntl  # pylint: disable=g-import-not-at-top  (POSIX only)
+    self.path = path
+    try:
+      self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise UserError(f"cannot open the lock file {path} ({e.strerror}); it must be a "
+                      f"file the run can write. {_FIX}") from e
+    try:
+      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = self._read_holder()
+      os.close(self._fd)
+      raise UserError(  # pylint: disable=raise-missing-from
+          f"work directory {os.path.dirname(path)} is in use by another run: "
+          f"{_describe(holder)}. Wait for it to finish or stop it, or pass another "
+          "--workdir. (A run that was killed holds no lock; this one is alive.)")
+    self.holder = _holder()
+    os.ftruncate(self._fd, 0)
+    os.pwrite(self._fd, (json.dumps(self.holder) + "\n").encode(), 0)
+
+  def _read_holder(self) -> Optional[dict]:
+    try:
+      return json.loads(os.pread(self._fd, 65536, 0).decode() or "null")
+    except ValueError:
+      return None
+
+  def release(self) -> None:
+    """Empties the lock file (no holder), then releases the lock.
+
+    The file stays: deleting it would race with a new run that has opened it. Empty,
+    it is the same file before and after a run that was refused, so a refused run
+    leaves the work directory byte-identical.
+    """
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)  # still held: no other run reads it half-written
+      os.close(self._fd)  # closing the last descriptor drops the flock
+      self._fd = None
+
+  def check(self) -> None:
+    """Nothing to check: a kernel lock cannot be lost while the process lives."""
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+class Lease:
+  """A best-effort lock for object stores (gs://), which have no kernel lock.
+
+  `lock.json` in the work directory names the holder and a heartbeat time, which a
+  background thread renews every `heartbeat_s`. A new run refuses a lease whose
+  heartbeat is younger than `stale_after_s` (a run killed without releasing it
+  blocks the next one for at most that long); otherwise it writes its own, waits
+  `settle_s` and reads it back, and refuses if another run's lease replaced it.
+
+  Limits: without a write precondition (GCS `if_generation_match=0`, which
+  etils.epath does not expose) two runs starting within `settle_s` of each other
+  can in rare interleavings both believe they hold the lease; `check()` (call it
+  before each checkpoint) raises in the one whose lease was overwritten. The
+  heartbeat is compared with this host's clock, so clocks must agree to well
+  within `stale_after_s`.
+  """
+
+  def __init__(self, workdir: str, *, stale_after_s: float = 300.0,
+               heartbeat_s: Optional[float] = None, settle_s: float = 2.0):
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    self.path = epath.Path(workdir) / LEASE_NAME
+    self.stale_after_s = stale_after_s
+    self._heartbeat_s = heartbeat_s or stale_after_s / 5
+    self._thread: Optional[threading.Thread] = None
+    self._token = uuid.uuid4().hex
+    self.holder = _holder(self._token)
+    self._lost: Optional[dict] = None
+    current = self._read()
+    if current is not None and self._fresh(current):
+      raise UserError(self._in_use_message(current))
+    self._write()
+    time.sleep(settle_s)
+    current = self._read()
+    if current is None or current.get("token") != self._token:
+      raise UserError(self._in_use_message(current))
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._renew, daemon=True,
+                                    name="psch-workdir-lease")
+    self._thread.start()
+
+  def _read(self) -> Optional[dict]:
+    try:
+      value = json.loads(self.path.read_text())
+    except (FileNotFoundError, ValueError):
+      return None
+    return value if isinstance(value, dict) else None
+
+  def _write(self) -> None:
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self.path.write_text(json.dumps({**self.holder, "heartbeat": time.time()}))
+
+  def _fresh(self, lease: dict) -> bool:
+    heartbeat = lease.get("heartbeat")
+    return (isinstance(heartbeat, (int, float))
+            and time.time() - heartbeat < self.stale_after_s)
+
+  def _in_use_message(self, lease: Optional[dict]) -> str:
+    return (f"work directory {self.path.parent} is in use by another run: "
+            f"{_describe(lease)}, per its lease {self.path}. Wait for it to finish or "
+            "stop it, or pass another --workdir. A lease whose holder died expires "
+            f"{self.stale_after_s:.0f} s after its last heartbeat; delete {self.path} "
+            "only if you are sure no run uses the directory.")
+
+  def _renew(self) -> None:
+    while not self._stop.wait(self._heartbeat_s):
+      current = self._read()
+      if current is None or current.get("token") != self._token:
+        self._lost = current
+        return
+      self._write()
+
+  def check(self) -> None:
+    """Raises UserError if another run took the lease over."""
+    if self._lost is not None:
+      raise UserError(self._in_use_message(self._lost) + " (It took over this run's "
+                      "lease: stop one of the two runs.)")
+
+  def release(self) -> None:
+    """Stops the heartbeat and deletes the lease if it is still this run's."""
+    if self._thread is None:
+      return
+    self._stop.set()
+    self._thread.join()
+    self._thread = None
+    current = self._read()
+    if current is not None and current.get("token") == self._token:
+      self.path.unlink(missing_ok=True)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def lock(workdir: str, *, process_index: int = 0):
+  """Takes the work directory for this run, or raises UserError naming the holder.
+
+  Args:
+    workdir: the work directory (created if missing).
+    process_index: this process of a multi-process run; each process takes its own
+      lock (`.lock-<process_index>`), so the processes of one run do not exclude each
+      other while every process of a second run is refused. On an object store
+      only process 0 takes the lease; the others get a no-op lock.
+
+  Returns:
+    A `LocalLock` or `Lease` with `release()` and `check()`, usable in `with`.
+  """
+  if is_remote(workdir):
+    if process_index != 0:
+      return _NoLock()
+    return Lease(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    # The wording of train._check_writable, which tests quote.
+    raise UserError(f"work directory {workdir} is not writable ({e.strerror}); pass a "
+                    "--workdir you can write to.") from e
+  return LocalLock(os.path.join(workdir, f"{LOCAL_LOCK_PREFIX}{process_index}"))
+
+
+class _NoLock:
+  def release(self) -> None:
+    pass
+
+  def check(self) -> None:
+    pass
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    pass
+
+
+def claim(workdir: str, config: ml_collections.ConfigDict, *, process_index: int = 0):
+  """Checks the layout, locks the work directory, then compares the saved config.
+
+  Call before the run reads or writes anything in `workdir`; hold the returned lock
+  until the run ends (`with claim(...):`). The layout and config checks run for
+  local work directories (object stores are checked by the path layer).
+
+  Returns:
+    The lock (see `lock`).
+
+  Raises:
+    UserError: from `check_layout`, `lock` or `check_config_unchanged`.
+  """
+  remote = is_remote(workdir)
+  if not remote:
+    check_layout(workdir)
+  held = lock(workdir, process_index=process_index)
+  try:
+    if not remote:
+      check_config_unchanged(config, workdir)
+  except BaseException:
+    held.release()
+    raise
+  return held
