@@ -48,6 +48,7 @@ def main(argv):
   import jax  # after flag parsing, so --helpfull is fast
   from psch_jax.errors import UserError
   from psch_jax import train
+  from psch_jax.evaluators import retrieval
 
   FLAGS = flags.FLAGS
   # Orbax and tfds log every save and read at INFO; the progress bar says enough.
@@ -71,9 +72,9 @@ def main(argv):
     sys.exit(EXIT_BAD_INPUT)
   if jax.process_count() > 1:
     print(f"[process {jax.process_index()}/{jax.process_count()}] "
-          + train.format_results(results), flush=True)
+          + retrieval.format_results(results), flush=True)
   else:
-    print(train.format_results(results))
+    print(retrieval.format_results(results))
 
 
 if __name__ == "__main__":
