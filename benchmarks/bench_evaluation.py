@@ -55,7 +55,7 @@ def make_data(num_queries: int, num_database: int, num_bits: int, num_classes: i
   return query_codes, query_labels, db_codes, db_labels
 
 
-def numpy_map_at_k(query_codes, query_labels, db_codes, db_labels, k: int) -> float:
+def reference_map_at_k(query_codes, query_labels, db_codes, db_labels, k: int) -> float:
   """mAP@k by the NumPy reference (a stable argsort per query), in query blocks."""
   total = 0.0
   for start in range(0, len(query_codes), reference.QUERY_BLOCK):
@@ -202,7 +202,7 @@ def main() -> None:
   full_seconds, full = best_of(args.repeats, lambda: every_metric(slice(None)))
 
   subset = slice(0, args.numpy_queries)
-  numpy_seconds, numpy_subset_map = best_of(args.repeats, lambda: numpy_map_at_k(
+  numpy_seconds, numpy_subset_map = best_of(args.repeats, lambda: reference_map_at_k(
       query_codes[subset], query_labels[subset], db_codes, db_labels, k))
   numpy_seconds *= args.num_queries / args.numpy_queries
   full_subset = every_metric(subset)[f"map@{k}"]
