@@ -340,12 +340,15 @@ def _chunk_statistics(query_packed: jax.Array, query_labels: jax.Array,
 
 @functools.partial(jax.jit, static_argnames=("mesh", "code_length", "num_database",
                                              "num_buckets"))
-def _sharded_statistics(query_packed: jax.Array, query_labels: jax.Array,
+def sharded_statistics(query_packed: jax.Array, query_labels: jax.Array,
                         db_blocks: jax.Array, db_label_blocks: jax.Array,
                         bucket_of_rank: jax.Array, *, mesh: Mesh, code_length: int,
                         num_database: int, num_buckets: int
                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """`_chunk_statistics` with the queries split over the mesh, database replicated."""
+  """The device step of `retrieval_metrics_per_query` for a database held whole: both
+  passes (`_chunk_statistics`, whose docstring gives the shapes) with the queries split
+  over the mesh's "queries" axis and the database replicated. Public so that its
+  compiled memory can be checked (`.lower(...).compile().memory_analysis()`)."""
   body = functools.partial(_chunk_statistics, code_length=code_length,
                            num_database=num_database, num_buckets=num_buckets)
   split = P(_QUERY_AXIS)
@@ -511,7 +514,7 @@ def _segmented_statistics(query_steps: list, read_segment, *, num_database: int,
 
   Returns:
     [(counts, precision_sums, relevant_counts)] per query step, as
-    `_sharded_statistics` returns them.
+    `sharded_statistics` returns them.
   """
   split = NamedSharding(mesh, P(_QUERY_AXIS))
   total = jnp.int32(num_database)
@@ -730,7 +733,7 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
     database = jax.device_put(_database_blocks(
         db_codes, db_labels, 0, num_database, num_rows=num_rows, block_size=db_chunk,
         code_length=code_length), replicated)
-    pending = [_sharded_statistics(  # dispatched asynchronously, collected below
+    pending = [sharded_statistics(  # dispatched asynchronously, collected below
         *query, *database, bucket_of_rank, mesh=mesh, code_length=code_length,
         num_database=num_database, num_buckets=num_buckets) for query in query_steps]
   else:

@@ -30,16 +30,18 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 
 
 def hamming_distances(query_codes: np.ndarray, database_codes: np.ndarray) -> np.ndarray:
-  """int (nq, ndb) Hamming distances of +-1 codes (nq, L), (ndb, L)."""
+  """int32 (nq, ndb) Hamming distances of +-1 codes (nq, L), (ndb, L)."""
   code_length = database_codes.shape[1]
-  # For +-1 codes, <q, b> = L - 2 * Hamming(q, b).
-  inner = query_codes.astype(np.int32) @ database_codes.astype(np.int32).T
-  return (code_length - inner) // 2
+  # For +-1 codes, <q, b> = L - 2 * Hamming(q, b). In float32 (BLAS; NumPy's integer
+  # matmul has none): every partial sum is an integer below 2^24, so exact.
+  inner = query_codes.astype(np.float32) @ database_codes.astype(np.float32).T
+  return ((code_length - inner) / 2).astype(np.int32)
 
 
 def shares_a_label(query_labels: np.ndarray, database_labels: np.ndarray) -> np.ndarray:
   """bool (nq, ndb): query and database item share at least one label (multi-hot)."""
-  return (query_labels.astype(np.int32) @ database_labels.astype(np.int32).T) > 0
+  # float32 for BLAS: the counts of shared labels are small integers, exact.
+  return (query_labels.astype(np.float32) @ database_labels.astype(np.float32).T) > 0
 
 
 def ranked_relevance(distances: np.ndarray, relevant: np.ndarray, *,

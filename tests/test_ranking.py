@@ -148,7 +148,7 @@ def test_device_memory_stays_small_for_a_nus_wide_sized_database():
   shapes = [((256, 2), np.uint32), ((256, 1), np.uint32),
             ((num_blocks, block, 2), np.uint32), ((num_blocks, block, 1), np.uint32),
             ((num_database + 1,), np.int32)]
-  compiled = ranking._sharded_statistics.lower(  # pylint: disable=protected-access
+  compiled = ranking.sharded_statistics.lower(
       *(jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes),
       mesh=jax.sharding.Mesh(np.array(jax.devices()[:1]), ("queries",)), code_length=64,
       num_database=num_database, num_buckets=3).compile()
