@@ -2,7 +2,7 @@ r"""Benchmark: peak memory of retrieval evaluation stays flat as the database gr
 
 1,000 queries against 50,000, 200,000 and 1,000,000 random 64-bit codes with random
 multi-hot labels (24 labels, each set with probability 0.1). Each size runs
-`psch_jax.evaluation.retrieval_metrics` (mAP@1000, mAP@all, tie-aware mAP,
+`psch_jax.ranking.retrieval_metrics` (mAP@1000, mAP@all, tie-aware mAP,
 precision@radius2, curves) once in a fresh subprocess, the database opened with
 `np.load(path, mmap_mode="r")`, so it is read from disk segment by segment
 (`db_segment`, default 65,536 items) and never held whole. Reported per size:
@@ -70,7 +70,7 @@ class _PeakSampler(threading.Thread):
 def write_data(directory: str, num_queries: int, num_database: int, packed: bool,
                seed: int = 0) -> None:
   """Random +-1 (or packed) codes and multi-hot labels as .npy files, in slices."""
-  from psch_jax import evaluation  # pylint: disable=import-outside-toplevel
+  from psch_jax import ranking  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(seed)
 
   def draw_codes(n):
@@ -89,8 +89,7 @@ def write_data(directory: str, num_queries: int, num_database: int, packed: bool
   for start in range(0, num_database, WRITE_ROWS):
     rows = min(WRITE_ROWS, num_database - start)
     block = draw_codes(rows)
-    codes[start:start + rows] = np.asarray(evaluation.pack_codes(block)) if packed \
-        else block
+    codes[start:start + rows] = ranking.pack_codes(block) if packed else block
     labels[start:start + rows] = draw_labels(rows)
   codes.flush()
   labels.flush()
@@ -100,7 +99,7 @@ def write_data(directory: str, num_queries: int, num_database: int, packed: bool
 def measure(directory: str, in_memory: bool) -> dict:
   """In this (fresh) process: evaluates the files once; memory and time."""
   import jax  # pylint: disable=import-outside-toplevel
-  from psch_jax import evaluation  # pylint: disable=import-outside-toplevel
+  from psch_jax import ranking  # pylint: disable=import-outside-toplevel
   jax.devices()  # start the backend before the baseline
   mmap_mode = None if in_memory else "r"
   load = lambda name, mode=None: np.load(os.path.join(directory, name + ".npy"),
@@ -111,8 +110,8 @@ def measure(directory: str, in_memory: bool) -> dict:
   sampler = _PeakSampler()
   sampler.start()
   start = time.perf_counter()
-  metrics = evaluation.retrieval_metrics(query_codes, query_labels, db_codes, db_labels,
-                                         topk=(1000, None), code_length=NUM_BITS)
+  metrics = ranking.retrieval_metrics(query_codes, query_labels, db_codes, db_labels,
+                                      topk=(1000, None), code_length=NUM_BITS)
   seconds = time.perf_counter() - start
   return {"num_database": int(db_codes.shape[0]), "seconds": seconds,
           "baseline_mib": baseline_kib / 1024, "vmhwm_mib": _status_kib("VmHWM") / 1024,

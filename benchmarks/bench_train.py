@@ -54,10 +54,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from benchmarks import describe_machine, peak_rss_mib, print_table
 from psch_jax import checkpointing
-from psch_jax import evaluation
 from psch_jax import models
+from psch_jax import ranking
 from psch_jax import train
 from psch_jax.attention import GroupedAttention
+from psch_jax.evaluators import retrieval
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNLABELLED_FRACTION = 0.3
@@ -576,9 +577,9 @@ def run_phases(config, workdir: str) -> dict[str, Any]:
       timer.wrap(train, "make_pseudo_labels", "k-means and thresholds (Eqs. 1-2)"),
       timer.wrap(train, "_run_epoch", "train epochs"),
       timer.wrap(checkpointing, "save", "checkpoint saves"),
-      timer.wrap(train, "evaluate", "evaluation (query + database)"),
-      timer.wrap(train, "validate", "validation"),
-      timer.wrap(evaluation, "retrieval_metrics", "rank and score (evaluation.py)"),
+      timer.wrap(retrieval.RetrievalEvaluator, "run",
+                 "evaluation and validation (encode, rank, score)"),
+      timer.wrap(ranking, "retrieval_metrics", "rank and score (ranking.py)"),
   ]
   try:
     with timer.phase("total"):

@@ -171,6 +171,7 @@ def train_main(argv: Sequence[str]) -> None:
   del argv
   import jax  # pylint: disable=g-import-not-at-top  # after the flags: fast --helpfull
   from psch_jax import train  # pylint: disable=g-import-not-at-top
+  from psch_jax.evaluators import retrieval  # pylint: disable=g-import-not-at-top
 
   if FLAGS.coordinator_address or FLAGS.distributed:
     # Only the CPU backend reads this (it must be set before any backend starts);
@@ -187,6 +188,6 @@ def train_main(argv: Sequence[str]) -> None:
     results = train.evaluate_checkpoint(config, workdir)
   if jax.process_count() > 1:
     print(f"[process {jax.process_index()}/{jax.process_count()}] "
-          + train.format_results(results), flush=True)
+          + retrieval.format_results(results), flush=True)
   else:
-    print(train.format_results(results))
+    print(retrieval.format_results(results))

@@ -50,6 +50,7 @@ from absl import flags
 import numpy as np
 
 from psch_jax import cli
+from psch_jax import reference
 from psch_jax.errors import UserError
 
 MAX_TRAIN_IMAGES = 20_000
@@ -59,57 +60,20 @@ QUERY_CHUNK = 256
 
 # ------------------------------------------------------------------------ rankings
 
-def average_precisions(scores: np.ndarray, query_ids: np.ndarray,
-                       labels: np.ndarray) -> np.ndarray:
-  """AP@all of queries drawn from a set, each ranked against the rest of the set.
-
-  Query c ranks the images j != query_ids[c] by decreasing scores[c, j], ties by
-  smaller j first; j is relevant when it shares a label with the query.
-  AP = (1/R) sum over relevant j of (relevant images up to j) / (rank of j), R the
-  number of relevant images (AP = 0 when R = 0).
-
-  Args:
-    scores: (C, N) finite float scores of every image of the set for each query.
-    query_ids: (C,) int index of each query in the set (its own column is skipped).
-    labels: (N, num_labels) multi-hot true labels of the set (uint8 or bool).
-
-  Returns:
-    (C,) float64 average precisions in [0, 1].
-  """
-  scores = np.asarray(scores)
-  query_ids = np.asarray(query_ids)
-  truth = np.asarray(labels).astype(bool)
-  if (scores.ndim != 2 or query_ids.shape != scores.shape[:1] or truth.ndim != 2
-      or truth.shape[0] != scores.shape[1]):
-    raise UserError(f"average_precisions needs scores (C, N), query_ids (C,) and "
-                    f"labels (N, num_labels); got {scores.shape}, {query_ids.shape} "
-                    f"and {truth.shape}.")
-  if not np.isfinite(scores).all():
-    raise UserError("average_precisions got non-finite scores; a NaN has no place "
-                    "in a ranking (check the features the scores come from).")
-  order = np.argsort(-scores, axis=1, kind="stable")
-  relevant = truth[query_ids] @ truth.T  # bool (C, N): shares a label
-  ranked_relevant = np.take_along_axis(relevant, order, axis=1)
-  other = order != query_ids[:, None]
-  ranked_relevant &= other
-  rank = np.cumsum(other, axis=1)  # position among the N - 1 others
-  hits = np.cumsum(ranked_relevant, axis=1)
-  precision_sum = np.sum(
-      np.where(ranked_relevant, hits / np.maximum(rank, 1), 0.0), axis=1)
-  num_relevant = hits[:, -1]
-  return np.where(num_relevant > 0, precision_sum / np.maximum(num_relevant, 1), 0.0)
-
-
 def map_at_all(score_rows: Callable[[np.ndarray], np.ndarray], labels: np.ndarray, *,
                query_ids: np.ndarray, chunk_size: int = QUERY_CHUNK) -> float:
-  """Mean of `average_precisions` over `query_ids`, `chunk_size` queries at a time.
+  """mAP@all of queries drawn from a set, each ranked against the rest of the set.
+
+  Query q ranks the images j != q by decreasing score_rows(q)[j], ties by smaller j
+  first; j is relevant when it shares a label with q. The AP is the NumPy
+  reference's (`reference.average_precision`: 0 without a relevant image).
 
   Args:
-    score_rows: maps (c,) query indices to their (c, N) float score rows, so at most
-      (chunk_size x N) scores exist at once when the rows are made on demand.
+    score_rows: maps (c,) query indices to their (c, N) finite float score rows, so at
+      most (chunk_size x N) scores exist at once when the rows are made on demand.
     labels: (N, num_labels) multi-hot true labels of the set.
     query_ids: (Q,) int indices of the queries in the set.
-    chunk_size: queries per sort.
+    chunk_size: queries ranked at once.
 
   Returns:
     The mAP@all, a float in [0, 1].
@@ -117,10 +81,15 @@ def map_at_all(score_rows: Callable[[np.ndarray], np.ndarray], labels: np.ndarra
   query_ids = np.asarray(query_ids)
   if query_ids.size == 0:
     raise UserError("map_at_all needs at least one query.")
+  truth = np.asarray(labels)
   total = 0.0
   for start in range(0, len(query_ids), chunk_size):
     rows = query_ids[start:start + chunk_size]
-    total += float(average_precisions(score_rows(rows), rows, labels).sum())
+    # Negated scores: the reference ranks by increasing key (negation is exact).
+    ranked = reference.ranked_relevance(
+        -np.asarray(score_rows(rows)), reference.shares_a_label(truth[rows], truth),
+        exclude=rows)
+    total += float(reference.average_precision(ranked).sum())
   return total / len(query_ids)
 
 
@@ -192,6 +161,7 @@ def target_quality(config, workdir: str, *, query_stride: int = 1) -> dict:
 
   from psch_jax import checkpointing
   from psch_jax import train
+  from psch_jax.evaluators import retrieval
   from psch_jax.similarity import (pixel_similarity, soft_similarity,
                                    target_similarity)
 
@@ -259,7 +229,7 @@ def target_quality(config, workdir: str, *, query_stride: int = 1) -> dict:
 
   return {
       "dataset": config.data.name, "protocol": config.data.preset,
-      "seed": config.seed, "config_hash": train.config_hash(config),
+      "seed": config.seed, "config_hash": retrieval.config_hash(config),
       "num_train": int(num_train), "num_queries": int(len(query_ids)),
       "query_stride": query_stride,
       "pseudo_labels": stats,

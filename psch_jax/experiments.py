@@ -52,10 +52,11 @@ import numpy as np
 from psch_jax import baselines
 from psch_jax import cli
 from psch_jax import config as psch_config
-from psch_jax import evaluation
 from psch_jax import io_utils
+from psch_jax import ranking
 from psch_jax import train
 from psch_jax.data import splits as splits_lib
+from psch_jax.evaluators import retrieval
 from psch_jax.errors import UserError
 
 
@@ -185,7 +186,7 @@ def run_baseline(config: ml_collections.ConfigDict, method: str, source,
     run_dir: where config.json, results.json and codes/ go.
 
   Returns:
-    The results (train.evaluate's keys, plus "method", "fit_seconds", "num_train").
+    The results (the keys of a PSCH run's results.json, plus "method", "fit_seconds", "num_train").
   """
   num_bits, seed = config.model.num_bits, config.seed
   # One key stream per (seed, method), independent of the order runs are made in.
@@ -198,9 +199,9 @@ def run_baseline(config: ml_collections.ConfigDict, method: str, source,
            for name in ("query", "database")}
   fit_seconds = time.perf_counter() - start
   query, database = index_sets["query"], index_sets["database"]
-  metrics = evaluation.retrieval_metrics(
-      codes["query"], source.labels[query], codes["database"], source.labels[database],
-      topk=tuple(config.eval.topk), curves=False)
+  metrics = retrieval.score_codes(
+      config, codes["query"], source.labels[query], codes["database"],
+      source.labels[database], curves=False)
   results = {"dataset": config.data.name, "protocol": config.data.preset,
              "num_bits": num_bits, "seed": seed, "method": method,
              "num_query": int(len(query)), "num_database": int(len(database)),
@@ -211,7 +212,7 @@ def run_baseline(config: ml_collections.ConfigDict, method: str, source,
                       _baseline_record(config, method))
   for name, value in codes.items():
     io_utils.save_npy(os.path.join(run_dir, "codes", f"{name}.npy"),
-                      np.asarray(evaluation.pack_codes(value)))
+                      ranking.pack_codes(value))
   io_utils.write_json(os.path.join(run_dir, "results.json"), results)
   return results
 

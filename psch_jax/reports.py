@@ -12,9 +12,9 @@ r"""Result reports of a trained run, and an independent check of its numbers.
 
 `verify_results` recomputes every metric of `results.json` that the query and
 database codes determine from the saved files alone (codes/*.npy, splits/*.npy, the
-dataset labels) with a plain NumPy implementation that shares no code with
-`psch_jax.evaluation`: a stable `np.argsort` per query and the metric definitions as
-written. From the command line it prints each metric beside its recomputed value:
+dataset labels) with `psch_jax.reference`, the NumPy implementation that shares no
+code with `psch_jax.ranking`: a stable `np.argsort` per query and the metric
+definitions as written. From the command line it prints each metric beside its recomputed value:
 
   python -m psch_jax.reports --workdir=workdirs/fmnist
 
@@ -33,8 +33,9 @@ from absl import flags
 import numpy as np
 
 from psch_jax import cli
-from psch_jax import evaluation
 from psch_jax import io_utils
+from psch_jax import ranking
+from psch_jax import reference
 from psch_jax.errors import UserError
 
 # results.json fields that describe the run rather than measure it.
@@ -48,8 +49,6 @@ _WORD_BITS = 32
 _RELEVANT_COLOUR = "#2ca02c"
 _IRRELEVANT_COLOUR = "#d62728"
 _QUERY_COLOUR = "#1f77b4"
-# Queries per block of the reference: (block x database) int32 distances in memory.
-_REFERENCE_QUERY_BLOCK = 128
 
 
 # --------------------------------------------------------------------- ranking
@@ -62,8 +61,8 @@ def top_matches(query_packed: Any, database_packed: Any, *, topk: int
   (report grids, interactive search), not for a whole query set.
 
   Args:
-    query_packed: uint32 (nq, W) codes from `evaluation.pack_codes`.
-    database_packed: uint32 (ndb, W) codes from `evaluation.pack_codes`.
+    query_packed: uint32 (nq, W) codes from `ranking.pack_codes`.
+    database_packed: uint32 (ndb, W) codes from `ranking.pack_codes`.
     topk: how many database rows to return per query (clipped to ndb).
 
   Returns:
@@ -72,7 +71,7 @@ def top_matches(query_packed: Any, database_packed: Any, *, topk: int
   """
   if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1:
     raise UserError(f"topk must be a positive int, got {topk!r}; e.g. topk=10.")
-  distances = np.asarray(evaluation.hamming_distance_packed(query_packed,
+  distances = np.asarray(ranking.hamming_distance_packed(query_packed,
                                                             database_packed))
   # Database rows are in increasing global index (splits are sorted), so a stable
   # sort on distance breaks ties by database index, as the evaluation does.
@@ -81,7 +80,7 @@ def top_matches(query_packed: Any, database_packed: Any, *, topk: int
 
 
 def unpack_codes(packed: np.ndarray, num_bits: int) -> np.ndarray:
-  """Inverse of `evaluation.pack_codes`, written out independently with NumPy.
+  """Inverse of `ranking.pack_codes`, written out independently with NumPy.
 
   Args:
     packed: uint32 (n, ceil(num_bits / 32)); bit i of word w is code bit 32 w + i.
@@ -264,7 +263,7 @@ def _scalar_metrics(results: dict) -> dict[str, float]:
 
 
 def _conventions(results: dict) -> str:
-  return str(results.get("conventions", evaluation.METRIC_CONVENTIONS))
+  return str(results.get("conventions", ranking.METRIC_CONVENTIONS))
 
 
 def results_markdown(results: dict) -> str:
@@ -297,7 +296,7 @@ def write_reports(workdir: str, *, results: dict, codes: dict[str, np.ndarray],
 
   Args:
     workdir: the run's work directory.
-    results: `evaluation.retrieval_metrics(..., curves=True)` plus the protocol
+    results: `ranking.retrieval_metrics(..., curves=True)` plus the protocol
       fields (dataset, protocol, num_bits, seed, num_query, num_database, selection;
       optionally config_hash, conventions, epochs, steps).
     codes: {"query": int8 (nq, L), "database": int8 (ndb, L)} +-1 codes (Eq. 12).
@@ -313,9 +312,9 @@ def write_reports(workdir: str, *, results: dict, codes: dict[str, np.ndarray],
   for key in ("pr_curve", "precision@topn"):
     if key not in results:
       raise UserError(f"results has no {key!r}: compute them with "
-                      "evaluation.retrieval_metrics(..., curves=True).")
-  query_packed = np.asarray(evaluation.pack_codes(codes["query"]))
-  database_packed = np.asarray(evaluation.pack_codes(codes["database"]))
+                      "ranking.retrieval_metrics(..., curves=True).")
+  query_packed = np.asarray(ranking.pack_codes(codes["query"]))
+  database_packed = np.asarray(ranking.pack_codes(codes["database"]))
   if (len(query_indices) != len(query_packed)
       or len(database_indices) != len(database_packed)):
     raise UserError(f"{len(query_packed)} query / {len(database_packed)} database codes "
@@ -335,99 +334,12 @@ def write_reports(workdir: str, *, results: dict, codes: dict[str, np.ndarray],
   return list(paths.values())
 
 
-# ------------------------------------------------------- independent reference
-
-def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-  return np.where(denominator > 0, numerator / np.maximum(denominator, 1), 0.0)
-
-
-def _expected_tie_precision_sum(distances: np.ndarray, relevant: np.ndarray) -> float:
-  """Sum over relevant items of E[P@rank] when ties come in uniformly random order.
-
-  A relevant item of a group of n items (r relevant) tied after C items (R' of them
-  relevant) sits at each place p = 1..n with probability 1/n, and the expected
-  number of relevant group members before it is (p - 1)(r - 1)/(n - 1), so
-  E[P] = (1/n) sum_p (R' + 1 + (p - 1)(r - 1)/(n - 1)) / (C + p), summed directly.
-  """
-  total = 0.0
-  before = hits_before = 0
-  for distance in np.unique(distances):
-    in_group = distances == distance
-    n = int(in_group.sum())
-    r = int(relevant[in_group].sum())
-    if r:
-      places = np.arange(1, n + 1, dtype=np.float64)
-      slope = (r - 1) / (n - 1) if n > 1 else 0.0
-      total += r * np.mean((hits_before + 1 + (places - 1) * slope) / (before + places))
-    before += n
-    hits_before += r
-  return total
-
-
-def reference_metrics(query_codes: np.ndarray, query_labels: np.ndarray,
-                      database_codes: np.ndarray, database_labels: np.ndarray, *,
-                      topk: Sequence[int], topn: Sequence[int], radius: int | None
-                      ) -> dict[str, float]:
-  """Every metric of docs/evaluation.md by a stable argsort per query, in NumPy.
-
-  Args:
-    query_codes, database_codes: int8 (n, L) +-1 codes.
-    query_labels, database_labels: uint8 (n, num_labels) multi-hot.
-    topk: cut-offs K of mAP@K (mAP@all is always computed).
-    topn: list sizes N of precision@N.
-    radius: the radius of "precision@radius{radius}", or None for none.
-
-  Returns:
-    Flat {name: float}: "map@{K}", "map@all", "map@all_tie_aware",
-    "precision@radius{r}", "precision@top{N}", "pr_precision@radius{r}" and
-    "pr_recall@radius{r}" for r = 0..L; each a mean over all queries.
-  """
-  num_database, code_length = database_codes.shape
-  database_codes = database_codes.astype(np.int32)
-  database_labels = database_labels.astype(np.int32)
-  sums: dict[str, float] = {}
-
-  def add(name: str, values: np.ndarray) -> None:
-    sums[name] = sums.get(name, 0.0) + float(np.sum(values))
-
-  for start in range(0, len(query_codes), _REFERENCE_QUERY_BLOCK):
-    block = slice(start, start + _REFERENCE_QUERY_BLOCK)
-    # For +-1 codes, <q, b> = L - 2 * Hamming(q, b).
-    inner = query_codes[block].astype(np.int32) @ database_codes.T
-    distances = (code_length - inner) // 2
-    relevant = (query_labels[block].astype(np.int32) @ database_labels.T) > 0
-    order = np.argsort(distances, axis=1, kind="stable")
-    ranked = np.take_along_axis(relevant, order, axis=1)
-    hits = np.cumsum(ranked, axis=1)
-    precision_at_rank = hits / np.arange(1, num_database + 1)
-    for k in topk:
-      cut = min(k, num_database)
-      add(f"map@{k}", _ratio(np.sum(precision_at_rank[:, :cut] * ranked[:, :cut],
-                                    axis=1), hits[:, cut - 1]))
-    add("map@all", _ratio(np.sum(precision_at_rank * ranked, axis=1), hits[:, -1]))
-    for n in topn:
-      cut = min(n, num_database)
-      add(f"precision@top{n}", hits[:, cut - 1] / cut)
-    total_relevant = hits[:, -1]
-    for r in range(code_length + 1):
-      inside = distances <= r
-      retrieved = inside.sum(axis=1)
-      relevant_inside = (inside & relevant).sum(axis=1)
-      add(f"pr_precision@radius{r}", _ratio(relevant_inside, retrieved))
-      add(f"pr_recall@radius{r}", _ratio(relevant_inside, total_relevant))
-    add("map@all_tie_aware", np.array([
-        _expected_tie_precision_sum(distances[q], relevant[q]) / total_relevant[q]
-        if total_relevant[q] else 0.0 for q in range(len(distances))]))
-  metrics = {name: value / len(query_codes) for name, value in sums.items()}
-  if radius is not None:
-    metrics[f"precision@radius{radius}"] = metrics[
-        f"pr_precision@radius{min(radius, code_length)}"]
-  return metrics
-
+# ------------------------------------------------------- independent check
 
 def flatten_results(results: dict) -> dict[str, float]:
   """The metrics of results.json that the query and database codes determine, in the
-  flat names of `reference_metrics` (validation metrics and run fields are left out)."""
+  flat names of `reference.retrieval_metrics` (validation metrics and run fields are
+  left out)."""
   flat = {}
   for name, value in results.items():
     if re.fullmatch(r"map@(\d+|all|all_tie_aware)|precision@radius\d+", name):
@@ -512,9 +424,9 @@ def compare_results(workdir: str, source: Any) -> list[MetricCheck]:
                 if name.startswith("precision@top"))
   radii = [int(name[len("precision@radius"):]) for name in saved
            if name.startswith("precision@radius")]
-  recomputed = reference_metrics(codes["query"], labels["query"], codes["database"],
-                                 labels["database"], topk=topk, topn=topn,
-                                 radius=radii[0] if radii else None)
+  recomputed = reference.retrieval_metrics(
+      codes["query"], labels["query"], codes["database"], labels["database"],
+      topk=topk, topn=topn, radius=radii[0] if radii else None)
   return [MetricCheck(name, saved[name], recomputed[name])
           for name in sorted(saved, key=_natural_key)]
 

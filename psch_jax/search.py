@@ -29,9 +29,9 @@ import orbax.checkpoint as ocp
 from PIL import Image
 
 from psch_jax import cli
-from psch_jax import evaluation
 from psch_jax import io_utils
 from psch_jax import models
+from psch_jax import ranking
 from psch_jax import reports
 from psch_jax import train
 from psch_jax.errors import UserError
@@ -200,7 +200,7 @@ def search_index(index: SearchIndex, image_paths: Sequence[str], *, topk: int
   if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1:
     raise UserError(f"topk must be a positive int, got {topk!r}; e.g. --topk=10.")
   codes = encode_files(index, image_paths)
-  rows, distances = reports.top_matches(evaluation.pack_codes(codes),
+  rows, distances = reports.top_matches(ranking.pack_codes(codes),
                                         index.database_packed, topk=int(topk))
   return [[{"rank": rank + 1, "database_row": int(row),
             "index": int(index.database_indices[row]), "distance": int(distance),

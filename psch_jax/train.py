@@ -15,7 +15,6 @@ epoch), and the checkpoint holds everything else, so a resumed run replays the s
 batches with the same keys and ends with the same codes.
 """
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -32,16 +31,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from psch_jax import checkpointing
 from psch_jax import config as psch_config
-from psch_jax import evaluation
 from psch_jax import io_utils
 from psch_jax import models
 from psch_jax import pretrained
-from psch_jax import reports
 from psch_jax import spectral
 from psch_jax.attention import GroupedAttention
 from psch_jax.data import pipeline
 from psch_jax.data import sources
 from psch_jax.data import splits as splits_lib
+from psch_jax.evaluators import retrieval
 from psch_jax.errors import UserError
 from psch_jax.loss import psch_loss
 from psch_jax.preprocess import augment, preprocess
@@ -519,6 +517,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: _Run) -> dict:
   replicated = NamedSharding(mesh, PartitionSpec())
   train_step = make_train_step(config, run.model, run.tx, mesh)
   log = _MetricsLog(run.workdir, config.train.tensorboard)
+  evaluators = retrieval.from_config(config, encode=run.encode, source=source,
+                                     index_sets=run.index_sets, mesh=mesh)
 
   # --- Checkpoint.
   restored = _restore(config, run)
@@ -567,17 +567,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: _Run) -> dict:
                              steps_per_epoch=steps_per_epoch, log=log, save=save)
     every = config.eval.validation_every_epochs
     if every and (epoch + 1) % every == 0:
-      log.write(step, validate(config, run.encode, state["params"], source,
-                               run.index_sets, mesh=mesh))
+      log.write(step, evaluators["validation"].run(state["params"])[0])
   mngr.wait_until_finished()
 
   # --- Evaluation.
-  results, codes = evaluate(config, run.encode, state["params"], source,
-                            run.index_sets, mesh=mesh)
+  metrics, codes = evaluators["test"].run(state["params"])
+  results = retrieval.results_record(config, run.index_sets, metrics)
   results.update({"epochs": num_epochs, "steps": step, "selection": "last epoch"})
-  results.update(validate(config, run.encode, state["params"], source, run.index_sets,
-                          mesh=mesh, database_codes=codes["database"]))
-  _write_results(run.workdir, results, codes, source, run.index_sets)
+  results.update(evaluators["validation"].run(
+      state["params"], codes_at_hand=(run.index_sets["database"], codes["database"]))[0])
+  retrieval.write_results(run.workdir, results, codes, source, run.index_sets)
   log.write(step, {"results": {k: v for k, v in results.items()
                                if isinstance(v, (int, float))}})
   return results
@@ -671,88 +670,7 @@ def _info(message: str) -> None:
 
 
 # ----------------------------------------------------------------------- evaluation
-
-def _hash(config, encode, params, source, indices, *, mesh) -> np.ndarray:
-  """int8 (n, L) +-1 hash codes (Eq. 12) of `source[indices]`."""
-  relaxed = encode_images(encode, params, source, indices,
-                          batch_size=config.eval.batch_size, mesh=mesh,
-                          keys=["relaxed_codes"])["relaxed_codes"]
-  return np.asarray(models.hash_codes(relaxed), np.int8)
-
-
-def evaluate(config, encode, params, source, index_sets, *, mesh
-             ) -> tuple[dict, dict[str, np.ndarray]]:
-  """Encodes query and database, ranks by Hamming distance and scores them.
-
-  Returns:
-    results: the metrics (docs/evaluation.md) with the protocol they were computed
-      under;
-    codes: {"query", "database"}: int8 (n, L) +-1 hash codes (Eq. 12).
-  """
-  query, database = index_sets["query"], index_sets["database"]
-  codes = {name: _hash(config, encode, params, source, indices, mesh=mesh)
-           for name, indices in (("query", query), ("database", database))}
-  metrics = evaluation.retrieval_metrics(
-      codes["query"], source.labels[query], codes["database"], source.labels[database],
-      topk=tuple(config.eval.topk), curves=True)
-  results = {"dataset": config.data.name, "protocol": config.data.preset,
-             "num_bits": config.model.num_bits, "seed": config.seed,
-             "num_query": int(len(query)), "num_database": int(len(database)),
-             "config_hash": config_hash(config),
-             "conventions": evaluation.METRIC_CONVENTIONS, **metrics}
-  return results, codes
-
-
-def config_hash(config: ml_collections.ConfigDict) -> str:
-  """12 hex digits identifying every field of the config (for results tables)."""
-  text = json.dumps(config.to_dict(), sort_keys=True, default=str)
-  return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def validate(config, encode, params, source, index_sets, *, mesh,
-             database_codes: Optional[np.ndarray] = None) -> dict:
-  """Validation mAP, for model selection: the validation images as queries against
-  the training images (both inside the database, never the query set).
-
-  Args:
-    database_codes: int8 (len(database), L) codes of `index_sets["database"]` when
-      they are at hand (after the final evaluation): validation and training images
-      are database images (the splits are checked to be), so they are looked up
-      instead of encoded again.
-
-  Returns {"validation/map@K": ..., "validation/map@all": ...}.
-  """
-  val, train_set = index_sets["validation"], index_sets["train"]
-  if len(val) == 0:  # tiny sets drawn with data.allow_fewer can leave none
-    return {}
-
-  def codes_of(indices):
-    if database_codes is None:
-      return _hash(config, encode, params, source, indices, mesh=mesh)
-    return database_codes[np.searchsorted(index_sets["database"], indices)]
-
-  metrics = evaluation.retrieval_metrics(
-      codes_of(val), source.labels[val], codes_of(train_set), source.labels[train_set],
-      topk=tuple(config.eval.topk), curves=False)
-  return {f"validation/{k}": v for k, v in metrics.items() if k.startswith("map")}
-
-
-def _write_results(workdir: str, results: dict, codes: dict[str, np.ndarray], source,
-                   index_sets: dict) -> None:
-  """results.json, the packed codes (codes/<split>.npy, uint32 words; Eq. 12) and the
-  reports (results.md, plots), each written atomically by process 0."""
-  if jax.process_index() != 0:
-    return
-  for name, value in codes.items():
-    io_utils.save_npy(os.path.join(workdir, "codes", f"{name}.npy"),
-                      np.asarray(evaluation.pack_codes(value)))
-  query, database = index_sets["query"], index_sets["database"]
-  reports.write_reports(workdir, results=results, codes=codes, query_indices=query,
-                        database_indices=database, query_labels=source.labels[query],
-                        database_labels=source.labels[database], source=source)
-  # Last: a results.json means the run is complete.
-  io_utils.write_json(os.path.join(workdir, "results.json"), results)
-
+# Encoding, ranking and scoring live in psch_jax/evaluators/retrieval.py.
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Evaluates the latest checkpoint in `workdir` without training."""
@@ -763,25 +681,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
       raise UserError(f"no checkpoint in {run.workdir}/checkpoints to evaluate; train "
                       "first (--mode=train) or pass the --workdir of a trained run.")
     state, _, meta = restored
-    results, codes = evaluate(config, run.encode, state["params"], run.source,
-                              run.index_sets, mesh=run.mesh)
+    test = retrieval.from_config(config, encode=run.encode, source=run.source,
+                                 index_sets=run.index_sets, mesh=run.mesh)["test"]
+    metrics, codes = test.run(state["params"])
+    results = retrieval.results_record(config, run.index_sets, metrics)
     results.update({"steps": int(state["step"]), "epochs": meta["epoch"],
                     "selection": "latest checkpoint"})
-    _write_results(run.workdir, results, codes, run.source, run.index_sets)
+    retrieval.write_results(run.workdir, results, codes, run.source, run.index_sets)
   finally:
     checkpointing.close(run.mngr)
   return results
-
-
-def format_results(results: dict) -> str:
-  """One human-readable block: the protocol first, then every scalar metric."""
-  lines = [f"{results['dataset']}, protocol {results['protocol']!r}, "
-           f"{results['num_bits']} bits, seed {results['seed']}: "
-           f"{results['num_query']} queries x {results['num_database']} database "
-           f"images ({results['selection']})"]
-  for k, v in sorted(results.items()):
-    if k.startswith(("map", "precision", "validation/")) and isinstance(v, float):
-      lines.append(f"  {k:<30s} {v:.4f}")
-  lines.append("  (ranking by Hamming distance, ties by database index; "
-               "docs/evaluation.md)")
-  return "\n".join(lines)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from psch_jax import baselines, evaluation
+from psch_jax import baselines, ranking
 from psch_jax.errors import UserError
 
 METHODS = sorted(baselines.FIT)
@@ -98,7 +98,7 @@ def test_every_baseline_separates_two_far_apart_blobs(method):
   test_features, test_labels = two_blobs(1)
   params = baselines.FIT[method](jax.random.key(0), train, 16)
   codes = baselines.encode(params, test_features)
-  metrics = evaluation.retrieval_metrics(codes[::10], test_labels[::10], codes,
+  metrics = ranking.retrieval_metrics(codes[::10], test_labels[::10], codes,
                                          test_labels, topk=(None,), curves=False)
   assert metrics["map@all"] > 0.95, metrics
 

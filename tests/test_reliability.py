@@ -24,8 +24,8 @@ import pytest
 from psch_jax import checkpointing
 from psch_jax import cli
 from psch_jax import config as psch_config
-from psch_jax import evaluation
 from psch_jax import io_utils
+from psch_jax import ranking
 from psch_jax import train
 from psch_jax.data import mirflickr25k
 from psch_jax.data import nus_wide
@@ -437,10 +437,10 @@ KWARGS = dict(topk=(10, 100, None), topn=(5, 700), radius=2, db_chunk=128, query
 
 def test_database_larger_than_a_segment_is_read_in_segments_with_the_same_metrics():
   query_codes, query_labels, db_codes, db_labels = _random_retrieval_set()
-  whole = evaluation.retrieval_metrics_per_query(
+  whole = ranking.retrieval_metrics_per_query(
       query_codes, query_labels, db_codes, db_labels, **KWARGS)
   recorded_codes, recorded_labels = _RecordingRows(db_codes), _RecordingRows(db_labels)
-  segmented = evaluation.retrieval_metrics_per_query(
+  segmented = ranking.retrieval_metrics_per_query(
       query_codes, query_labels, recorded_codes, recorded_labels, db_segment=512,
       **KWARGS)
   for name, value in whole.items():
@@ -453,14 +453,14 @@ def test_database_larger_than_a_segment_is_read_in_segments_with_the_same_metric
 
 def test_memory_mapped_packed_database_gives_the_same_metrics(tmp_path):
   query_codes, query_labels, db_codes, db_labels = _random_retrieval_set()
-  np.save(tmp_path / "codes.npy", np.asarray(evaluation.pack_codes(db_codes)))
+  np.save(tmp_path / "codes.npy", np.asarray(ranking.pack_codes(db_codes)))
   np.save(tmp_path / "labels.npy", db_labels)
   mapped_codes = np.load(tmp_path / "codes.npy", mmap_mode="r")
   mapped_labels = np.load(tmp_path / "labels.npy", mmap_mode="r")
-  whole = evaluation.retrieval_metrics(query_codes, query_labels, db_codes, db_labels,
+  whole = ranking.retrieval_metrics(query_codes, query_labels, db_codes, db_labels,
                                        **KWARGS)
-  for query in (query_codes, np.asarray(evaluation.pack_codes(query_codes))):
-    mapped = evaluation.retrieval_metrics(query, query_labels, mapped_codes,
+  for query in (query_codes, np.asarray(ranking.pack_codes(query_codes))):
+    mapped = ranking.retrieval_metrics(query, query_labels, mapped_codes,
                                           mapped_labels, db_segment=1024,
                                           code_length=20, **KWARGS)
     assert mapped == whole
@@ -481,4 +481,4 @@ def test_bad_packed_input_raises_user_error(change, message):
           "db_labels": np.eye(5, 3, dtype=np.uint8)}
   change(call)
   with pytest.raises(UserError, match=message):
-    evaluation.retrieval_metrics(**call)
+    ranking.retrieval_metrics(**call)

@@ -2,7 +2,7 @@
 independent recomputation that checks results.json.
 
 A tiny synthetic run: a fake dataset of random images, random codes with many ties
-(few bits), and results from `evaluation.retrieval_metrics(..., curves=True)` saved
+(few bits), and results from `ranking.retrieval_metrics(..., curves=True)` saved
 as `train.py` saves them (packed codes, sorted splits, results.json).
 """
 import json
@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from psch_jax import evaluation
 from psch_jax import io_utils
+from psch_jax import ranking
+from psch_jax import reference
 from psch_jax import reports
 from psch_jax.data import sources
 from psch_jax.data import splits as splits_lib
@@ -45,19 +46,19 @@ def fake_run(workdir, source, seed: int = 0) -> dict:
   database = np.setdiff1d(np.arange(NUM_IMAGES), query)
   codes = {name: rng.choice(np.array([-1, 1], np.int8), (len(indices), NUM_BITS))
            for name, indices in (("query", query), ("database", database))}
-  metrics = evaluation.retrieval_metrics(
+  metrics = ranking.retrieval_metrics(
       codes["query"], source.labels[query], codes["database"], source.labels[database],
       topk=TOPK, topn=TOPN, curves=True)
   results = {"dataset": "fake", "protocol": "ssdh", "num_bits": NUM_BITS, "seed": seed,
              "num_query": len(query), "num_database": len(database),
              "selection": "last epoch", "config_hash": "0123456789ab",
-             "conventions": evaluation.METRIC_CONVENTIONS,
+             "conventions": ranking.METRIC_CONVENTIONS,
              "validation/map@5": 0.25, **metrics}
   splits_lib.save_splits({"query": query, "database": database, "train": database[:20],
                           "validation": database[20:30]}, os.path.join(workdir, "splits"))
   for name, value in codes.items():
     io_utils.save_npy(os.path.join(workdir, "codes", f"{name}.npy"),
-                      np.asarray(evaluation.pack_codes(value)))
+                      np.asarray(ranking.pack_codes(value)))
   io_utils.write_json(os.path.join(workdir, "results.json"), results)
   return {"results": results, "codes": codes, "query_indices": query,
           "database_indices": database, "query_labels": source.labels[query],
@@ -100,7 +101,7 @@ def test_results_md_has_protocol_every_metric_and_conventions(tmp_path):
     assert f" {n} |" in text
   assert "| config_hash | 0123456789ab |" in text
   assert "| num_bits | 10 |" in text and "| protocol | ssdh |" in text
-  assert evaluation.METRIC_CONVENTIONS in text
+  assert ranking.METRIC_CONVENTIONS in text
 
 
 def test_write_reports_needs_curves(tmp_path):
@@ -114,21 +115,21 @@ def test_top_matches_ranks_by_distance_then_database_index():
   database = np.array([[1, 1, 1, 1], [-1, -1, 1, 1], [1, 1, 1, -1], [-1, 1, 1, 1],
                        [1, 1, 1, 1]], np.int8)
   query = np.array([[1, 1, 1, 1], [-1, -1, -1, -1]], np.int8)
-  rows, distances = reports.top_matches(evaluation.pack_codes(query),
-                                        evaluation.pack_codes(database), topk=4)
+  rows, distances = reports.top_matches(ranking.pack_codes(query),
+                                        ranking.pack_codes(database), topk=4)
   np.testing.assert_array_equal(rows, [[0, 4, 2, 3], [1, 2, 3, 0]])
   np.testing.assert_array_equal(distances, [[0, 0, 1, 1], [2, 3, 3, 4]])
-  rows, _ = reports.top_matches(evaluation.pack_codes(query),
-                                evaluation.pack_codes(database), topk=100)
+  rows, _ = reports.top_matches(ranking.pack_codes(query),
+                                ranking.pack_codes(database), topk=100)
   assert rows.shape == (2, 5)
   with pytest.raises(UserError, match="topk"):
-    reports.top_matches(evaluation.pack_codes(query), evaluation.pack_codes(database),
+    reports.top_matches(ranking.pack_codes(query), ranking.pack_codes(database),
                         topk=0)
 
 
 def test_unpack_codes_inverts_pack_codes():
   codes = np.random.default_rng(3).choice(np.array([-1, 1], np.int8), (7, 45))
-  packed = np.asarray(evaluation.pack_codes(codes))
+  packed = np.asarray(ranking.pack_codes(codes))
   np.testing.assert_array_equal(reports.unpack_codes(packed, 45), codes)
   with pytest.raises(UserError, match="uint32"):
     reports.unpack_codes(packed, 70)  # 3 words expected, 2 given
@@ -140,8 +141,8 @@ def test_reference_by_hand():
   database = np.array([[1, 1], [1, 1], [1, -1], [-1, -1]], np.int8)
   query_labels = np.array([[1, 0]], np.uint8)
   database_labels = np.array([[1, 0], [0, 1], [1, 1], [0, 1]], np.uint8)
-  metrics = reports.reference_metrics(query, query_labels, database, database_labels,
-                                      topk=(1, 2), topn=(2, 8), radius=0)
+  metrics = reference.retrieval_metrics(query, query_labels, database, database_labels,
+                                        topk=(1, 2), topn=(2, 8), radius=0)
   assert metrics["map@1"] == pytest.approx(1.0)
   assert metrics["map@2"] == pytest.approx(1.0)
   assert metrics["map@all"] == pytest.approx((1 + 2 / 3) / 2)

@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from psch_jax import train
 from psch_jax.data import sources
+from psch_jax.evaluators import retrieval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_MNIST = os.path.isdir(sources.DEFAULT_FASHION_MNIST_DIR)
@@ -248,13 +249,12 @@ def test_final_validation_from_database_codes_equals_encoding_again(reference_ru
   run = train._setup(config, reference_run)
   try:
     state, _, _ = train._restore(config, run)
-    results, codes = train.evaluate(config, run.encode, state["params"], run.source,
-                                    run.index_sets, mesh=run.mesh)
-    looked_up = train.validate(config, run.encode, state["params"], run.source,
-                               run.index_sets, mesh=run.mesh,
-                               database_codes=codes["database"])
-    encoded = train.validate(config, run.encode, state["params"], run.source,
-                             run.index_sets, mesh=run.mesh)
+    evaluators = retrieval.from_config(config, encode=run.encode, source=run.source,
+                                       index_sets=run.index_sets, mesh=run.mesh)
+    _, codes = evaluators["test"].run(state["params"])
+    looked_up, _ = evaluators["validation"].run(
+        state["params"], codes_at_hand=(run.index_sets["database"], codes["database"]))
+    encoded, _ = evaluators["validation"].run(state["params"])
   finally:
     run.mngr.close()
   assert looked_up and looked_up == encoded

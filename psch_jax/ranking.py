@@ -1,107 +1,27 @@
-"""Retrieval metrics for binary hash codes: Hamming ranking, mAP@K, tie-aware mAP, curves.
+"""Hamming ranking of packed hash codes and the retrieval metrics it gives.
 
-The numbers users quote (docs/method.md, "Training and evaluation protocols"; the lead
-copies this docstring into docs/evaluation.md). Every metric is a mean over ALL queries.
+The one ranking and average-precision implementation of the package (its NumPy
+reference is `psch_jax/reference.py`). docs/evaluation.md states the conventions in
+full and derives the algorithm; in short:
+- Codes are +-1 (int8 or float) `(n, L)`, or uint32 `(n, ceil(L / 32))` words from
+  `pack_codes`; labels are multi-hot uint8 `(n, num_labels)`. A database item is
+  relevant to a query when the two share a label.
+- The database is ranked by Hamming distance to the query, ties by database index.
+  AP@K = (1/R_K) sum_{k <= K, item k relevant} P@k (0 when R_K = 0, kept in the mean);
+  "all" is K = database size. Tie-aware mAP@all is He et al. (CVPR 2018): the
+  expected AP@all over random orders of the items at each distance.
+- precision@radius r, the PR curve over radii 0..L and precision@N use the same
+  ranking (0 for an empty denominator).
 
-Conventions
-- Codes are +-1 (int8 or float) `(n, L)`; labels are multi-hot uint8 `(n, num_labels)`
-  (one-hot for single-label sets). A database item is relevant to a query when the two
-  share at least one label.
-- Ranking: the database is sorted by Hamming distance to the query; ties are broken by
-  database index (a stable sort, as `np.argsort(kind="stable")` in public hashing code).
-- AP@K = (1/R_K) sum_{k <= K, item k relevant} P@k, where P@k = (relevant items in the
-  top k) / k and R_K = the number of relevant items in the top K. A query with no
-  relevant item in its top K has AP@K = 0 and stays in the mean. K larger than the
-  database means the whole database; "map@all" is K = database size.
-- Tie-aware mAP@all (He et al., "Hashing as Tie-Aware Learning to Rank", CVPR 2018):
-  the expected AP@all when the items at each Hamming distance come in a uniformly random
-  order. At distance d let n items (r relevant) tie after C items (R' relevant) at
-  smaller distances. A relevant item of the group lands on each of the n places with
-  probability 1/n; with k group members before it, E[relevant among them] =
-  k (r - 1) / (n - 1) (hypergeometric), so its expected precision is
-      (1/n) sum_{k=0}^{n-1} (R' + 1 + k b) / (C + 1 + k),  b = (r-1)/(n-1) (0 if n = 1)
-    = (1/n) [n b + (R' + 1 - b (C + 1)) (H(C + n) - H(C))],   H(m) = sum_{t <= m} 1/t,
-  and the group adds r times that to the sum that is divided by R (all relevant items).
-  It needs only the per-distance counts, and it does not change under any permutation
-  of the database.
-- precision@radius2: relevant / retrieved among the items within Hamming distance 2;
-  0 when nothing lies inside (the query stays in the mean).
-- PR curve, radius 0..L: per query, precision = relevant retrieved / retrieved (0 when
-  nothing is retrieved) and recall = relevant retrieved / relevant in the database (0
-  for a query without any relevant item); the curve is the mean over queries per radius.
-- precision@N = relevant in the top N / N under the same ranking; N larger than the
-  database means the whole database (divided by the database size).
-
-Algorithm (no sort, no query x database matrix). One jit-compiled step takes
-`query_chunk` queries per device, shares them over `devices` (default: all local
-devices) with `jax.shard_map`, the packed database replicated, and runs two passes:
-1. Histogram pass: the database is scanned in blocks of `db_chunk`; a block's
-   distances (`query_chunk x db_chunk` int32, by popcount of XOR-ed packed words) are
-   scatter-added into per-query counts of (irrelevant, relevant) items per distance
-   0..L. The tie-aware mAP, precision@radius and the PR curve come from these counts
-   alone (in float64, on the host; the tie-aware form subtracts harmonic numbers).
-2. Ranking pass: the rank of database item j is (items at smaller distance) + (items at
-   the same distance with smaller index) + 1. A `lax.scan` over the database in index
-   order carries, per query and distance, the running (items, relevant items) so far,
-   started at the counts of all smaller distances; adding item j and reading its slot
-   back gives its rank and the number of relevant items ranked up to it, so its
-   precision. That is exact integer arithmetic; precisions are added in float32 per
-   `db_chunk` block and the blocks in compensated (two-float) sums, into one bucket
-   per rank interval between the requested K and N, so one pass serves mAP@all, every
-   mAP@K and every precision@N.
-Why this and not a sort (CPU, per query-item pair, one thread, measured on a shared
-2-core machine): `lax.sort` of (distance, index) keys costs about 60 ns; cumulative
-counts from an (L + 1)-wide one-hot, about 900 ns at 64 bits; `lax.top_k` about 12 ns
-for k = 1,000 (it keeps the lower index first on ties) but 500 ns for k = database
-size, and it needs the query x database distances in memory; the two passes here cost
-about 25-35 ns together and give every metric, mAP@all included. Each scan step is a
-few small kernels, so on an accelerator use a large `query_chunk` (thousands).
-
-Top-K path (`average_precision_at_k`, `map_at_k`): AP@K alone, for K much smaller
-than the database. Same ranking and AP@K as above (equal to float32 rounding, below
-1e-6), in three jit-compiled steps per query chunk, the queries sharded as above:
-1. Distance counts: a pass like the histogram pass, without relevance, gives per
-   query the items at each distance 0..L, hence the cut distance d* where the
-   cumulative count reaches K and the quota K - (items at distance < d*). The top K
-   are the items nearer than d* and the first `quota` items at d* in index order.
-2. Selection: a second pass packs, per block, "distance < d*" and "distance = d*"
-   into bit masks (one uint32 word per 32 items); per word, popcounts and their
-   prefix sums (a 32 x 32 triangular matrix product, then `jnp.cumsum` of the group
-   totals) keep only the first `quota` bits at d* and give each word's first slot in
-   a per-query table of K slots in index order. A scatter of those first slots, a
-   running maximum over the slots and a binary search inside the word give the item
-   of each slot, whose distance and relevance are then computed from its codes.
-3. Ranking the table: every item nearer than d* is in it, so the rank of a slot's
-   item is (table items at smaller distance) + (table items at its distance in
-   earlier slots) + 1, the running counts of the ranking pass above, scanned over the
-   K slots instead of the database; P@rank in float32 and compensated sums as above.
-Measured per query-item pair (`python -m benchmarks.bench_evaluation --per-pair`:
-CPU time, one device, 256 queries x 50,000 items, 64 bits, K = 1,000, load average
-3.9 on the shared 2-core machine): distance counts 4.9 ns, selection 4.3 ns, ranking
-the table 0.6 ns, together 9.8 ns, against 23.4 ns for the two passes of the full
-path in the same run. The formulations it was chosen over, same run: `lax.top_k` of
-the running top K merged with each 8,192-item block 26.4 ns (the distances have many
-ties); `lax.sort` of the K table by (distance, index) instead of step 3, 5.5 ns;
-counting the distances by comparing with each of the L + 1 values, 172 ns; the table
-positions by `jnp.cumsum` over the items instead of bit masks, 9.6 ns on its own;
-the distances alone (XOR, popcount, summed over each block), 2.1 ns. The distance
-counts are one scatter-add per pair, the costliest part left. Memory per device:
-two bit masks of a segment (B T / 32 words per query) and the K table, e.g. under
-32 MB for 256 queries, a 65,536-item segment and K = 5,000; query chunks are run in
-groups whose tables fit in 256 MB, each group reading the database segments once per
-pass.
-
-Memory per device: O(query_chunk x (db_chunk + L)) plus the packed database; with the
-defaults (256 x 1,024) the working set is a few MB whatever the database size: for
-NUS-WIDE (2,100 queries x 193,734 items, 64 bits) XLA reports 3 MB of arguments and
-2 MB of temporaries, where the dense distance matrix alone would take 1.6 GB.
-A database larger than `db_segment` items (default 65,536) is never held whole, on the
-host or on the devices: each pass reads it in segments (from disk when it is a
-`np.load(..., mmap_mode="r")` memmap of +-1 codes or of packed words), packs a segment
-and runs it for every query chunk, carrying the per-query counts (pass 1) and running
-ranks and sums (pass 2) from one segment to the next. Memory is then
-O(db_segment + nq x L) whatever the database size (benchmarks/bench_eval_memory.py).
-Limit: fewer than 2^24 database items.
+Algorithm (no sort, no query x database matrix): queries are split over the devices
+(`jax.shard_map`), the packed database read in segments of `db_segment` items and
+scanned in blocks of `db_chunk`. Pass 1 (histogram) counts per query the
+(irrelevant, relevant) items at each distance 0..L; the tie-aware mAP, precision@radius
+and the PR curve come from these counts alone (float64, on the host). Pass 2 (ranking)
+scans the database in index order carrying running counts per distance, which give each
+item's exact rank and precision; the precisions are summed per rank bucket between the
+requested K and N, so one pass serves every mAP@K, mAP@all and precision@N.
+Limit: fewer than 2^24 database items (ranks pass through float32).
 """
 from __future__ import annotations
 
@@ -129,8 +49,6 @@ _QUERY_AXIS = "queries"
 # Ranks and counts of relevant items pass through float32: exact below 2^24.
 _MAX_DATABASE = 2**24
 _EULER_GAMMA = 0.57721566490153286061
-# Top-K tables (K slots per query) of the query steps in flight at once, in bytes.
-_TOP_K_TABLE_BYTES = 256 * 2**20
 # Below this argument harmonic numbers come from an exact table, above it from the
 # asymptotic series, whose first omitted term is then below 1e-16.
 _HARMONIC_TABLE_SIZE = 64
@@ -138,43 +56,62 @@ _HARMONIC_TABLE_SIZE = 64
 
 # ------------------------------------------------------------------ packed codes
 
-def _check_codes(codes: Any, name: str) -> np.ndarray:
-  codes = np.asarray(codes)
-  if codes.ndim != 2 or codes.shape[0] == 0 or codes.shape[1] == 0:
-    raise UserError(f"{name} must be a non-empty (n, L) array of +-1 codes, got shape "
-                    f"{codes.shape}; stack the codes of all images into one matrix.")
-  if not np.all(np.abs(codes) == 1):
-    raise UserError(f"{name} must hold only -1 and +1; binarise with "
-                    "models.hash_codes (sign with sign(0) = +1) before evaluating.")
-  return codes
-
-
-def _check_labels(labels: Any, num_rows: int, name: str) -> np.ndarray:
-  labels = np.asarray(labels)
-  if labels.ndim != 2 or labels.shape[0] != num_rows or labels.shape[1] == 0:
-    raise UserError(f"{name} must be a multi-hot (n, num_labels) matrix with one row per "
-                    f"code ({num_rows} rows), got shape {labels.shape}; one-hot encode "
-                    "single-label datasets.")
-  if not np.all((labels == 0) | (labels == 1)):
-    raise UserError(f"{name} must hold only 0 and 1 (multi-hot); turn class ids into "
-                    "one-hot rows with np.eye(num_classes, dtype=np.uint8)[ids].")
-  return labels
-
-
-@jax.jit
-def _pack_bits(bits: jax.Array) -> jax.Array:
-  """bool (n, m) -> uint32 (n, ceil(m/32)); bit i of word w is column 32 w + i."""
+def _pack_bits(bits: np.ndarray) -> np.ndarray:
+  """bool (n, m) -> uint32 (n, ceil(m/32)) on the host; bit i of word w is column
+  32 w + i, padding bits 0. The one bit packer: codes, labels and database segments."""
   num_rows, num_bits = bits.shape
   num_words = -(-num_bits // _WORD_BITS)
-  padded = jnp.zeros((num_rows, num_words * _WORD_BITS), jnp.uint32)
-  padded = padded.at[:, :num_bits].set(bits.astype(jnp.uint32))
-  shifts = jnp.arange(_WORD_BITS, dtype=jnp.uint32)
-  # The shifted bits are disjoint, so their sum is their bitwise OR.
-  return jnp.sum(padded.reshape(num_rows, num_words, _WORD_BITS) << shifts, axis=-1,
-                 dtype=jnp.uint32)
+  as_bytes = np.packbits(bits, axis=1, bitorder="little")  # bit i of byte k: column 8k+i
+  padded = np.zeros((num_rows, 4 * num_words), np.uint8)
+  padded[:, :as_bytes.shape[1]] = as_bytes
+  return padded.view("<u4").astype(np.uint32)
 
 
-def pack_codes(codes: Any) -> jax.Array:
+def _check_code_shape(shape: tuple, name: str) -> None:
+  if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
+    raise UserError(f"{name} must be a non-empty (n, L) array of +-1 codes or (n, W) "
+                    f"uint32 words from pack_codes, got shape {shape}; stack the codes "
+                    "of all images into one matrix.")
+
+
+def _check_label_shape(shape: tuple, num_rows: int, name: str) -> None:
+  if len(shape) != 2 or shape[0] != num_rows or shape[1] == 0:
+    raise UserError(f"{name} must be a multi-hot (n, num_labels) matrix with one row per "
+                    f"code ({num_rows} rows), got shape {shape}; one-hot encode "
+                    "single-label datasets.")
+
+
+def _sign_bits(rows: np.ndarray, name: str) -> np.ndarray:
+  """+-1 rows -> bool, True for +1; anything else is refused."""
+  if not np.all(np.abs(rows) == 1):
+    raise UserError(f"{name} must hold only -1 and +1; binarise with "
+                    "models.hash_codes (sign with sign(0) = +1) before evaluating.")
+  return rows > 0
+
+
+def _packed_codes(rows: Any, name: str, *, code_length: int) -> np.ndarray:
+  """+-1 (n, L) or packed uint32 (n, W) rows -> checked packed uint32 (n, W)."""
+  rows = np.asarray(rows)
+  if rows.dtype == np.uint32:
+    spare_bits = -code_length % _WORD_BITS
+    if spare_bits and np.any(rows[:, -1] >> np.uint32(_WORD_BITS - spare_bits)):
+      raise UserError(f"{name} has bits set past the code length {code_length} in its "
+                      "last word; pack the codes with pack_codes, and pass the real "
+                      "code_length= when query and database are both packed.")
+    return rows
+  return _pack_bits(_sign_bits(rows, name))
+
+
+def _packed_labels(rows: Any, name: str) -> np.ndarray:
+  """Multi-hot (n, num_labels) rows -> checked packed uint32 (n, Wl)."""
+  rows = np.asarray(rows)
+  if not np.all((rows == 0) | (rows == 1)):
+    raise UserError(f"{name} must hold only 0 and 1 (multi-hot); turn class ids into "
+                    "one-hot rows with np.eye(num_classes, dtype=np.uint8)[ids].")
+  return _pack_bits(rows != 0)
+
+
+def pack_codes(codes: Any) -> np.ndarray:
   """Packs +-1 codes into 32-bit words, bit 1 for +1.
 
   Args:
@@ -183,7 +120,9 @@ def pack_codes(codes: Any) -> jax.Array:
   Returns:
     uint32 `(n, ceil(L / 32))`; bit i of word w is code bit 32 w + i, padding bits 0.
   """
-  return _pack_bits(jnp.asarray(_check_codes(codes, "codes") > 0))
+  codes = np.asarray(codes)
+  _check_code_shape(codes.shape, "codes")
+  return _pack_bits(_sign_bits(codes, "codes"))
 
 
 def _hamming(query_packed: jax.Array, db_packed: jax.Array) -> jax.Array:
@@ -401,12 +340,15 @@ def _chunk_statistics(query_packed: jax.Array, query_labels: jax.Array,
 
 @functools.partial(jax.jit, static_argnames=("mesh", "code_length", "num_database",
                                              "num_buckets"))
-def _sharded_statistics(query_packed: jax.Array, query_labels: jax.Array,
+def sharded_statistics(query_packed: jax.Array, query_labels: jax.Array,
                         db_blocks: jax.Array, db_label_blocks: jax.Array,
                         bucket_of_rank: jax.Array, *, mesh: Mesh, code_length: int,
                         num_database: int, num_buckets: int
                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """`_chunk_statistics` with the queries split over the mesh, database replicated."""
+  """The device step of `retrieval_metrics_per_query` for a database held whole: both
+  passes (`_chunk_statistics`, whose docstring gives the shapes) with the queries split
+  over the mesh's "queries" axis and the database replicated. Public so that its
+  compiled memory can be checked (`.lower(...).compile().memory_analysis()`)."""
   body = functools.partial(_chunk_statistics, code_length=code_length,
                            num_database=num_database, num_buckets=num_buckets)
   split = P(_QUERY_AXIS)
@@ -459,16 +401,6 @@ def _sharded_ranking(state: tuple[jax.Array, ...], query_packed: jax.Array,
 
 # ------------------------------------------------------- reading the database
 
-def _pack_rows(bits: np.ndarray) -> np.ndarray:
-  """bool (n, m) -> uint32 (n, ceil(m/32)) on the host, the layout of `_pack_bits`."""
-  num_rows, num_bits = bits.shape
-  num_words = -(-num_bits // _WORD_BITS)
-  as_bytes = np.packbits(bits, axis=1, bitorder="little")  # bit i of byte k: column 8k+i
-  padded = np.zeros((num_rows, 4 * num_words), np.uint8)
-  padded[:, :as_bytes.shape[1]] = as_bytes
-  return padded.view("<u4").astype(np.uint32)
-
-
 def _code_layout(query_codes: Any, db_codes: Any, code_length: int | None
                  ) -> tuple[int, int]:
   """(L, W) of the two code matrices, each +-1 (n, L) or packed uint32 (n, W)."""
@@ -477,10 +409,7 @@ def _code_layout(query_codes: Any, db_codes: Any, code_length: int | None
     raise UserError(f"code_length must be a positive int or None, got {code_length!r}.")
   lengths, widths = {}, {}
   for name, codes in (("query_codes", query_codes), ("db_codes", db_codes)):
-    if len(codes.shape) != 2 or codes.shape[0] == 0 or codes.shape[1] == 0:
-      raise UserError(f"{name} must be a non-empty (n, L) array of +-1 codes or (n, W) "
-                      f"uint32 words from pack_codes, got shape {codes.shape}; stack "
-                      "the codes of all images into one matrix.")
+    _check_code_shape(codes.shape, name)
     (widths if codes.dtype == np.uint32 else lengths)[name] = codes.shape[1]
   if len(set(lengths.values())) > 1:
     raise UserError(f"query codes have {lengths['query_codes']} bits and database codes "
@@ -499,31 +428,6 @@ def _code_layout(query_codes: Any, db_codes: Any, code_length: int | None
                       f"{num_words}; pack query and database codes of one model with "
                       "pack_codes (and pass code_length= when both are packed).")
   return length, num_words
-
-
-def _packed_codes(rows: Any, name: str, *, code_length: int) -> np.ndarray:
-  """+-1 (n, L) or packed uint32 (n, W) rows -> checked packed uint32 (n, W)."""
-  rows = np.asarray(rows)
-  if rows.dtype == np.uint32:
-    spare_bits = -code_length % _WORD_BITS
-    if spare_bits and np.any(rows[:, -1] >> np.uint32(_WORD_BITS - spare_bits)):
-      raise UserError(f"{name} has bits set past the code length {code_length} in its "
-                      "last word; pack the codes with pack_codes, and pass the real "
-                      "code_length= when query and database are both packed.")
-    return rows
-  if not np.all(np.abs(rows) == 1):
-    raise UserError(f"{name} must hold only -1 and +1; binarise with "
-                    "models.hash_codes (sign with sign(0) = +1) before evaluating.")
-  return _pack_rows(rows > 0)
-
-
-def _packed_labels(rows: Any, name: str) -> np.ndarray:
-  """Multi-hot (n, num_labels) rows -> checked packed uint32 (n, Wl)."""
-  rows = np.asarray(rows)
-  if not np.all((rows == 0) | (rows == 1)):
-    raise UserError(f"{name} must hold only 0 and 1 (multi-hot); turn class ids into "
-                    "one-hot rows with np.eye(num_classes, dtype=np.uint8)[ids].")
-  return _pack_rows(rows != 0)
 
 
 def _database_blocks(db_codes: Any, db_labels: Any, start: int, stop: int, *,
@@ -568,8 +472,7 @@ def _segment_layout(num_database: int, db_segment: int, block_size: int
 
 
 def _sweep_segments(states: list, query_steps: list, update, read_segment, *,
-                    num_database: int, segment_size: int, mesh: Mesh,
-                    resident: Any = None) -> list:
+                    num_database: int, segment_size: int, mesh: Mesh) -> list:
   """One pass over the database, segment by segment, for every query step.
 
   Args:
@@ -578,8 +481,6 @@ def _sweep_segments(states: list, query_steps: list, update, read_segment, *,
     update: (state, query, segment, start) -> state, `start` the segment's first
       database index (a Python int).
     read_segment: (start, stop) -> (codes, labels) blocks of `segment_size` rows.
-    resident: the whole database (one segment) already on the devices, used instead
-      of reading it again.
 
   Returns:
     The states after the last segment.
@@ -587,7 +488,7 @@ def _sweep_segments(states: list, query_steps: list, update, read_segment, *,
   replicated = NamedSharding(mesh, P())
   in_flight = None
   for start in range(0, num_database, segment_size):
-    segment = resident if resident is not None else jax.device_put(
+    segment = jax.device_put(
         read_segment(start, min(start + segment_size, num_database)), replicated)
     states = [update(state, query, segment, start)
               for state, query in zip(states, query_steps)]
@@ -613,7 +514,7 @@ def _segmented_statistics(query_steps: list, read_segment, *, num_database: int,
 
   Returns:
     [(counts, precision_sums, relevant_counts)] per query step, as
-    `_sharded_statistics` returns them.
+    `sharded_statistics` returns them.
   """
   split = NamedSharding(mesh, P(_QUERY_AXIS))
   total = jnp.int32(num_database)
@@ -636,337 +537,6 @@ def _segmented_statistics(query_steps: list, read_segment, *, num_database: int,
           num_buckets=num_buckets))
   return [(c[:, :-1], jnp.stack([hi, lo], -1), relevant)
           for c, (_, hi, lo, relevant) in zip(counts, states)]
-
-
-# --------------------------------------------------------- top-K-only path (mAP@K)
-
-def _pack_mask(mask: jax.Array) -> jax.Array:
-  """bool (Q, T), T a multiple of 32 -> uint32 (Q, T / 32): bit i of word w is column
-  32 w + i, the layout of `_pack_rows`."""
-  num_queries, num_items = mask.shape
-  bits = mask.astype(jnp.uint32).reshape(num_queries, num_items // _WORD_BITS, _WORD_BITS)
-  # The shifted bits are disjoint, so their sum is their bitwise OR.
-  return jnp.sum(bits << jnp.arange(_WORD_BITS, dtype=jnp.uint32), axis=-1,
-                 dtype=jnp.uint32)
-
-
-def _select_bit(words: jax.Array, rank: jax.Array) -> jax.Array:
-  """Position of set bit number `rank` (0-based, counted from bit 0) of each word.
-
-  Args:
-    words: uint32 (...).
-    rank: int32 (...), 0 <= rank < popcount(words) where the result is used.
-
-  Returns:
-    int32 (...) in 0..31, by binary search over halves of the word.
-  """
-  position = jnp.zeros(words.shape, jnp.uint32)
-  for width in (16, 8, 4, 2, 1):
-    window = (words >> position) & jnp.uint32((1 << width) - 1)
-    below = lax.population_count(window).astype(jnp.int32)
-    skip = below <= rank  # the wanted bit lies past this window
-    rank = jnp.where(skip, rank - below, rank)
-    position = jnp.where(skip, position + width, position)
-  return position.astype(jnp.int32)
-
-
-def _keep_first_bits(words: jax.Array, count: jax.Array) -> jax.Array:
-  """uint32 words with only their first `count` set bits (int32, may be <= 0) kept."""
-  cut = _select_bit(words, jnp.maximum(count, 0)).astype(jnp.uint32)
-  below_cut = (jnp.uint32(1) << cut) - jnp.uint32(1)
-  total = lax.population_count(words).astype(jnp.int32)
-  return jnp.where(count >= total, words, words & below_cut)
-
-
-def _distance_count_pass(counts: jax.Array, query_packed: jax.Array,
-                         db_blocks: jax.Array, first_item: jax.Array,
-                         num_database: jax.Array, *, code_length: int) -> jax.Array:
-  """Pass 1 of the top-K path: adds a run of database blocks to per-distance counts.
-
-  Args:
-    counts: int32 (Q, L + 1): items counted so far at each distance 0..L.
-    query_packed: uint32 (Q, W) packed query codes.
-    db_blocks: uint32 (B, T, W) packed codes of items `first_item`, ... in index order;
-      rows from `num_database` on are zero padding.
-    first_item: int32 (): database index of the first item of `db_blocks`.
-    num_database: int32 (): real items in the whole database.
-    code_length: L.
-
-  Returns:
-    int32 (Q, L + 1): `counts` plus these blocks' real items.
-  """
-  num_queries = query_packed.shape[0]
-  num_blocks, block_size, _ = db_blocks.shape
-  row_offsets = jnp.arange(num_queries, dtype=jnp.int32)[:, None] * (code_length + 1)
-
-  def count_step(flat_counts, codes):
-    slot = row_offsets + _hamming(query_packed, codes)
-    return flat_counts.at[slot.reshape(-1)].add(1, mode="promise_in_bounds"), None
-
-  flat_counts, _ = lax.scan(count_step, counts.reshape(-1), db_blocks)
-  # The all-zero padding rows all lie at the query's own popcount; taking them out
-  # once is cheaper than masking every pair.
-  num_padding = jnp.maximum(first_item + num_blocks * block_size - num_database, 0)
-  padding_distance = jnp.sum(lax.population_count(query_packed), axis=1,
-                             dtype=jnp.int32)
-  return flat_counts.reshape(counts.shape).at[
-      jnp.arange(num_queries), padding_distance].add(-num_padding)
-
-
-def _top_k_cut(counts: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """Where the top k end, from pass 1's complete counts.
-
-  Args:
-    counts: int32 (Q, L + 1) from `_distance_count_pass` over the whole database.
-    k: K, at most the database size.
-
-  Returns:
-    (cut_distance, quota), int32 (Q,) each: the top K are the items at distance <
-    cut_distance and the first `quota` items (in index order) at cut_distance.
-  """
-  cumulative = jnp.cumsum(counts, axis=1)
-  cut_distance = jnp.sum(cumulative < k, axis=1, dtype=jnp.int32)
-  at_cut = jnp.take_along_axis(counts, cut_distance[:, None], axis=1)[:, 0]
-  through_cut = jnp.take_along_axis(cumulative, cut_distance[:, None], axis=1)[:, 0]
-  return cut_distance, k - (through_cut - at_cut)
-
-
-def _exclusive_prefix_sums(counts: jax.Array) -> jax.Array:
-  """int32 (Q, n) -> (Q, n): sum of the entries before each, along axis 1.
-
-  For counts with sums below 2^24 (exact in float32): groups of 32 by a triangular
-  matrix product, then only the group totals by `jnp.cumsum`, which is an
-  associative scan of log2(n) full-array steps on a CPU, several times the cost of
-  the product per entry.
-  """
-  num_rows, num_entries = counts.shape
-  num_groups = -(-num_entries // _WORD_BITS)
-  grouped = jnp.pad(counts, ((0, 0), (0, num_groups * _WORD_BITS - num_entries))
-                    ).astype(jnp.float32).reshape(num_rows, num_groups, _WORD_BITS)
-  strictly_before = jnp.triu(jnp.ones((_WORD_BITS, _WORD_BITS), jnp.float32), k=1)
-  within = jnp.matmul(grouped, strictly_before, precision=lax.Precision.HIGHEST)
-  totals = within[..., -1] + grouped[..., -1]
-  groups_before = jnp.cumsum(totals, axis=1) - totals
-  return (within + groups_before[..., None]).reshape(num_rows, -1)[
-      :, :num_entries].astype(jnp.int32)
-
-
-def _selection_pass(state: tuple[jax.Array, ...], counts: jax.Array,
-                    query_packed: jax.Array, query_labels: jax.Array,
-                    db_blocks: jax.Array, db_label_blocks: jax.Array,
-                    first_item: jax.Array, num_database: jax.Array
-                    ) -> tuple[jax.Array, ...]:
-  """Pass 2 of the top-K path over a run of database blocks, in index order.
-
-  Marks the run's top-K items in bit masks (one bit per query and item), then copies
-  them, in index order, into the next free slots of the per-query top-K table. Slot s
-  is filled from the mask word that holds it, found by a scatter of each nonzero
-  word's first slot and a running maximum over the slots, and from the set bit of
-  that word it stands for (a binary search inside the word); so the cost is a few
-  operations per query and item, plus per query and slot.
-
-  Args:
-    state: (at_cut_seen int32 (Q,): items at the cut distance in earlier runs,
-      num_filled int32 (Q,): slots filled, top_distances int32 (Q, K),
-      top_relevant bool (Q, K): the table, slots in database index order).
-    counts: int32 (Q, L + 1) from pass 1 over the whole database.
-    query_packed, query_labels: uint32 (Q, W), (Q, Wl) packed query codes and labels.
-    db_blocks, db_label_blocks: uint32 (B, T, W), (B, T, Wl) packed database codes and
-      labels of items `first_item`, ..., T a multiple of 32; rows from `num_database`
-      on are padding. The masks hold B T / 32 words per query.
-    first_item, num_database: int32 ().
-
-  Returns:
-    `state` after these blocks.
-  """
-  at_cut_seen, num_filled, top_distances, top_relevant = state
-  num_queries, k = top_distances.shape
-  cut_distance, quota = _top_k_cut(counts, k)
-
-  def mask_step(_, codes):
-    distances = _hamming(query_packed, codes)
-    return None, (_pack_mask(distances < cut_distance[:, None]),
-                  _pack_mask(distances == cut_distance[:, None]))
-
-  _, (below, at_cut) = lax.scan(mask_step, None, db_blocks)
-  below, at_cut = (jnp.swapaxes(x, 0, 1).reshape(num_queries, -1)
-                   for x in (below, at_cut))  # (Q, B T / 32)
-  # Padding rows (after num_database) have no bit in either mask.
-  real_bits = jnp.clip(num_database - first_item - _WORD_BITS * jnp.arange(
-      below.shape[1], dtype=jnp.int32), 0, _WORD_BITS).astype(jnp.uint32)
-  real = jnp.where(real_bits == _WORD_BITS, jnp.uint32(0xFFFFFFFF),
-                   (jnp.uint32(1) << real_bits) - jnp.uint32(1))
-  below, at_cut = below & real, at_cut & real
-  at_counts = lax.population_count(at_cut).astype(jnp.int32)
-  at_before = at_cut_seen[:, None] + _exclusive_prefix_sums(at_counts)
-  words = below | _keep_first_bits(at_cut, quota[:, None] - at_before)
-  word_counts = lax.population_count(words).astype(jnp.int32)
-  first_slot = num_filled[:, None] + _exclusive_prefix_sums(word_counts)
-  at_cut_seen = at_cut_seen + at_counts.sum(axis=1)
-  now_filled = num_filled + word_counts.sum(axis=1)
-
-  # Nonzero words have distinct first slots; the others are dropped (index k).
-  target = jnp.where((words != 0) & (first_slot < k), first_slot, k)
-  rows = jnp.arange(num_queries, dtype=jnp.int32)[:, None]
-  word_ids = jnp.broadcast_to(jnp.arange(words.shape[1], dtype=jnp.int32), words.shape)
-  word_of_slot = jnp.full((num_queries, k), -1, jnp.int32).at[rows, target].set(
-      word_ids, mode="drop")
-  word_of_slot = jnp.maximum(lax.cummax(word_of_slot, axis=1), 0)
-  slots = jnp.arange(k, dtype=jnp.int32)[None, :]
-  is_new = (slots >= num_filled[:, None]) & (slots < now_filled[:, None])
-  word = jnp.take_along_axis(words, word_of_slot, axis=1, mode="promise_in_bounds")
-  rank_in_word = slots - jnp.take_along_axis(first_slot, word_of_slot, axis=1,
-                                             mode="promise_in_bounds")
-  item = word_of_slot * _WORD_BITS + _select_bit(word, rank_in_word)
-  item_codes = db_blocks.reshape(-1, db_blocks.shape[-1])[item]  # (Q, K, W)
-  item_labels = db_label_blocks.reshape(-1, db_label_blocks.shape[-1])[item]
-  distances = jnp.sum(lax.population_count(query_packed[:, None, :] ^ item_codes),
-                      axis=-1, dtype=jnp.int32)
-  relevant = jnp.any((query_labels[:, None, :] & item_labels) != 0, axis=-1)
-  return (at_cut_seen, now_filled, jnp.where(is_new, distances, top_distances),
-          jnp.where(is_new, relevant, top_relevant))
-
-
-def _top_k_precision_sums(top_distances: jax.Array, top_relevant: jax.Array, *,
-                          code_length: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Sum of P@rank over the relevant top-K items, from the table of pass 2.
-
-  Every item nearer than the cut is in the table, so rank = (table items at smaller
-  distance) + (table items at the same distance in earlier slots) + 1, and likewise
-  for the relevant items ranked up to it: the running counts of `_ranking_pass`,
-  scanned over K slots instead of the whole database.
-
-  Args:
-    top_distances: int32 (Q, K) distances of the top-K items, in index order.
-    top_relevant: bool (Q, K) their relevance.
-    code_length: L.
-
-  Returns:
-    (hi, lo) float32 (Q,): a two-float sum of P@rank over the relevant items, and
-    int32 (Q,) the number of relevant items in the top K.
-  """
-  num_queries = top_distances.shape[0]
-  num_distances = code_length + 1
-  slot_offsets = jnp.arange(num_queries, dtype=jnp.int32) * num_distances
-  increments = jnp.stack([jnp.ones_like(top_distances),
-                          top_relevant.astype(jnp.int32)], axis=-1)
-  per_distance = jnp.zeros((num_queries * num_distances, 2), jnp.int32).at[
-      (slot_offsets[:, None] + top_distances).reshape(-1)].add(
-          increments.reshape(-1, 2), mode="promise_in_bounds")
-  per_distance = per_distance.reshape(num_queries, num_distances, 2)
-  running = (jnp.cumsum(per_distance, axis=1) - per_distance).reshape(-1, 2)
-
-  def slot_step(carry, slot):
-    running, hi, lo = carry
-    distances, increment = slot
-    index = slot_offsets + distances
-    # Scatter first, then read back (see `_ranking_pass`).
-    running = running.at[index].add(increment, mode="promise_in_bounds")
-    rank_and_hits = running.at[index].get(mode="promise_in_bounds")
-    precision = jnp.where(increment[:, 1] > 0, rank_and_hits[:, 1].astype(jnp.float32)
-                          / rank_and_hits[:, 0].astype(jnp.float32), 0.0)
-    hi, lo = _two_sum(hi, lo, precision)
-    return (running, hi, lo), None
-
-  zeros = jnp.zeros(num_queries, jnp.float32)
-  (_, hi, lo), _ = lax.scan(slot_step, (running, zeros, zeros),
-                            (top_distances.T, jnp.swapaxes(increments, 0, 1)))
-  return hi, lo, jnp.sum(top_relevant, axis=1, dtype=jnp.int32)
-
-
-def _shard_over_queries(function, mesh: Mesh, num_split: int, num_replicated: int):
-  """`function` with its first `num_split` arguments and its outputs split over the
-  queries of `mesh`, the other `num_replicated` arguments replicated."""
-  split = P(_QUERY_AXIS)
-  return jax.shard_map(function, mesh=mesh,
-                       in_specs=(split,) * num_split + (P(),) * num_replicated,
-                       out_specs=split, check_vma=False)
-
-
-@functools.partial(jax.jit, static_argnames=("mesh", "code_length"))
-def _sharded_distance_counts(counts: jax.Array, query_packed: jax.Array,
-                             db_blocks: jax.Array, first_item: jax.Array,
-                             num_database: jax.Array, *, mesh: Mesh, code_length: int
-                             ) -> jax.Array:
-  """`_distance_count_pass` over one database segment, queries split over the mesh."""
-  return _shard_over_queries(
-      functools.partial(_distance_count_pass, code_length=code_length), mesh, 2, 3)(
-          counts, query_packed, db_blocks, first_item, num_database)
-
-
-@functools.partial(jax.jit, static_argnames=("mesh",))
-def _sharded_selection(state: tuple[jax.Array, ...], counts: jax.Array,
-                       query_packed: jax.Array, query_labels: jax.Array,
-                       db_blocks: jax.Array, db_label_blocks: jax.Array,
-                       first_item: jax.Array, num_database: jax.Array, *, mesh: Mesh
-                       ) -> tuple[jax.Array, ...]:
-  """`_selection_pass` over one database segment, queries split over the mesh."""
-  return _shard_over_queries(_selection_pass, mesh, 4, 4)(
-      state, counts, query_packed, query_labels, db_blocks, db_label_blocks,
-      first_item, num_database)
-
-
-@functools.partial(jax.jit, static_argnames=("mesh", "code_length"))
-def _sharded_top_k_sums(top_distances: jax.Array, top_relevant: jax.Array, *,
-                        mesh: Mesh, code_length: int
-                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """`_top_k_precision_sums` with the queries split over the mesh."""
-  return _shard_over_queries(
-      functools.partial(_top_k_precision_sums, code_length=code_length), mesh, 2, 0)(
-          top_distances, top_relevant)
-
-
-def _top_k_sums(query_steps: list, read_segment, *, num_database: int, segment_size: int,
-                mesh: Mesh, code_length: int, k: int) -> list:
-  """Both passes of the top-K path, then the ranking of the K selected items.
-
-  A database of one segment is sent to the devices once. A larger one is read
-  segment by segment in each pass, as in `_segmented_statistics`, for a group of
-  query steps at a time: the groups are as large as `_TOP_K_TABLE_BYTES` of top-K
-  tables allows, so memory does not grow with the number of queries.
-
-  Args:
-    query_steps: [(query_packed, query_labels)], each split over the mesh.
-    read_segment: (start, stop) -> (codes, labels) blocks of `segment_size` rows.
-    k: K, at most num_database.
-
-  Returns:
-    [(hi, lo, num_relevant_top)] per query step, from `_top_k_precision_sums`.
-  """
-  split = NamedSharding(mesh, P(_QUERY_AXIS))
-  total = jnp.int32(num_database)
-  resident = None
-  if num_database <= segment_size:
-    resident = jax.device_put(read_segment(0, num_database), NamedSharding(mesh, P()))
-
-  def sweep(states, steps, update):
-    return _sweep_segments(states, steps, update, read_segment,
-                           num_database=num_database, segment_size=segment_size,
-                           mesh=mesh, resident=resident)
-
-  table_bytes = len(query_steps[0][0]) * k * 5  # int32 distance + bool relevance
-  group_size = max(1, _TOP_K_TABLE_BYTES // table_bytes)
-  sums = []
-  for group in range(0, len(query_steps), group_size):
-    steps = query_steps[group:group + group_size]
-    counts = sweep(
-        [jax.device_put(np.zeros((len(query), code_length + 1), np.int32), split)
-         for query, _ in steps], steps,
-        lambda counts, query, segment, start: _sharded_distance_counts(
-            counts, query[0], segment[0], jnp.int32(start), total, mesh=mesh,
-            code_length=code_length))
-    tables = sweep(
-        [(counts, jax.device_put((np.zeros(len(query), np.int32),
-                                  np.zeros(len(query), np.int32),
-                                  np.zeros((len(query), k), np.int32),
-                                  np.zeros((len(query), k), bool)), split))
-         for counts, (query, _) in zip(counts, steps)], steps,
-        lambda state, query, segment, start: (state[0], _sharded_selection(
-            state[1], state[0], *query, *segment, jnp.int32(start), total, mesh=mesh)))
-    sums.extend(_sharded_top_k_sums(*table[2:], mesh=mesh, code_length=code_length)
-                for _, table in tables)
-    jax.block_until_ready(sums[-1])  # the group's tables are freed before the next
-  return sums
 
 
 # ------------------------------------------------- float64 metrics from counts
@@ -1041,8 +611,8 @@ def _checked_inputs(query_codes: Any, query_labels: Any, db_codes: Any, db_label
   """Checks the arguments shared by the public functions (their docstrings say what).
 
   Returns:
-    (uint32 (nq, W) packed query codes, checked query labels, db_codes and db_labels
-    as arrays that slice into numpy rows (a memmap stays one), L).
+    (uint32 (nq, W) packed query codes, uint32 (nq, Wl) packed query labels, db_codes
+    and db_labels as arrays that slice into numpy rows (a memmap stays one), L).
   """
   if not hasattr(query_codes, "shape"):
     query_codes = np.asarray(query_codes)
@@ -1053,16 +623,14 @@ def _checked_inputs(query_codes: Any, query_labels: Any, db_codes: Any, db_label
   code_length, _ = _code_layout(query_codes, db_codes, code_length)
   query_packed = _packed_codes(query_codes, "query_codes", code_length=code_length)
   num_queries, num_database = query_packed.shape[0], db_codes.shape[0]
-  query_labels = _check_labels(query_labels, num_queries, "query_labels")
-  if (len(db_labels.shape) != 2 or db_labels.shape[0] != num_database
-      or db_labels.shape[1] == 0):
-    raise UserError(f"db_labels must be a multi-hot (n, num_labels) matrix with one row "
-                    f"per code ({num_database} rows), got shape {db_labels.shape}; "
-                    "one-hot encode single-label datasets.")
+  query_labels = np.asarray(query_labels)
+  _check_label_shape(query_labels.shape, num_queries, "query_labels")
+  _check_label_shape(db_labels.shape, num_database, "db_labels")
   if query_labels.shape[1] != db_labels.shape[1]:
     raise UserError(f"query labels have {query_labels.shape[1]} columns and database "
                     f"labels {db_labels.shape[1]}; both must use the dataset's label "
                     "list.")
+  query_labels = _packed_labels(query_labels, "query_labels")
   _check_sizes((query_chunk, db_chunk, db_segment),
                "query_chunk, db_chunk and db_segment", allow_none=False)
   if num_database >= _MAX_DATABASE:
@@ -1093,7 +661,7 @@ def _query_steps(query_packed: np.ndarray, query_labels: np.ndarray, *,
   num_steps = -(-num_queries // step_size)
   pad = ((0, num_steps * step_size - num_queries), (0, 0))
   query_packed = np.pad(query_packed, pad)
-  query_label_packed = np.pad(_pack_rows(query_labels != 0), pad)
+  query_label_packed = np.pad(query_labels, pad)
   return mesh, [jax.device_put((query_packed[rows], query_label_packed[rows]), split)
                 for rows in (slice(step * step_size, (step + 1) * step_size)
                              for step in range(num_steps))]
@@ -1106,7 +674,7 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
                                 db_segment: int = 65_536, code_length: int | None = None,
                                 devices: Sequence[jax.Device] | None = None
                                 ) -> dict[str, np.ndarray]:
-  """Per-query retrieval metrics (the conventions are in the module docstring).
+  """Per-query retrieval metrics (conventions: the module docstring, docs/evaluation.md).
 
   Args:
     query_codes: int8 or float (nq, L) +-1 codes, or uint32 (nq, W) from `pack_codes`.
@@ -1165,7 +733,7 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
     database = jax.device_put(_database_blocks(
         db_codes, db_labels, 0, num_database, num_rows=num_rows, block_size=db_chunk,
         code_length=code_length), replicated)
-    pending = [_sharded_statistics(  # dispatched asynchronously, collected below
+    pending = [sharded_statistics(  # dispatched asynchronously, collected below
         *query, *database, bucket_of_rank, mesh=mesh, code_length=code_length,
         num_database=num_database, num_buckets=num_buckets) for query in query_steps]
   else:
@@ -1243,62 +811,3 @@ def retrieval_metrics(query_codes: Any, query_labels: Any, db_codes: Any, db_lab
     metrics["precision@topn"] = {int(n): float(per_query[f"precision@top{n}"].mean())
                                  for n in topn}
   return metrics
-
-
-def average_precision_at_k(query_codes: Any, query_labels: Any, db_codes: Any,
-                           db_labels: Any, *, k: int = 1000, query_chunk: int = 256,
-                           db_chunk: int = 1024, db_segment: int = 65_536,
-                           code_length: int | None = None,
-                           devices: Sequence[jax.Device] | None = None) -> np.ndarray:
-  """Per-query AP@K alone, by the top-K path: cheaper than `retrieval_metrics_per_query`
-  when K is much smaller than the database (the module docstring says how and why).
-
-  The ranking and AP@K are those of `retrieval_metrics_per_query` (ties by database
-  index; AP@K 0 for a query without a relevant item in its top K), which it matches
-  to float32 rounding (below 1e-6).
-
-  Args:
-    query_codes, query_labels, db_codes, db_labels, query_chunk, db_segment,
-      code_length, devices: as in `retrieval_metrics_per_query`.
-    k: the cut-off K, a positive int; K at least the database size means the whole
-      database (AP@all, though `retrieval_metrics_per_query` is then the faster path).
-    db_chunk: database items per step, rounded up to a multiple of 32 (one bit mask
-      word per query).
-
-  Returns:
-    float64 (nq,): AP@K of each query.
-  """
-  query_packed, query_labels, db_codes, db_labels, code_length = _checked_inputs(
-      query_codes, query_labels, db_codes, db_labels, code_length=code_length,
-      query_chunk=query_chunk, db_chunk=db_chunk, db_segment=db_segment)
-  _check_sizes((k,), "k", allow_none=False)
-  num_queries, num_database = query_packed.shape[0], db_codes.shape[0]
-  k = min(int(k), num_database)
-  mesh, query_steps = _query_steps(query_packed, query_labels, devices=devices,
-                                   query_chunk=query_chunk)
-  block_size = -(-min(db_chunk, num_database) // _WORD_BITS) * _WORD_BITS
-  _, segment_size = _segment_layout(num_database, db_segment, block_size)
-  pending = _top_k_sums(
-      query_steps, functools.partial(_database_blocks, db_codes, db_labels,
-                                     num_rows=segment_size, block_size=block_size,
-                                     code_length=code_length),
-      num_database=num_database, segment_size=segment_size, mesh=mesh,
-      code_length=code_length, k=k)
-  hi, lo, num_relevant = (np.concatenate([np.asarray(output) for output in outputs]
-                                         )[:num_queries] for outputs in zip(*pending))
-  return _safe_ratio(hi.astype(np.float64) + lo, num_relevant)
-
-
-def map_at_k(query_codes: Any, query_labels: Any, db_codes: Any, db_labels: Any, *,
-             k: int = 1000, query_chunk: int = 256, db_chunk: int = 1024,
-             db_segment: int = 65_536, code_length: int | None = None,
-             devices: Sequence[jax.Device] | None = None) -> float:
-  """mAP@K alone: the mean over all queries of `average_precision_at_k` (same args).
-
-  Equals `retrieval_metrics(..., topk=(k,))[f"map@{k}"]` to float32 rounding; use it
-  when only mAP@K is wanted and K is much smaller than the database.
-  """
-  return float(average_precision_at_k(
-      query_codes, query_labels, db_codes, db_labels, k=k, query_chunk=query_chunk,
-      db_chunk=db_chunk, db_segment=db_segment, code_length=code_length,
-      devices=devices).mean())
