@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from psch_jax import targets as targets_lib
 from psch_jax import train
 from psch_jax.data import sources
 
@@ -175,7 +176,7 @@ def test_eight_devices_and_one_device_give_the_same_loss_after_20_steps():
              "part_weights": np.full((num_train, fmap_parts), 1 / fmap_parts, np.float32),
              "cluster_affinity": np.eye(config.pseudo_labels.num_clusters,
                                         dtype=np.float32)}
-  abstract = train._abstract_targets(config, num_train, model, None)
+  abstract = targets_lib.abstract_targets(config, num_train, model, None)
   assert jax.tree.map(lambda a: a.shape, abstract) == jax.tree.map(np.shape, targets)
 
   def losses(devices):
@@ -184,7 +185,7 @@ def test_eight_devices_and_one_device_give_the_same_loss_after_20_steps():
     step_fn = train.make_train_step(config, model, tx, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("data"))
-    state = jax.device_put(train._fresh_state(config, model, tx), replicated)
+    state = jax.device_put(train.fresh_state(config, model, tx), replicated)
     t = jax.device_put(targets, replicated)
     out = []
     for step in range(20):
@@ -232,7 +233,7 @@ def test_manual_datasets_build_from_generated_files_and_train(
 
 
 def test_metrics_log_writes_jsonl_and_tensorboard_on_request(tmp_path):
-  log = train._MetricsLog(str(tmp_path), tensorboard=True)
+  log = train.MetricsLog(str(tmp_path), tensorboard=True)
   log.write(3, {"loss": 0.5, "pseudo_labels": {"kept_fraction": 0.7}})
   with open(tmp_path / "metrics.jsonl") as f:
     assert json.loads(f.readline()) == {"step": 3, "loss": 0.5,
@@ -248,9 +249,9 @@ def test_metrics_log_writes_jsonl_and_tensorboard_on_request(tmp_path):
 @needs_fashion_mnist
 def test_final_validation_from_database_codes_equals_encoding_again(reference_run):
   config = load_config("fashion_mnist")
-  run = train._setup(config, reference_run)
+  run = train.setup_run(config, reference_run)
   try:
-    state, _, _ = train._restore(config, run)
+    state, _, _ = train.restore_checkpoint(config, run)
     results, codes = train.evaluate(config, run.encode, state["params"], run.source,
                                     run.index_sets, mesh=run.mesh)
     looked_up = train.validate(config, run.encode, state["params"], run.source,
