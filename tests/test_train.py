@@ -262,3 +262,54 @@ def test_final_validation_from_database_codes_equals_encoding_again(reference_ru
   finally:
     run.mngr.close()
   assert looked_up and looked_up == encoded
+
+
+class _Stream:
+  """A text stream that says whether it is a terminal."""
+
+  def __init__(self, tty: bool):
+    self.tty, self.text = tty, ""
+
+  def isatty(self) -> bool:
+    return self.tty
+
+  def write(self, text: str) -> int:
+    self.text += text
+    return len(text)
+
+  def flush(self) -> None:
+    pass
+
+
+_STEP_METRICS = {"loss": 0.5, "loss_sim": 0.25, "loss_cls": 0.125, "loss_quant": 0.0625}
+
+
+def test_progress_into_a_log_writes_one_line_per_epoch_not_every_redraw():
+  stream = _Stream(tty=False)
+  progress = train.Progress(total=200, initial=0, epoch=1, num_epochs=3, stream=stream)
+  for _ in range(200):
+    progress.update(_STEP_METRICS, images_per_s=1000.0)
+  progress.close()
+  lines = stream.text.splitlines()
+  assert lines == ["epoch 2/3: step 200/200, loss=0.5000, sim=0.2500, cls=0.125, "
+                   "q=0.062, img_s=1000"], lines
+
+
+def test_progress_into_a_log_adds_a_line_at_most_every_line_every_s():
+  stream = _Stream(tty=False)
+  progress = train.Progress(total=3, initial=0, epoch=0, num_epochs=1, stream=stream,
+                            line_every_s=0.0)
+  for _ in range(3):
+    progress.update(_STEP_METRICS, images_per_s=10.0)
+  progress.close()
+  steps = [line.split(",")[0] for line in stream.text.splitlines()]
+  assert steps == ["epoch 1/1: step 1/3", "epoch 1/1: step 2/3", "epoch 1/1: step 3/3"]
+
+
+def test_progress_on_a_terminal_draws_a_live_bar():
+  stream = _Stream(tty=True)
+  progress = train.Progress(total=4, initial=1, epoch=0, num_epochs=2, stream=stream)
+  for _ in range(3):
+    progress.update(_STEP_METRICS, images_per_s=10.0)
+  progress.close()
+  assert "\r" in stream.text and "4/4" in stream.text and "loss=0.5000" in stream.text
