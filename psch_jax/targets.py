@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 from psch_jax import encoding
 from psch_jax import models
 from psch_jax import spectral
+from psch_jax.attention import GroupedAttention
 from psch_jax.pseudo_labels import pseudo_labels as make_pseudo_labels
 from psch_jax.pseudo_labels import cluster_affinity, purity
 from psch_jax.similarity import pixel_similarity, soft_similarity, target_similarity
@@ -132,12 +133,15 @@ def compute_targets(config: ml_collections.ConfigDict, key: jax.Array, encode, p
 
 
 def abstract_targets(config: ml_collections.ConfigDict, num_train: int,
-                     model: models.PSCHNet, sharding, *, pixel_dim: int = 0) -> dict:
+                     model: models.PSCHNet, sharding, *, pixel_dim: int = 0,
+                     attention: Optional[GroupedAttention] = None) -> dict:
   """`jax.ShapeDtypeStruct`s of `compute_targets`' targets, placed by `sharding`
   (None: no placement), without computing anything.
 
   Args:
     pixel_dim: H W C of the stored images (the "pixels" source only).
+    attention: the run's `encoding.make_attention(config)`; built from the config
+      when None.
   """
   num_clusters = config.pseudo_labels.num_clusters
   struct = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
@@ -145,7 +149,7 @@ def abstract_targets(config: ml_collections.ConfigDict, num_train: int,
              "cluster_affinity": struct((num_clusters, num_clusters), jnp.float32)}
   if config.similarity.source == "initial":
     shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
-    attention = encoding.make_attention(config)
+    attention = encoding.make_attention(config) if attention is None else attention
     parts = jax.eval_shape(
         lambda: attention.apply({}, model.init_with_output(
             jax.random.key(0), jnp.zeros(shape), train=False)[0]["feature_map"]))

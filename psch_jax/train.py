@@ -369,7 +369,7 @@ def restore_checkpoint(config: ml_collections.ConfigDict, run: Run
       jax.eval_shape(lambda: fresh_state(config, run.model, run.tx)))
   abstract_targets = targets_lib.abstract_targets(
       config, len(run.index_sets["train"]), run.model, replicated,
-      pixel_dim=int(np.prod(run.source.image_shape)))
+      pixel_dim=int(np.prod(run.source.image_shape)), attention=run.attention)
   return checkpointing.restore_latest(run.mngr, abstract_state=abstract_state,
                                       abstract_targets=abstract_targets, config=config)
 
