@@ -54,10 +54,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from benchmarks import describe_machine, peak_rss_mib, print_table
 from psch_jax import checkpointing
+from psch_jax import encoding
 from psch_jax import models
 from psch_jax import ranking
+from psch_jax import targets as targets_lib
 from psch_jax import train
-from psch_jax.attention import GroupedAttention
 from psch_jax.evaluators import retrieval
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,6 +106,9 @@ def make_inputs(config, num_train: int, part_shape: tuple[int, int], seed: int =
       "images": rng.integers(0, 256, (batch, size, size, channels), dtype=np.uint8),
       "position": rng.choice(num_train, batch, replace=False).astype(np.int32),
       "pseudo_labels": labels,
+      # r of Eq. 7b as the identity: every pair of two different clusters gets the
+      # target -1, as in Eq. 7, which the PyTorch step computes.
+      "cluster_affinity": np.eye(num_clusters, dtype=np.float32),
       "part_descriptors": descriptors,
       "part_weights": weights.astype(np.float32),
   }
@@ -112,12 +116,10 @@ def make_inputs(config, num_train: int, part_shape: tuple[int, int], seed: int =
 
 def part_shape_of(config, model) -> tuple[int, int]:
   """(P, C / P) of the grouped attention on this model's feature map."""
-  shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
-  fmap = jax.eval_shape(lambda: model.init_with_output(
-      jax.random.key(0), jnp.zeros(shape), train=False)[0]["feature_map"])
-  attention = GroupedAttention(num_parts=config.attention.num_parts)
-  parts = jax.eval_shape(lambda f: attention.apply({}, f), fmap)
-  return tuple(parts.descriptors.shape[1:])
+  config = config.copy_and_resolve_references()
+  config.similarity.source = "initial"  # the source that stores part features
+  abstract = targets_lib.abstract_targets(config, 1, model, None)
+  return tuple(abstract["part_descriptors"].shape[1:])
 
 
 # -------------------------------------------------------------------------- JAX
@@ -130,12 +132,10 @@ def jax_step_runner(config, inputs: dict[str, np.ndarray]) -> Callable[[], None]
   step_fn = train.make_train_step(config, model, tx, mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
   sharded = NamedSharding(mesh, PartitionSpec("data"))
-  params = train.init_params(config, model)
-  state = jax.device_put({"params": params, "opt_state": jax.jit(tx.init)(params),
-                          "step": jnp.zeros((), jnp.int32)}, replicated)
+  state = jax.device_put(train.fresh_state(config, model, tx), replicated)
   targets = jax.device_put({k: inputs[k] for k in
-                            ("pseudo_labels", "part_descriptors", "part_weights")},
-                           replicated)
+                            ("pseudo_labels", "cluster_affinity", "part_descriptors",
+                             "part_weights")}, replicated)
   batch = jax.device_put({"images": inputs["images"], "position": inputs["position"]},
                          sharded)
   holder = {"state": state}
@@ -570,12 +570,12 @@ def run_phases(config, workdir: str) -> dict[str, Any]:
   """
   timer = PhaseTimer()
   undo = [
-      timer.wrap(train, "_setup", "setup (data, splits, model, optimizer)"),
-      timer.wrap(train, "_fresh_state", "init params and optimizer"),
-      timer.wrap(train, "compute_targets", "pseudo labels"),
-      timer.wrap(train, "encode_images", "encode images (network forward)"),
-      timer.wrap(train, "make_pseudo_labels", "k-means and thresholds (Eqs. 1-2)"),
-      timer.wrap(train, "_run_epoch", "train epochs"),
+      timer.wrap(train, "setup_run", "setup (data, splits, model, optimizer)"),
+      timer.wrap(train, "fresh_state", "init params and optimizer"),
+      timer.wrap(targets_lib, "compute_targets", "pseudo labels"),
+      timer.wrap(encoding, "encode_images", "encode images (network forward)"),
+      timer.wrap(targets_lib, "make_pseudo_labels", "k-means and thresholds (Eqs. 1-2)"),
+      timer.wrap(train, "run_epoch", "train epochs"),
       timer.wrap(checkpointing, "save", "checkpoint saves"),
       timer.wrap(retrieval.RetrievalEvaluator, "run",
                  "evaluation and validation (encode, rank, score)"),

@@ -8,12 +8,19 @@ A checkpoint holds three items:
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete,
 so a kill during a save leaves the previous checkpoint as the latest one; the
-temporary leftovers are removed at the next start.
+temporary leftovers are removed at the next start (`manager`, before it returns).
+
+- `manager`, `save`, `restore_latest`, `close`: the training run's checkpoints;
+- `restore_params`: only the network params of a run's latest checkpoint, as numpy
+  arrays (for tools that read a finished run, e.g. `psch_jax.search`).
 """
 import os
+import shutil
 from typing import Any, Optional
 
+import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from psch_jax.errors import UserError
@@ -36,20 +43,37 @@ def shape_signature(config: ml_collections.ConfigDict) -> dict:
   return {name: _field(config, name) for name in SHAPE_FIELDS}
 
 
+def _directory(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def remove_unfinished(directory: str) -> None:
+  """Deletes the temporary directories of saves that never completed (a run killed
+  while saving), on process 0, before returning.
+
+  Orbax's own `cleanup_tmp_directories=True` does this in a background thread that
+  only `save` waits for (orbax-checkpoint 0.12 offers no public wait): a run that
+  fails right after start-up would exit under it and print an Orbax traceback after
+  our error. Done here, with Orbax's public listing of its temporary paths, it is
+  over when the manager exists.
+  """
+  if jax.process_index() != 0:
+    return
+  for path in ocp.path.step.all_temporary_paths(directory):
+    shutil.rmtree(path.get(), ignore_errors=True)
+
+
 def manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         cleanup_tmp_directories=True)
+  """The checkpoint manager of workdir/checkpoints (created), left-overs removed."""
+  directory = _directory(workdir)
+  remove_unfinished(directory)
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
   return ocp.CheckpointManager(directory, options=options,
                                item_names=("state", "targets", "meta"))
 
 
 def close(mngr: ocp.CheckpointManager) -> None:
-  """Waits for pending saves and for the start-up clean-up of temporary directories,
-  then closes. close() alone does not wait for the clean-up: a run that fails right
-  after start-up would exit under it and print an Orbax traceback after our error
-  (orbax-checkpoint 0.12 has no public way to wait for it)."""
-  getattr(mngr, "_maybe_await_cleanup_tmp_directory", lambda: None)()
+  """Waits for pending saves, then closes."""
   mngr.close()
 
 
@@ -101,3 +125,48 @@ def restore_latest(mngr: ocp.CheckpointManager, *, abstract_state: Any,
         f"({type(e).__name__}: {e}). Delete that step directory to resume from an "
         "earlier one, or use a new --workdir to start over.") from e
   return restored.state, restored.targets, meta
+
+
+def restore_params(workdir: str, abstract_params: Any) -> Any:
+  """The params of the latest checkpoint in workdir/checkpoints, as numpy arrays.
+
+  Only `state["params"]` is read (a partial restore): the optimizer state and the
+  pseudo-label targets stay on disk, and nothing is placed on a device mesh.
+
+  Args:
+    abstract_params: a pytree of arrays or `jax.ShapeDtypeStruct`s shaped like the
+      params (e.g. `jax.eval_shape` of the model's init).
+
+  Raises:
+    UserError: there is no checkpoint, or it cannot be read into these shapes.
+  """
+  directory = _directory(workdir)
+  if not os.path.isdir(directory):
+    raise UserError(f"{directory} is missing (the trained checkpoints); pass the "
+                    "--workdir of a run that main.py trained and evaluated, or finish "
+                    "that run first.")
+  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=False), item_names=("state",))
+  try:
+    step = mngr.latest_step()
+    if step is None:
+      raise UserError(f"{directory} holds no checkpoint; train first with main.py "
+                      f"--workdir={workdir}.")
+    # ShapeDtypeStructs without sharding and numpy restore types: host arrays, no
+    # device layout from the training mesh needed.
+    item = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                   abstract_params)}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                item)
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                       partial_restore=True)))
+    except Exception as e:  # Orbax raises many types for unreadable or mismatched files.
+      raise UserError(f"cannot restore the params of checkpoint {directory}/{step} "
+                      f"({type(e).__name__}: {e}); it is damaged or config.json "
+                      "belongs to another run. Delete that step directory to use an "
+                      "earlier one, or train again.") from e
+  finally:
+    mngr.close()
+  return restored.state["params"]

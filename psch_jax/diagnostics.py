@@ -8,11 +8,11 @@ and 7b) built from pseudo labels (Eqs. 1, 1a, 2) and the soft multi-part similar
 (Eq. 6). Codes that reproduced S perfectly would rank the database as S does, so the
 quality of S bounds what training can reach. This command builds exactly what
 `train.train_and_evaluate` builds at step 0 (the same splits, the same fresh
-network, the same `train.compute_targets` call) and scores it against the true
+network, the same `train.epoch_targets` call) and scores it against the true
 labels of the training split, which training never sees:
 
 - pseudo labels: kept fraction, purity (the fraction of kept images carrying their
-  cluster's majority true label), cluster sizes, as `train.compute_targets` reports
+  cluster's majority true label), cluster sizes, as `targets.compute_targets` reports
   them. The accuracy of the k-means assignment before the threshold is not known to
   it, so it is not reported.
 - pairs: over the off-diagonal pairs of the N training images, "precision" is the
@@ -24,9 +24,9 @@ labels of the training split, which training never sees:
   relevant = shares a true label, ranked by decreasing score with ties by index (a
   stable sort), AP as docs/evaluation.md defines it (0 for a query without a relevant
   image, kept in the mean). The scores are (a) the target S of Eq. 7 / 7b, computed
-  on the whole training set at once with the config's `similarity.*` fields exactly
-  as `train.make_train_step` does for a batch (pair weights m play no part in a
-  ranking); (b) the soft similarity s of Eq. 6 alone; (c) the pseudo label alone
+  on the whole training set at once with the config's `similarity.*` fields by
+  `targets.batch_targets`, exactly as the train step does for a batch (pair weights m
+  play no part in a ranking); (b) the soft similarity s of Eq. 6 alone; (c) the pseudo label alone
   (1 for the same pseudo label, both labelled, else 0: the same-label images first,
   everything else tied). "chance" is the mean fraction of relevant images among the
   N - 1, about the mAP@all of a random ranking.
@@ -160,17 +160,16 @@ def target_quality(config, workdir: str, *, query_stride: int = 1) -> dict:
   from jax.sharding import NamedSharding, PartitionSpec
 
   from psch_jax import checkpointing
+  from psch_jax import targets as targets_lib
   from psch_jax import train
   from psch_jax.evaluators import retrieval
-  from psch_jax.similarity import (pixel_similarity, soft_similarity,
-                                   target_similarity)
 
   if not (isinstance(query_stride, int) and query_stride >= 1):
     raise UserError(f"--query_stride={query_stride} must be an int >= 1 (1 = every "
                     "training image is a query).")
   seconds = {}
   tick = time.perf_counter()
-  run = train._setup(config, workdir)
+  run = train.setup_run(config, workdir)
   try:
     train_indices = run.index_sets["train"]
     num_train = len(train_indices)
@@ -183,18 +182,15 @@ def target_quality(config, workdir: str, *, query_stride: int = 1) -> dict:
           "--workdir: the splits are saved there).")
     replicated = NamedSharding(run.mesh, PartitionSpec())
     state = jax.device_put(
-        train._fresh_state(config, run.model, run.tx, run.pretrained_backbone),
+        train.fresh_state(config, run.model, run.tx, run.pretrained_backbone),
         replicated)
-    targets, stats = train.compute_targets(
-        config, run.encode, state["params"], run.source, train_indices,
-        mesh=run.mesh, epoch=0, features=config.pseudo_labels.features)
-    if config.similarity.source == "online":
-      # similarity.source = "online": training takes the parts from the network's
-      # current feature maps; at step 0 that is the fresh network.
-      targets.update(train.encode_images(
-          run.encode, state["params"], run.source, train_indices,
-          batch_size=config.eval.batch_size, mesh=run.mesh,
-          keys=["part_descriptors", "part_weights"]))
+    targets, stats = train.epoch_targets(config, run, state["params"], epoch=0)
+    targets = jax.tree.map(jnp.asarray, targets)
+    # similarity.source = "online" only (encoded when called): training takes the
+    # parts from the network's current feature maps; at step 0 that is the fresh
+    # network, here on unaugmented images.
+    online_parts = targets_lib.online_parts_of(
+        config, run.encode, state["params"], run.source, train_indices, mesh=run.mesh)
   finally:
     checkpointing.close(run.mngr)
   seconds["targets"] = time.perf_counter() - tick
@@ -202,16 +198,10 @@ def target_quality(config, workdir: str, *, query_stride: int = 1) -> dict:
   tick = time.perf_counter()
   pseudo_labels = np.asarray(targets["pseudo_labels"])
   sim = config.similarity
-  if sim.source == "pixels":
-    soft = pixel_similarity(jnp.asarray(targets["pixel_features"]))
-  else:
-    soft = soft_similarity(jnp.asarray(targets["part_descriptors"]),
-                           jnp.asarray(targets["part_weights"]))
-  target, _ = target_similarity(
-      soft, jnp.asarray(pseudo_labels), same_class_floor=sim.same_class_floor,
-      unlabelled_weight=sim.unlabelled_weight, hard=sim.hard,
-      cross_cluster_ceiling=sim.cross_cluster_ceiling,
-      cluster_affinity=jnp.asarray(targets["cluster_affinity"]))
+  # S of Eq. 7 / 7b over the whole training set, as the train step builds it for a
+  # batch (`targets.batch_targets`).
+  whole_set = targets_lib.batch_targets(config, targets, online_parts=online_parts)
+  soft, target = whole_set.similarity, whole_set.target
   soft, target = np.asarray(soft), np.asarray(target)
   seconds["similarity"] = time.perf_counter() - tick
 

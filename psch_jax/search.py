@@ -25,17 +25,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from PIL import Image
 
+from psch_jax import checkpointing
 from psch_jax import cli
+from psch_jax import encoding
 from psch_jax import io_utils
-from psch_jax import models
 from psch_jax import ranking
 from psch_jax import reports
 from psch_jax import train
 from psch_jax.errors import UserError
-from psch_jax.preprocess import preprocess
 
 
 
@@ -60,72 +59,12 @@ class SearchIndex(NamedTuple):
   database_labels: np.ndarray
 
 
-def _require(path: str, what: str) -> str:
-  if not os.path.exists(path):
-    raise UserError(f"{path} is missing ({what}); pass the --workdir of a run that "
-                    "main.py trained and evaluated, or finish that run first.")
-  return path
-
-
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with: its workdir/config.json."""
   return ml_collections.ConfigDict(io_utils.read_json(
       os.path.join(workdir, "config.json"),
       missing_fix=("the run's config; pass the --workdir of a run that main.py "
                    "trained and evaluated, or finish that run first."),
       corrupt_fix="train again in a new --workdir."))
-
-
-def restore_params(workdir: str, model: models.PSCHNet,
-                   config: ml_collections.ConfigDict) -> Any:
-  """The params of the latest checkpoint, as numpy arrays shaped like `model`'s.
-
-  Only `state["params"]` is read (a partial restore): the optimizer state and the
-  pseudo-label targets stay on disk.
-  """
-  directory = _require(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                       "the trained checkpoints")
-  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      create=False), item_names=("state",))
-  step = mngr.latest_step()
-  if step is None:
-    raise UserError(f"{directory} holds no checkpoint; train first with main.py "
-                    f"--workdir={workdir}.")
-  shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape),
-                                               train=False)["params"])
-  # ShapeDtypeStructs without sharding and numpy restore types: host arrays, no
-  # device layout from the training mesh needed.
-  item = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                 abstract)}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  try:
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True)))
-  except Exception as e:  # Orbax raises many types for unreadable or mismatched files.
-    raise UserError(f"cannot restore the params of checkpoint {directory}/{step} "
-                    f"({type(e).__name__}: {e}); it is damaged or config.json belongs "
-                    "to another run. Delete that step directory to use an earlier "
-                    "one, or train again.") from e
-  finally:
-    mngr.close()
-  return restored.state["params"]
-
-
-def make_encoder(config: ml_collections.ConfigDict, model: models.PSCHNet
-                 ) -> Callable[[Any, jax.Array], jax.Array]:
-  """jit: (params, uint8 (n, H, W, C) images) -> int8 (n, L) hash codes (Eq. 12),
-  with the training pipeline's preprocessing."""
-
-  @jax.jit
-  def encode(params, images):
-    inputs = preprocess(images, image_size=config.model.image_size,
-                        channels=config.model.channels, mean=config.data.mean,
-                        std=config.data.std)
-    out = model.apply({"params": params}, inputs, train=False)
-    return models.hash_codes(out["relaxed_codes"])
-
-  return encode
 
 
 def load_index(workdir: str) -> SearchIndex:
@@ -146,13 +85,14 @@ def load_index(workdir: str) -> SearchIndex:
                     f"{num_words}) for the run's database and {config.model.num_bits} "
                     "bits; evaluate again with main.py --mode=eval.")
   model = train.build_model(config)
-  params = restore_params(workdir, model, config)
+  params = checkpointing.restore_params(
+      workdir, jax.eval_shape(lambda: train.init_params(config, model)))
   source = reports.load_run_source(workdir)
   if database_indices.size and database_indices.max() >= len(source):
     raise UserError(f"{workdir}/splits/database.npy indexes past the {len(source)} "
                     f"images of {config.data.name}; the work directory belongs to "
                     "another dataset copy.")
-  return SearchIndex(config=config, params=params, encode=make_encoder(config, model),
+  return SearchIndex(config=config, params=params, encode=encoding.make_code_encoder(config, model),
                      image_shape=tuple(source.image_shape),
                      database_indices=database_indices.astype(np.int64),
                      database_packed=database_packed,

@@ -1,25 +1,33 @@
 """PSCH training and evaluation, top to bottom.
 
-Sections: mesh, input, model and optimizer, encoders, pseudo labels, update step,
-checkpoint, loop, evaluation. `train_and_evaluate(config, workdir)` is the whole job;
-`main.py` only parses flags and calls it.
+Sections: mesh, input, model and optimizer, run setup, update step, checkpoint,
+loop, evaluation. `train_and_evaluate(config, workdir)` is the whole job; `main.py`
+only parses flags and calls it. The method lives elsewhere: the network in
+`models`, the shared encoder in `encoding`, the pseudo labels and the target matrix
+in `targets`, the loss in `loss`.
 
 Data parallelism: one `jax.jit` over a 1-D device mesh spanning every device of every
-host. The global batch is sharded on the mesh's "data" axis, params and optimizer
-state are replicated, and XLA inserts the gradient all-reduce. The pairwise loss is
-computed over the whole global batch (Eq. 8), exactly as on one device.
+host, made once per run (`setup_run`) and passed down. The global batch is sharded on
+the mesh's "data" axis, params and optimizer state are replicated, and XLA inserts
+the gradient all-reduce. The pairwise loss is computed over the whole global batch
+(Eq. 8), exactly as on one device.
 
 Reproducibility: every random draw derives from `config.seed` by `fold_in` of a fixed
 purpose tag and the step or epoch, the epoch order is a pure function of (seed,
 epoch), and the checkpoint holds everything else, so a resumed run replays the same
 batches with the same keys and ends with the same codes.
+
+Public API for the other modules: `make_mesh`, `load_data`, `build_model`,
+`init_params`, `build_optimizer`, `fresh_state`, `setup_run` / `Run`,
+`epoch_targets`, `make_train_step`, `restore_checkpoint`, `MetricsLog`,
+`train_and_evaluate`; `make_encoder` and `encode_images` are `psch_jax.encoding`'s.
 """
-import functools
 import json
 import logging
 import os
+import sys
 import time
-from typing import Any, Iterable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,21 +39,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from psch_jax import checkpointing
 from psch_jax import config as psch_config
+from psch_jax import encoding
 from psch_jax import io_utils
 from psch_jax import models
 from psch_jax import pretrained
-from psch_jax import spectral
+from psch_jax import targets as targets_lib
 from psch_jax.attention import GroupedAttention
 from psch_jax.data import pipeline
 from psch_jax.data import sources
 from psch_jax.data import splits as splits_lib
-from psch_jax.evaluators import retrieval
 from psch_jax.errors import UserError
+from psch_jax.evaluators import retrieval
 from psch_jax.loss import psch_loss
 from psch_jax.preprocess import augment, preprocess
-from psch_jax.pseudo_labels import pseudo_labels as make_pseudo_labels
-from psch_jax.pseudo_labels import cluster_affinity, purity
-from psch_jax.similarity import pixel_similarity, soft_similarity, target_similarity
 
 # Purpose tags for fold_in: one independent key stream per use of randomness.
 _INIT, _STEP, _KMEANS = 0, 1, 2
@@ -57,11 +63,6 @@ def make_mesh(devices: Optional[list] = None) -> Mesh:
   """A 1-D mesh named "data" over `devices` (default: every device of every host)."""
   devices = jax.devices() if devices is None else devices
   return Mesh(np.asarray(devices), ("data",))
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  """Host copy of a replicated global array (works on every process)."""
-  return np.asarray(x.addressable_data(0))
 
 
 # ---------------------------------------------------------------------------- input
@@ -102,12 +103,6 @@ def load_data(config: ml_collections.ConfigDict, workdir: str):
   if jax.process_index() == 0:
     splits_lib.save_splits(index_sets, split_dir)
   return source, index_sets
-
-
-def _global_batch(local: dict, sharding: NamedSharding) -> dict:
-  """This host's rows of a batch -> global arrays sharded on the data axis."""
-  return {k: jax.make_array_from_process_local_data(sharding, v)
-          for k, v in local.items()}
 
 
 # ------------------------------------------------------------- model and optimizer
@@ -170,278 +165,17 @@ def build_optimizer(config: ml_collections.ConfigDict,
                      optax.multi_transform(groups, label_fn))
 
 
-# ------------------------------------------------------------------------- encoders
-
-def make_encoder(config: ml_collections.ConfigDict, model: models.PSCHNet,
-                 mesh: Mesh):
-  """jit: (params, uint8 batch) -> replicated per-image outputs for feature
-  extraction and retrieval codes."""
-  attention = GroupedAttention(num_parts=config.attention.num_parts,
-                               temperature=config.attention.temperature,
-                               uniform=config.attention.uniform)
-  replicated = NamedSharding(mesh, PartitionSpec())
-
-  @functools.partial(jax.jit, out_shardings=replicated)
-  def encode(params, batch):
-    images = preprocess(batch["images"], image_size=config.model.image_size,
-                        channels=config.model.channels, mean=config.data.mean,
-                        std=config.data.std)
-    out = model.apply({"params": params}, images, train=False)
-    parts = attention.apply({}, out["feature_map"])
-    return {"relaxed_codes": out["relaxed_codes"],
-            "global_feature": out["global_feature"],
-            "pooled_feature": out["feature_map"].mean(axis=(1, 2)),
-            "part_descriptors": parts.descriptors,
-            "part_weights": parts.weights,
-            "index": batch["index"], "mask": batch["mask"]}
-
-  return encode
+def fresh_state(config: ml_collections.ConfigDict, model: models.PSCHNet,
+                tx: optax.GradientTransformation,
+                pretrained_backbone: Optional[Any] = None) -> dict:
+  """The train state before step 0: {"params", "opt_state", "step": int32 ()}."""
+  params = init_params(config, model, pretrained_backbone)
+  return {"params": params, "opt_state": jax.jit(tx.init)(params),
+          "step": jnp.zeros((), jnp.int32)}
 
 
-def encode_images(encode, params, source, indices: np.ndarray, *, batch_size: int,
-                  mesh: Mesh, keys: Iterable[str]) -> dict[str, np.ndarray]:
-  """Runs `encode` over `source[indices]` in fixed-size padded batches.
-
-  Returns numpy arrays in the order of `indices`, one per requested key.
-  """
-  keys = tuple(keys)
-  sharding = NamedSharding(mesh, PartitionSpec("data"))
-  chunks = {k: [] for k in keys}
-  for local in pipeline.eval_batches(source, indices, batch_size=batch_size,
-                                     process_index=jax.process_index(),
-                                     process_count=jax.process_count()):
-    out = encode(params, _global_batch(local, sharding))
-    mask = _to_host(out["mask"]).astype(bool)
-    for k in keys:
-      chunks[k].append(_to_host(out[k])[mask])
-  return {k: np.concatenate(v) for k, v in chunks.items()}
-
-
-# -------------------------------------------------------------------- pseudo labels
-
-def _spectral_components(config: ml_collections.ConfigDict) -> int:
-  """d of Eq. 1a: `pseudo_labels.spectral_components`, by default K_c."""
-  p = config.pseudo_labels
-  return p.spectral_components or p.num_clusters
-
-
-def compute_targets(config, encode, params, source, train_indices, *, mesh,
-                    epoch: int, features: str, similarity_from=None) -> tuple[dict, dict]:
-  """Pseudo labels (Eq. 2) for the training images, and the part features of the
-  similarity source (Eqs. 4-5) unless the similarity is computed online.
-
-  Args:
-    features: what k-means clusters: "global", "pooled", "pixels" or "spectral"
-      (the k-NN graph embedding of the pixels, Eq. 1a).
-    similarity_from: previous targets whose part features are kept (the frozen
-      initial network's); None computes them from `params`.
-
-  Returns:
-    targets: {"pseudo_labels": int32 (N,), "cluster_affinity": f32 (K_c, K_c) r of
-      Eq. 7b, "part_descriptors": f32 (N, P, C/P), "part_weights": f32 (N, P)}
-      (part entries for the initial source only), "pixel_features": f32 (N, H W C)
-      L2-normalised pixels (the pixels source only, Eq. 6b);
-    stats: JSON-able statistics of this pseudo labelling.
-  """
-  need_parts = config.similarity.source == "initial" and similarity_from is None
-  keys = {"pixels": [], "spectral": [], "global": ["global_feature"],
-          "pooled": ["pooled_feature"]}[features]
-  if need_parts:
-    keys = keys + ["part_descriptors", "part_weights"]
-  encoded = (encode_images(encode, params, source, train_indices,
-                           batch_size=config.eval.batch_size, mesh=mesh, keys=keys)
-             if keys else {})
-  p = config.pseudo_labels
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), _KMEANS), epoch)
-  pixels = None
-  if features in ("pixels", "spectral") or config.similarity.source == "pixels":
-    pixels = source.read(train_indices).reshape(len(train_indices), -1)
-    pixels = pixels.astype(np.float32) / 255.0
-  z = pixels if features in ("pixels", "spectral") else encoded[keys[0]]
-  if features == "spectral":
-    # The sizes were checked against the training split by `_setup`.
-    embedding_key, key = jax.random.split(key)
-    z = spectral.spectral_embedding(embedding_key, jnp.asarray(z),
-                                    num_components=_spectral_components(config),
-                                    num_neighbors=p.spectral_neighbors)
-  labels, stats = make_pseudo_labels(
-      key, jnp.asarray(z), num_clusters=p.num_clusters, keep_quantile=p.keep_quantile,
-      absolute_threshold=p.absolute_threshold, n_init=p.n_init, max_iter=p.max_iter,
-      tol=p.tol, mesh=make_mesh(jax.local_devices()))
-  labels = np.asarray(labels, np.int32)
-  targets = {"pseudo_labels": labels,
-             "cluster_affinity": np.asarray(cluster_affinity(stats.centroids))}
-  if config.similarity.source == "initial":
-    source_targets = similarity_from if similarity_from is not None else encoded
-    targets["part_descriptors"] = np.asarray(source_targets["part_descriptors"])
-    targets["part_weights"] = np.asarray(source_targets["part_weights"])
-  elif config.similarity.source == "pixels":
-    targets["pixel_features"] = pixels / np.maximum(
-        np.linalg.norm(pixels, axis=1, keepdims=True), 1e-12)
-  summary = {"epoch": epoch, "features": features,
-             "kept_fraction": float(stats.kept_fraction),
-             "kept_fraction_per_cluster": np.asarray(
-                 stats.kept_fraction_per_cluster).round(4).tolist(),
-             "cluster_sizes": np.asarray(stats.cluster_sizes).tolist(),
-             "inertia": float(stats.inertia),
-             "kmeans_iterations": int(stats.num_iterations),
-             "purity": float(purity(labels, source.labels[train_indices]))}
-  return targets, summary
-
-
-# ---------------------------------------------------------------------- update step
-
-def make_train_step(config: ml_collections.ConfigDict, model: models.PSCHNet,
-                    tx: optax.GradientTransformation, mesh: Mesh):
-  """jit: (state, batch, targets) -> (state, metrics); state is donated."""
-  attention = GroupedAttention(num_parts=config.attention.num_parts,
-                               temperature=config.attention.temperature,
-                               uniform=config.attention.uniform)
-  step_root = jax.random.fold_in(jax.random.key(config.seed), _STEP)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  sharded = NamedSharding(mesh, PartitionSpec("data"))
-
-  def train_step(state, batch, targets):
-    aug_key, dropout_key = jax.random.split(jax.random.fold_in(step_root, state["step"]))
-    images = preprocess(batch["images"], image_size=config.model.image_size,
-                        channels=config.model.channels, mean=config.data.mean,
-                        std=config.data.std)
-    images = augment(aug_key, images, kind=config.data.augment)
-    position = batch["position"]
-    labels = targets["pseudo_labels"][position]
-
-    def loss_fn(params):
-      out = model.apply({"params": params}, images, train=True,
-                        rngs={"dropout": dropout_key})
-      if config.similarity.source == "pixels":
-        soft = pixel_similarity(targets["pixel_features"][position])
-      elif config.similarity.source == "online":
-        parts = attention.apply({}, jax.lax.stop_gradient(out["feature_map"]))
-        soft = soft_similarity(parts.descriptors, parts.weights)
-      else:
-        soft = soft_similarity(targets["part_descriptors"][position],
-                               targets["part_weights"][position])
-      target, pair_weight = target_similarity(
-          soft, labels, same_class_floor=config.similarity.same_class_floor,
-          unlabelled_weight=config.similarity.unlabelled_weight,
-          hard=config.similarity.hard,
-          cross_cluster_ceiling=config.similarity.cross_cluster_ceiling,
-          cluster_affinity=targets["cluster_affinity"])
-      return psch_loss(out["relaxed_codes"], out["class_logits"], labels, target,
-                       pair_weight, alpha=config.loss.alpha, beta=config.loss.beta)
-
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()},
-               "grad_norm": optax.tree.norm(grads),
-               "labelled_fraction": jnp.mean(labels >= 0)}
-    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
-
-  return jax.jit(train_step, donate_argnums=(0,),
-                 in_shardings=(replicated, sharded, replicated),
-                 out_shardings=(replicated, replicated))
-
-
-# ----------------------------------------------------------------------------- loop
-
-class _MetricsLog:
-  """metrics.jsonl in the work directory (process 0), plus TensorBoard on request."""
-
-  def __init__(self, workdir: str, tensorboard: bool):
-    self._active = jax.process_index() == 0
-    self._path = os.path.join(workdir, "metrics.jsonl")
-    self._writer = None
-    if self._active and tensorboard:
-      import tensorflow as tf  # seconds to import: only on request
-      self._tf = tf
-      self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-
-  def write(self, step: int, record: dict) -> None:
-    if not self._active:
-      return
-    with open(self._path, "a") as f:
-      f.write(json.dumps({"step": step, **record}, sort_keys=True) + "\n")
-    if self._writer is not None:
-      with self._writer.as_default(step=step):
-        for k, v in record.items():
-          if isinstance(v, (int, float)):
-            self._tf.summary.scalar(k, v)
-      self._writer.flush()
-
-
-def _check_finite(metrics: dict, step: int) -> None:
-  # grad_norm too: a non-finite gradient turns the params into NaN through the update,
-  # and that state must never reach a checkpoint.
-  bad = [k for k, v in metrics.items()
-         if (k.startswith("loss") or k == "grad_norm") and not np.isfinite(v)]
-  if bad:
-    raise FloatingPointError(
-        f"non-finite {', '.join(sorted(bad))} at step {step}: training "
-        "stopped; the last good checkpoint is kept. Lower optim.learning_rate or "
-        "check the input normalisation (data.mean / data.std), and start in a new "
-        "--workdir (the kept checkpoint may already be diverging).")
-
-
-def _progress(total: int, initial: int, epoch: int, num_epochs: int):
-  if jax.process_index() != 0:
-    return None
-  from tqdm import tqdm
-  return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{num_epochs}",
-              unit="step", dynamic_ncols=True, leave=True)
-
-
-class _Run(NamedTuple):
-  """What training and evaluation share: built once per run from the config."""
-  mesh: Mesh
-  workdir: str
-  source: Any
-  index_sets: dict
-  steps_per_epoch: int
-  model: models.PSCHNet
-  tx: optax.GradientTransformation
-  encode: Any
-  mngr: Any
-  pretrained_backbone: Optional[dict]
-
-
-def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
-  # --- Mesh.
-  mesh = make_mesh()
-  psch_config.validate(config, num_devices=mesh.size)
-  model = build_model(config)
-  pretrained_backbone = _check_model(config, model)
-  workdir = os.path.abspath(workdir)
-  _check_writable(workdir)
-
-  # --- Input.
-  source, index_sets = load_data(config, workdir)
-  num_train = len(index_sets["train"])
-  batch_size = config.train.global_batch_size
-  steps_per_epoch = num_train // batch_size
-  if steps_per_epoch < 1:
-    raise UserError(
-        f"config.train.global_batch_size={batch_size} is larger than the "
-        f"{num_train} training images; lower it.")
-  if config.pseudo_labels.features == "spectral":
-    spectral.check_arguments(
-        num_train, num_neighbors=config.pseudo_labels.spectral_neighbors,
-        num_components=_spectral_components(config))
-  if source.image_shape[-1] not in (1, config.model.channels):
-    raise UserError(f"{config.data.name} images have {source.image_shape[-1]} channels "
-                    f"but config.model.channels={config.model.channels}.")
-
-  # --- Optimizer.
-  tx = build_optimizer(config, steps_per_epoch)
-  return _Run(mesh=mesh, workdir=workdir, source=source, index_sets=index_sets,
-              steps_per_epoch=steps_per_epoch, model=model, tx=tx,
-              encode=make_encoder(config, model, mesh),
-              mngr=checkpointing.manager(workdir, keep=config.train.keep_checkpoints),
-              pretrained_backbone=pretrained_backbone)
-
-
-def _check_model(config: ml_collections.ConfigDict, model: models.PSCHNet
-                 ) -> Optional[dict]:
+def check_model(config: ml_collections.ConfigDict, model: models.PSCHNet,
+                attention: GroupedAttention) -> Optional[dict]:
   """Fails on a model the config cannot build, before anything is allocated or written.
 
   Returns the pretrained backbone params (numpy) when `model.pretrained_path` is set.
@@ -452,9 +186,6 @@ def _check_model(config: ml_collections.ConfigDict, model: models.PSCHNet
   small for the backbone; then reads and checks the pretrained weight file.
   """
   shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
-  attention = GroupedAttention(num_parts=config.attention.num_parts,
-                               temperature=config.attention.temperature,
-                               uniform=config.attention.uniform)
 
   def forward(key):
     out, _ = model.init_with_output(key, jnp.zeros(shape, jnp.float32), train=False)
@@ -473,183 +204,87 @@ def _check_model(config: ml_collections.ConfigDict, model: models.PSCHNet
   return None
 
 
-def _restore(config, run: _Run):
-  """(state, targets, meta) from the latest checkpoint, or None without one."""
-  if run.mngr.latest_step() is None:
-    return None
-  replicated = NamedSharding(run.mesh, PartitionSpec())
-  abstract_state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-      jax.eval_shape(lambda: _fresh_state(config, run.model, run.tx)))
-  abstract_targets = _abstract_targets(config, len(run.index_sets["train"]), run.model,
-                                       replicated,
-                                       pixel_dim=int(np.prod(run.source.image_shape)))
-  return checkpointing.restore_latest(run.mngr, abstract_state=abstract_state,
-                                      abstract_targets=abstract_targets, config=config)
+# ------------------------------------------------------------------------ run setup
 
+class Run(NamedTuple):
+  """What training, evaluation and the diagnostics share: built once per run from the
+  config by `setup_run`.
 
-def _fresh_state(config, model, tx, pretrained_backbone=None) -> dict:
-  params = init_params(config, model, pretrained_backbone)
-  return {"params": params, "opt_state": jax.jit(tx.init)(params),
-          "step": jnp.zeros((), jnp.int32)}
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains PSCH as `config` says, evaluates retrieval, and returns the results.
-
-  Writes into `workdir`: splits/, checkpoints/, metrics.jsonl and results.json.
-  Resumes from the latest checkpoint when there is one.
+  Attributes:
+    mesh: the run's one device mesh ("data" axis over every device of every host).
+    workdir: absolute work directory.
+    source: the image source (`psch_jax.data.sources`).
+    index_sets: {"train", "validation", "query", "database"} sorted int64 indices.
+    steps_per_epoch: training steps per epoch (the last partial batch is dropped).
+    model: the network; attention: its grouped attention (`encoding.make_attention`).
+    tx: the optimizer.
+    encode: `encoding.make_encoder` of model and attention on the mesh.
+    mngr: the Orbax checkpoint manager of workdir/checkpoints
+      (close it with `checkpointing.close`).
+    pretrained_backbone: numpy params of the pretrained backbone, or None.
   """
-  run = _setup(config, workdir)
-  try:
-    return _train_and_evaluate(config, run)
-  finally:
-    # On an error (a non-finite loss, a full disk, Ctrl-C) an asynchronous save may
-    # still be writing: close() waits for it, so the newest checkpoint is complete
-    # rather than a *.orbax-checkpoint-tmp directory the next run deletes.
-    checkpointing.close(run.mngr)
+  mesh: Mesh
+  workdir: str
+  source: Any
+  index_sets: dict
+  steps_per_epoch: int
+  model: models.PSCHNet
+  attention: GroupedAttention
+  tx: optax.GradientTransformation
+  encode: Any
+  mngr: Any
+  pretrained_backbone: Optional[dict]
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, run: _Run) -> dict:
-  mesh, source, mngr = run.mesh, run.source, run.mngr
-  train_indices = run.index_sets["train"]
-  steps_per_epoch = run.steps_per_epoch
-  replicated = NamedSharding(mesh, PartitionSpec())
-  train_step = make_train_step(config, run.model, run.tx, mesh)
-  log = _MetricsLog(run.workdir, config.train.tensorboard)
-  evaluators = retrieval.from_config(config, encode=run.encode, source=source,
-                                     index_sets=run.index_sets, mesh=mesh)
+def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Checks the config against the devices, the model and the data, then builds the
+  run (mesh, data and splits, model, optimizer, encoder, checkpoint manager).
 
-  # --- Checkpoint.
-  restored = _restore(config, run)
-  if jax.process_index() == 0:
-    # For tools that rebuild the model from the work directory alone (search); after
-    # the restore, which refuses a checkpoint of another config.
-    io_utils.write_json(os.path.join(run.workdir, "config.json"), config.to_dict())
-  if restored is None:
-    state = jax.device_put(
-        _fresh_state(config, run.model, run.tx, run.pretrained_backbone), replicated)
-    targets, stats = compute_targets(config, run.encode, state["params"], source,
-                                     train_indices, mesh=mesh, epoch=0,
-                                     features=config.pseudo_labels.features)
-    targets = jax.device_put(targets, replicated)
-    log.write(0, {"pseudo_labels": stats})
-    _info(f"pseudo labels: kept {stats['kept_fraction']:.3f}, purity "
-          f"{stats['purity']:.3f} (diagnostic only)")
-  else:
-    state, targets, meta = restored
-    _info(f"resumed from step {int(state['step'])} (epoch {meta['epoch']})")
-
-  def save(step: int, state):
-    checkpointing.save(mngr, step, state=state, targets=targets,
-                       meta={"epoch": step // steps_per_epoch, "signature":
-                             checkpointing.shape_signature(config)})
-
-  # --- Loop.
-  num_epochs = config.train.num_epochs
-  step = int(state["step"])
-  refresh = config.pseudo_labels.refresh_every_epochs
-  while step < num_epochs * steps_per_epoch:
-    epoch, start = divmod(step, steps_per_epoch)
-    if start == 0 and epoch > 0 and refresh and epoch % refresh == 0:
-      targets, stats = compute_targets(
-          config, run.encode, state["params"], source, train_indices, mesh=mesh,
-          epoch=epoch, features="global", similarity_from=targets)
-      targets = jax.device_put(targets, replicated)
-      log.write(step, {"pseudo_labels": stats})
-    batches = pipeline.train_batches(
-        source, train_indices, seed=config.seed, epoch=epoch,
-        global_batch_size=config.train.global_batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(), start_step=start)
-    state, step = _run_epoch(config, train_step, state, targets, batches,
-                             train_indices, mesh=mesh, step=step, epoch=epoch,
-                             steps_per_epoch=steps_per_epoch, log=log, save=save)
-    every = config.eval.validation_every_epochs
-    if every and (epoch + 1) % every == 0:
-      log.write(step, evaluators["validation"].run(state["params"])[0])
-  mngr.wait_until_finished()
-
-  # --- Evaluation.
-  metrics, codes = evaluators["test"].run(state["params"])
-  results = retrieval.results_record(config, run.index_sets, metrics)
-  results.update({"epochs": num_epochs, "steps": step, "selection": "last epoch"})
-  results.update(evaluators["validation"].run(
-      state["params"], codes_at_hand=(run.index_sets["database"], codes["database"]))[0])
-  retrieval.write_results(run.workdir, results, codes, source, run.index_sets)
-  log.write(step, {"results": {k: v for k, v in results.items()
-                               if isinstance(v, (int, float))}})
-  return results
-
-
-def _run_epoch(config, train_step, state, targets, batches, train_indices, *,
-               mesh, step, epoch, steps_per_epoch, log, save):
-  """Runs the rest of one epoch from `step`; returns (state, step) at its end.
-
-  `save(step, state)` is called at the epoch end and every
-  `train.checkpoint_every_steps` steps.
+  Raises:
+    UserError: the config does not fit (devices, model, data) or the work directory
+      is not writable; nothing is written to it then except the splits.
   """
-  sharding = NamedSharding(mesh, PartitionSpec("data"))
-  start = step % steps_per_epoch
-  bar = _progress(steps_per_epoch, start, epoch, config.train.num_epochs)
-  wait = compute = 0.0
-  sums, count = {}, 0
-  tick = time.perf_counter()
-  for local in batches:
-    fetched = time.perf_counter()
-    wait += fetched - tick
-    local = {"images": local["images"],
-             "position": np.searchsorted(train_indices, local["index"]).astype(np.int32)}
-    state, metrics = train_step(state, _global_batch(local, sharding), targets)
-    step += 1
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    _check_finite(metrics, step)
-    for k, v in metrics.items():
-      sums[k] = sums.get(k, 0.0) + v
-    count += 1
-    tick = time.perf_counter()
-    compute += tick - fetched
-    if bar is not None:
-      images_per_s = count * config.train.global_batch_size / max(wait + compute, 1e-9)
-      bar.set_postfix(loss=f"{metrics['loss']:.4f}", sim=f"{metrics['loss_sim']:.4f}",
-                      cls=f"{metrics['loss_cls']:.3f}", q=f"{metrics['loss_quant']:.3f}",
-                      img_s=f"{images_per_s:.0f}", refresh=False)
-      bar.update(1)
-    if step % steps_per_epoch == 0 or step % config.train.checkpoint_every_steps == 0:
-      save(step, state)
-  if bar is not None:
-    bar.close()
-  record = {k: v / max(count, 1) for k, v in sums.items()}
-  record.update({"epoch": epoch + 1, "data_wait_fraction": wait / max(wait + compute, 1e-9),
-                 "images_per_s": count * config.train.global_batch_size /
-                 max(wait + compute, 1e-9)})
-  log.write(step, record)
-  return state, step
+  mesh = make_mesh()
+  psch_config.validate(config, num_devices=mesh.size)
+  model = build_model(config)
+  attention = encoding.make_attention(config)
+  pretrained_backbone = check_model(config, model, attention)
+  workdir = os.path.abspath(workdir)
+  _check_writable(workdir)
+
+  source, index_sets = load_data(config, workdir)
+  num_train = len(index_sets["train"])
+  batch_size = config.train.global_batch_size
+  steps_per_epoch = num_train // batch_size
+  if steps_per_epoch < 1:
+    raise UserError(
+        f"config.train.global_batch_size={batch_size} is larger than the "
+        f"{num_train} training images; lower it.")
+  targets_lib.check_sizes(config, num_train)
+  if source.image_shape[-1] not in (1, config.model.channels):
+    raise UserError(f"{config.data.name} images have {source.image_shape[-1]} channels "
+                    f"but config.model.channels={config.model.channels}.")
+
+  tx = build_optimizer(config, steps_per_epoch)
+  return Run(mesh=mesh, workdir=workdir, source=source, index_sets=index_sets,
+             steps_per_epoch=steps_per_epoch, model=model, attention=attention, tx=tx,
+             encode=encoding.make_encoder(config, model, mesh, attention=attention),
+             mngr=checkpointing.manager(workdir, keep=config.train.keep_checkpoints),
+             pretrained_backbone=pretrained_backbone)
 
 
-def _abstract_targets(config, num_train: int, model, sharding, *,
-                      pixel_dim: int = 0) -> dict:
-  num_clusters = config.pseudo_labels.num_clusters
-  targets = {"pseudo_labels": jax.ShapeDtypeStruct((num_train,), jnp.int32,
-                                                   sharding=sharding),
-             "cluster_affinity": jax.ShapeDtypeStruct(
-                 (num_clusters, num_clusters), jnp.float32, sharding=sharding)}
-  if config.similarity.source == "initial":
-    shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
-    attention = GroupedAttention(num_parts=config.attention.num_parts)
-    fmap = jax.eval_shape(
-        lambda: model.init_with_output(jax.random.key(0), jnp.zeros(shape),
-                                       train=False)[0]["feature_map"])
-    parts = jax.eval_shape(lambda f: attention.apply({}, f),
-                           jax.ShapeDtypeStruct(fmap.shape, fmap.dtype))
-    targets["part_descriptors"] = jax.ShapeDtypeStruct(
-        (num_train,) + parts.descriptors.shape[1:], jnp.float32, sharding=sharding)
-    targets["part_weights"] = jax.ShapeDtypeStruct(
-        (num_train,) + parts.weights.shape[1:], jnp.float32, sharding=sharding)
-  if config.similarity.source == "pixels":
-    targets["pixel_features"] = jax.ShapeDtypeStruct((num_train, pixel_dim),
-                                                     jnp.float32, sharding=sharding)
-  return targets
+def epoch_targets(config: ml_collections.ConfigDict, run: Run, params, *, epoch: int,
+                  previous: Optional[dict] = None) -> tuple[dict, dict]:
+  """The training set's targets (`targets.compute_targets`) at the start of `epoch`,
+  as training computes them: at epoch 0 from `pseudo_labels.features` of the fresh
+  network (`params`), at a refresh from the global features of `params` keeping the
+  similarity source of `previous`. Numpy arrays on the host."""
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), _KMEANS),
+                           epoch)
+  features = config.pseudo_labels.features if previous is None else "global"
+  return targets_lib.compute_targets(
+      config, key, run.encode, params, run.source, run.index_sets["train"],
+      mesh=run.mesh, epoch=epoch, features=features, similarity_from=previous)
 
 
 def _check_writable(workdir: str) -> None:
@@ -664,6 +299,305 @@ def _check_writable(workdir: str) -> None:
                     "pass a --workdir you can write to.") from e
 
 
+# ---------------------------------------------------------------------- update step
+
+def make_train_step(config: ml_collections.ConfigDict, model: models.PSCHNet,
+                    tx: optax.GradientTransformation, mesh: Mesh, *,
+                    attention: Optional[GroupedAttention] = None):
+  """jit: (state, batch, targets) -> (state, metrics); state is donated.
+
+  Args:
+    batch: {"images": uint8 (B, H, W, C), "position": int32 (B,) rows of the batch's
+      images in the training set}, sharded on the mesh's "data" axis.
+    targets: the training set's targets (`targets.compute_targets`), replicated.
+    attention: the run's `encoding.make_attention(config)` (the "online" similarity
+      source reads it); built from the config when None.
+  """
+  attention = encoding.make_attention(config) if attention is None else attention
+  step_root = jax.random.fold_in(jax.random.key(config.seed), _STEP)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  sharded = NamedSharding(mesh, PartitionSpec("data"))
+
+  def train_step(state, batch, targets):
+    aug_key, dropout_key = jax.random.split(jax.random.fold_in(step_root, state["step"]))
+    images = preprocess(batch["images"], image_size=config.model.image_size,
+                        channels=config.model.channels, mean=config.data.mean,
+                        std=config.data.std)
+    images = augment(aug_key, images, kind=config.data.augment)
+    position = batch["position"]
+
+    def loss_fn(params):
+      out = model.apply({"params": params}, images, train=True,
+                        rngs={"dropout": dropout_key})
+      online_parts = lambda: attention.apply(
+          {}, jax.lax.stop_gradient(out["feature_map"]))[:2]
+      batch_target = targets_lib.batch_targets(config, targets, position,
+                                               online_parts=online_parts)
+      return psch_loss(out["relaxed_codes"], out["class_logits"],
+                       batch_target.pseudo_labels, batch_target.target,
+                       batch_target.pair_weight, alpha=config.loss.alpha,
+                       beta=config.loss.beta)
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    labels = targets["pseudo_labels"][position]
+    metrics = {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()},
+               "grad_norm": optax.tree.norm(grads),
+               "labelled_fraction": jnp.mean(labels >= 0)}
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+  return jax.jit(train_step, donate_argnums=(0,),
+                 in_shardings=(replicated, sharded, replicated),
+                 out_shardings=(replicated, replicated))
+
+
+# ----------------------------------------------------------------------- checkpoint
+
+def restore_checkpoint(config: ml_collections.ConfigDict, run: Run
+                       ) -> Optional[tuple[dict, dict, dict]]:
+  """(state, targets, meta) of the latest checkpoint, replicated on the run's mesh, or
+  None without one. Raises the UserError of `checkpointing.restore_latest`."""
+  if run.mngr.latest_step() is None:
+    return None
+  replicated = NamedSharding(run.mesh, PartitionSpec())
+  abstract_state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      jax.eval_shape(lambda: fresh_state(config, run.model, run.tx)))
+  abstract_targets = targets_lib.abstract_targets(
+      config, len(run.index_sets["train"]), run.model, replicated,
+      pixel_dim=int(np.prod(run.source.image_shape)), attention=run.attention)
+  return checkpointing.restore_latest(run.mngr, abstract_state=abstract_state,
+                                      abstract_targets=abstract_targets, config=config)
+
+
+def _checkpoint_meta(config: ml_collections.ConfigDict, step: int,
+                     steps_per_epoch: int) -> dict:
+  return {"epoch": step // steps_per_epoch,
+          "signature": checkpointing.shape_signature(config)}
+
+
+# ----------------------------------------------------------------------------- loop
+
+class MetricsLog:
+  """metrics.jsonl in the work directory (process 0), plus TensorBoard on request."""
+
+  def __init__(self, workdir: str, tensorboard: bool):
+    self._active = jax.process_index() == 0
+    self._path = os.path.join(workdir, "metrics.jsonl")
+    self._writer = None
+    if self._active and tensorboard:
+      import tensorflow as tf  # seconds to import: only on request
+      self._tf = tf
+      self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, record: dict) -> None:
+    """Appends {"step": step, **record} as one JSON line; scalars to TensorBoard."""
+    if not self._active:
+      return
+    with open(self._path, "a") as f:
+      f.write(json.dumps({"step": step, **record}, sort_keys=True) + "\n")
+    if self._writer is not None:
+      with self._writer.as_default(step=step):
+        for k, v in record.items():
+          if isinstance(v, (int, float)):
+            self._tf.summary.scalar(k, v)
+      self._writer.flush()
+
+
+class Progress:
+  """The progress of one epoch, drawn to suit where stderr goes (process 0 only).
+
+  On a terminal: a live tqdm bar with the loss terms and images/s. Into a file or a
+  pipe (a log): no redraws, one line when the epoch ends and one at most every
+  `line_every_s` seconds before, so a log grows by a few lines per epoch.
+  """
+
+  def __init__(self, *, total: int, initial: int, epoch: int, num_epochs: int,
+               stream=None, line_every_s: float = 60.0):
+    self._stream = sys.stderr if stream is None else stream
+    self._active = jax.process_index() == 0
+    self._live = self._active and self._stream.isatty()
+    self._total, self._done = total, initial
+    self._desc = f"epoch {epoch + 1}/{num_epochs}"
+    self._line_every_s = line_every_s
+    self._last_line = time.perf_counter()
+    self._postfix = ""
+    self._bar = None
+    if self._live:
+      from tqdm import tqdm
+      self._bar = tqdm(total=total, initial=initial, desc=self._desc, unit="step",
+                       dynamic_ncols=True, leave=True, file=self._stream)
+
+  def update(self, metrics: dict, images_per_s: float) -> None:
+    """One step done; `metrics` are its host floats."""
+    if not self._active:
+      return
+    self._done += 1
+    fields = {"loss": f"{metrics['loss']:.4f}", "sim": f"{metrics['loss_sim']:.4f}",
+              "cls": f"{metrics['loss_cls']:.3f}", "q": f"{metrics['loss_quant']:.3f}",
+              "img_s": f"{images_per_s:.0f}"}
+    if self._bar is not None:
+      self._bar.set_postfix(refresh=False, **fields)
+      self._bar.update(1)
+      return
+    self._postfix = ", ".join(f"{k}={v}" for k, v in fields.items())
+    now = time.perf_counter()
+    if self._done < self._total and now - self._last_line >= self._line_every_s:
+      self._line()
+      self._last_line = now
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    elif self._active and self._postfix:
+      self._line()
+
+  def _line(self) -> None:
+    print(f"{self._desc}: step {self._done}/{self._total}, {self._postfix}",
+          file=self._stream, flush=True)
+
+
+def _check_finite(metrics: dict, step: int) -> None:
+  # grad_norm too: a non-finite gradient turns the params into NaN through the update,
+  # and that state must never reach a checkpoint.
+  bad = [k for k, v in metrics.items()
+         if (k.startswith("loss") or k == "grad_norm") and not np.isfinite(v)]
+  if bad:
+    raise FloatingPointError(
+        f"non-finite {', '.join(sorted(bad))} at step {step}: training "
+        "stopped; the last good checkpoint is kept. Lower optim.learning_rate or "
+        "check the input normalisation (data.mean / data.std), and start in a new "
+        "--workdir (the kept checkpoint may already be diverging).")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains PSCH as `config` says, evaluates retrieval, and returns the results.
+
+  Writes into `workdir`: splits/, checkpoints/, metrics.jsonl and results.json.
+  Resumes from the latest checkpoint when there is one.
+  """
+  run = setup_run(config, workdir)
+  try:
+    return _train_and_evaluate(config, run)
+  finally:
+    # On an error (a non-finite loss, a full disk, Ctrl-C) an asynchronous save may
+    # still be writing: close() waits for it, so the newest checkpoint is complete
+    # rather than a *.orbax-checkpoint-tmp directory the next run deletes.
+    checkpointing.close(run.mngr)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, run: Run) -> dict:
+  mesh, source, mngr = run.mesh, run.source, run.mngr
+  train_indices = run.index_sets["train"]
+  steps_per_epoch = run.steps_per_epoch
+  replicated = NamedSharding(mesh, PartitionSpec())
+  train_step = make_train_step(config, run.model, run.tx, mesh, attention=run.attention)
+  log = MetricsLog(run.workdir, config.train.tensorboard)
+  evaluators = retrieval.from_config(config, encode=run.encode, source=source,
+                                     index_sets=run.index_sets, mesh=mesh)
+
+  restored = restore_checkpoint(config, run)
+  if jax.process_index() == 0:
+    # For tools that rebuild the model from the work directory alone (search); after
+    # the restore, which refuses a checkpoint of another config.
+    io_utils.write_json(os.path.join(run.workdir, "config.json"), config.to_dict())
+  if restored is None:
+    state = jax.device_put(
+        fresh_state(config, run.model, run.tx, run.pretrained_backbone), replicated)
+    targets, stats = epoch_targets(config, run, state["params"], epoch=0)
+    targets = jax.device_put(targets, replicated)
+    log.write(0, {"pseudo_labels": stats})
+    _info(f"pseudo labels: kept {stats['kept_fraction']:.3f}, purity "
+          f"{stats['purity']:.3f} (diagnostic only)")
+  else:
+    state, targets, meta = restored
+    _info(f"resumed from step {int(state['step'])} (epoch {meta['epoch']})")
+
+  def save(step: int, state):
+    checkpointing.save(mngr, step, state=state, targets=targets,
+                       meta=_checkpoint_meta(config, step, steps_per_epoch))
+
+  num_epochs = config.train.num_epochs
+  step = int(state["step"])
+  refresh = config.pseudo_labels.refresh_every_epochs
+  while step < num_epochs * steps_per_epoch:
+    epoch, start = divmod(step, steps_per_epoch)
+    if start == 0 and epoch > 0 and refresh and epoch % refresh == 0:
+      targets, stats = epoch_targets(config, run, state["params"], epoch=epoch,
+                                     previous=targets)
+      targets = jax.device_put(targets, replicated)
+      log.write(step, {"pseudo_labels": stats})
+    batches = pipeline.train_batches(
+        source, train_indices, seed=config.seed, epoch=epoch,
+        global_batch_size=config.train.global_batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(), start_step=start)
+    state, step = run_epoch(config, train_step, state, targets, batches,
+                             train_indices, mesh=mesh, step=step, epoch=epoch,
+                             steps_per_epoch=steps_per_epoch, log=log, save=save)
+    every = config.eval.validation_every_epochs
+    if every and (epoch + 1) % every == 0:
+      log.write(step, evaluators["validation"].run(state["params"])[0])
+  mngr.wait_until_finished()
+
+  # Evaluation: psch_jax/evaluators/retrieval.py.
+  metrics, codes = evaluators["test"].run(state["params"])
+  results = retrieval.results_record(config, run.index_sets, metrics)
+  results.update({"epochs": num_epochs, "steps": step, "selection": "last epoch"})
+  results.update(evaluators["validation"].run(
+      state["params"], codes_at_hand=(run.index_sets["database"], codes["database"]))[0])
+  retrieval.write_results(run.workdir, results, codes, source, run.index_sets)
+  log.write(step, {"results": {k: v for k, v in results.items()
+                               if isinstance(v, (int, float))}})
+  return results
+
+
+def run_epoch(config, train_step, state, targets, batches, train_indices, *,
+               mesh, step, epoch, steps_per_epoch, log, save):
+  """Runs the rest of one epoch from `step` over `batches` (this host's rows of
+  `pipeline.train_batches`); returns (state, step) at its end.
+
+  Fetches each step's metrics (a non-finite loss stops the run at that step, before
+  its state can be saved), shows the progress and writes the epoch's means to `log`.
+
+  `save(step, state)` is called at the epoch end and every
+  `train.checkpoint_every_steps` steps.
+  """
+  sharding = NamedSharding(mesh, PartitionSpec("data"))
+  start = step % steps_per_epoch
+  progress = Progress(total=steps_per_epoch, initial=start, epoch=epoch,
+                      num_epochs=config.train.num_epochs)
+  wait = compute = 0.0
+  sums, count = {}, 0
+  tick = time.perf_counter()
+  for local in batches:
+    fetched = time.perf_counter()
+    wait += fetched - tick
+    local = {"images": local["images"],
+             "position": np.searchsorted(train_indices, local["index"]).astype(np.int32)}
+    state, metrics = train_step(state, encoding.global_batch(local, sharding), targets)
+    step += 1
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    _check_finite(metrics, step)
+    for k, v in metrics.items():
+      sums[k] = sums.get(k, 0.0) + v
+    count += 1
+    tick = time.perf_counter()
+    compute += tick - fetched
+    progress.update(metrics, count * config.train.global_batch_size /
+                    max(wait + compute, 1e-9))
+    if step % steps_per_epoch == 0 or step % config.train.checkpoint_every_steps == 0:
+      save(step, state)
+  progress.close()
+  record = {k: v / max(count, 1) for k, v in sums.items()}
+  record.update({"epoch": epoch + 1, "data_wait_fraction": wait / max(wait + compute, 1e-9),
+                 "images_per_s": count * config.train.global_batch_size /
+                 max(wait + compute, 1e-9)})
+  log.write(step, record)
+  return state, step
+
+
 def _info(message: str) -> None:
   if jax.process_index() == 0:
     print(message, flush=True)
@@ -674,9 +608,9 @@ def _info(message: str) -> None:
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Evaluates the latest checkpoint in `workdir` without training."""
-  run = _setup(config, workdir)
+  run = setup_run(config, workdir)
   try:
-    restored = _restore(config, run)
+    restored = restore_checkpoint(config, run)
     if restored is None:
       raise UserError(f"no checkpoint in {run.workdir}/checkpoints to evaluate; train "
                       "first (--mode=train) or pass the --workdir of a trained run.")

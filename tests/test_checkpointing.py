@@ -70,3 +70,28 @@ def test_damaged_checkpoint_is_refused_with_the_fix(tmp_path):
         f.truncate(max(os.path.getsize(path) // 3, 1))
   with pytest.raises(UserError, match="corrupt.*Delete that step directory"):
     _restore(tmp_path, config, state, targets)
+
+
+def test_unfinished_save_is_removed_before_the_manager_returns(tmp_path):
+  config = psch_config.base_config()
+  _save_one(tmp_path, config)
+  leftover = tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1234"
+  (leftover / "state").mkdir(parents=True)
+  mngr = checkpointing.manager(str(tmp_path), keep=2)
+  try:
+    assert not leftover.exists()
+    assert mngr.latest_step() == 7
+  finally:
+    checkpointing.close(mngr)
+
+
+def test_restore_params_reads_only_the_params_as_numpy(tmp_path):
+  config = psch_config.base_config()
+  state, _ = _save_one(tmp_path, config)
+  params = checkpointing.restore_params(
+      str(tmp_path), jax.eval_shape(lambda: state["params"]))
+  assert isinstance(params["w"], np.ndarray)
+  np.testing.assert_array_equal(params["w"], state["params"]["w"])
+  with pytest.raises(UserError, match="holds no checkpoint"):
+    os.makedirs(tmp_path / "empty" / "checkpoints")
+    checkpointing.restore_params(str(tmp_path / "empty"), {"w": params["w"]})

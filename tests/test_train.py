@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from psch_jax import targets as targets_lib
 from psch_jax import train
 from psch_jax.data import sources
 from psch_jax.evaluators import retrieval
@@ -173,7 +174,7 @@ def test_eight_devices_and_one_device_give_the_same_loss_after_20_steps():
              "part_weights": np.full((num_train, fmap_parts), 1 / fmap_parts, np.float32),
              "cluster_affinity": np.eye(config.pseudo_labels.num_clusters,
                                         dtype=np.float32)}
-  abstract = train._abstract_targets(config, num_train, model, None)
+  abstract = targets_lib.abstract_targets(config, num_train, model, None)
   assert jax.tree.map(lambda a: a.shape, abstract) == jax.tree.map(np.shape, targets)
 
   def losses(devices):
@@ -182,7 +183,7 @@ def test_eight_devices_and_one_device_give_the_same_loss_after_20_steps():
     step_fn = train.make_train_step(config, model, tx, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("data"))
-    state = jax.device_put(train._fresh_state(config, model, tx), replicated)
+    state = jax.device_put(train.fresh_state(config, model, tx), replicated)
     t = jax.device_put(targets, replicated)
     out = []
     for step in range(20):
@@ -230,7 +231,7 @@ def test_manual_datasets_build_from_generated_files_and_train(
 
 
 def test_metrics_log_writes_jsonl_and_tensorboard_on_request(tmp_path):
-  log = train._MetricsLog(str(tmp_path), tensorboard=True)
+  log = train.MetricsLog(str(tmp_path), tensorboard=True)
   log.write(3, {"loss": 0.5, "pseudo_labels": {"kept_fraction": 0.7}})
   with open(tmp_path / "metrics.jsonl") as f:
     assert json.loads(f.readline()) == {"step": 3, "loss": 0.5,
@@ -246,9 +247,9 @@ def test_metrics_log_writes_jsonl_and_tensorboard_on_request(tmp_path):
 @needs_fashion_mnist
 def test_final_validation_from_database_codes_equals_encoding_again(reference_run):
   config = load_config("fashion_mnist")
-  run = train._setup(config, reference_run)
+  run = train.setup_run(config, reference_run)
   try:
-    state, _, _ = train._restore(config, run)
+    state, _, _ = train.restore_checkpoint(config, run)
     evaluators = retrieval.from_config(config, encode=run.encode, source=run.source,
                                        index_sets=run.index_sets, mesh=run.mesh)
     _, codes = evaluators["test"].run(state["params"])
@@ -258,3 +259,54 @@ def test_final_validation_from_database_codes_equals_encoding_again(reference_ru
   finally:
     run.mngr.close()
   assert looked_up and looked_up == encoded
+
+
+class _Stream:
+  """A text stream that says whether it is a terminal."""
+
+  def __init__(self, tty: bool):
+    self.tty, self.text = tty, ""
+
+  def isatty(self) -> bool:
+    return self.tty
+
+  def write(self, text: str) -> int:
+    self.text += text
+    return len(text)
+
+  def flush(self) -> None:
+    pass
+
+
+_STEP_METRICS = {"loss": 0.5, "loss_sim": 0.25, "loss_cls": 0.125, "loss_quant": 0.0625}
+
+
+def test_progress_into_a_log_writes_one_line_per_epoch_not_every_redraw():
+  stream = _Stream(tty=False)
+  progress = train.Progress(total=200, initial=0, epoch=1, num_epochs=3, stream=stream)
+  for _ in range(200):
+    progress.update(_STEP_METRICS, images_per_s=1000.0)
+  progress.close()
+  lines = stream.text.splitlines()
+  assert lines == ["epoch 2/3: step 200/200, loss=0.5000, sim=0.2500, cls=0.125, "
+                   "q=0.062, img_s=1000"], lines
+
+
+def test_progress_into_a_log_adds_a_line_at_most_every_line_every_s():
+  stream = _Stream(tty=False)
+  progress = train.Progress(total=3, initial=0, epoch=0, num_epochs=1, stream=stream,
+                            line_every_s=0.0)
+  for _ in range(3):
+    progress.update(_STEP_METRICS, images_per_s=10.0)
+  progress.close()
+  steps = [line.split(",")[0] for line in stream.text.splitlines()]
+  assert steps == ["epoch 1/1: step 1/3", "epoch 1/1: step 2/3", "epoch 1/1: step 3/3"]
+
+
+def test_progress_on_a_terminal_draws_a_live_bar():
+  stream = _Stream(tty=True)
+  progress = train.Progress(total=4, initial=1, epoch=0, num_epochs=2, stream=stream)
+  for _ in range(3):
+    progress.update(_STEP_METRICS, images_per_s=10.0)
+  progress.close()
+  assert "\r" in stream.text and "4/4" in stream.text and "loss=0.5000" in stream.text

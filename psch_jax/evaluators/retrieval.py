@@ -1,7 +1,7 @@
 """Retrieval evaluation of a PSCH model: encode, rank by Hamming distance, score.
 
 The path of an image at evaluation: `source.read` -> the shared encoder
-(`train.encode_images`, preprocessing and the network, batched and padded with a
+(`encoding.encode_images`, preprocessing and the network, batched and padded with a
 mask) -> relaxed codes u -> hash codes b = sign(u) (Eq. 12, int8 +-1) ->
 `ranking.retrieval_metrics` (packed codes, Hamming ranking, AP; conventions in
 docs/evaluation.md) -> results.json.
@@ -26,13 +26,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from psch_jax import encoding
 from psch_jax import io_utils
 from psch_jax import models
 from psch_jax import ranking
 from psch_jax import reports
-# The shared encoder; train imports this module too, and uses it only inside
-# functions, so the cycle is harmless.
-from psch_jax import train
 
 # Names of the evaluators `from_config` builds, with (queries, database) splits.
 SPLITS = {"test": ("query", "database"), "validation": ("validation", "train")}
@@ -48,7 +46,7 @@ def hash_images(config: ml_collections.ConfigDict, encode, params, source,
                 indices: np.ndarray, *, mesh) -> np.ndarray:
   """int8 (n, L) +-1 hash codes (Eq. 12) of `source[indices]`, encoded in batches of
   `config.eval.batch_size`."""
-  relaxed = train.encode_images(encode, params, source, indices,
+  relaxed = encoding.encode_images(encode, params, source, indices,
                                 batch_size=config.eval.batch_size, mesh=mesh,
                                 keys=["relaxed_codes"])["relaxed_codes"]
   return np.asarray(models.hash_codes(relaxed), np.int8)
@@ -70,7 +68,7 @@ class RetrievalEvaluator:
 
   Attributes:
     config: the run's config (eval.topk, eval.batch_size are read).
-    encode: the jit-compiled encoder of `train.make_encoder`.
+    encode: the jit-compiled encoder of `encoding.make_encoder`.
     source: the dataset's `ImageSource`.
     query_indices, database_indices: int (n,) global indices, sorted.
     mesh: the run's device mesh.
