@@ -1,11 +1,10 @@
 r"""PSCH on CIFAR-10, the paper's setting: VGG-16 (ImageNet weights) at 224 x 224.
 
-  python main.py --config=configs/cifar10.py --workdir=workdirs/cifar10 \
-      --config.model.pretrained_path=/path/to/vgg16.safetensors
+  python main.py --config=configs/cifar10.py --workdir=workdirs/cifar10
 
-Needs the tfds `cifar10` dataset prepared (see README "Datasets") and torchvision-layout
-VGG-16 weights as a local file (README "Pretrained weights"); without weights the
-backbone starts from random initialisation and a warning says so.
+Needs the tfds `cifar10` dataset prepared (see README "Datasets"); the ImageNet VGG-16
+weights are downloaded once (README "Pretrained VGG-16": offline machines, a local file
+with `--config.model.pretrained_path`, `--config.model.pretrained=none` for random).
 
 Hardware / time / expected mAP: not measured yet (needs a GPU or TPU).
 
@@ -23,6 +22,7 @@ def get_config(variant: str = ""):
   c.data.mean = (0.485, 0.456, 0.406)   # ImageNet statistics, as the weights expect
   c.data.std = (0.229, 0.224, 0.225)
   c.model.backbone = "vgg16"
+  c.model.pretrained = "imagenet"        # downloaded once (README "Pretrained VGG-16")
   c.model.image_size = 224
   c.model.channels = 3
   c.model.num_bits = 32
@@ -38,6 +38,7 @@ def get_config(variant: str = ""):
     c.data.mean = (0.5, 0.5, 0.5)
     c.data.std = (0.25, 0.25, 0.25)
     c.model.backbone = "small_cnn"
+    c.model.pretrained = "none"
     c.model.image_size = 32
     c.model.dropout_rate = 0.0
     c.pseudo_labels.features = "pixels"

@@ -1,8 +1,7 @@
 r"""PSCH on MIRFlickr-25K (24 concepts): VGG-16 (ImageNet weights) at 224 x 224, mAP@5000.
 
   python main.py --config=configs/mirflickr25k.py --workdir=workdirs/mirflickr25k \
-      --config.data.manual_dir=/path/to/raw/files \
-      --config.model.pretrained_path=/path/to/vgg16.safetensors
+      --config.data.manual_dir=/path/to/raw/files
 
 The raw files are downloaded by hand (README "Datasets" lists them); the first run
 builds the tfds dataset from them.
@@ -22,6 +21,7 @@ def get_config(variant: str = ""):
   c.data.mean = (0.485, 0.456, 0.406)
   c.data.std = (0.229, 0.224, 0.225)
   c.model.backbone = "vgg16"
+  c.model.pretrained = "imagenet"        # downloaded once (README "Pretrained VGG-16")
   c.model.image_size = 224
   c.model.channels = 3
   c.model.num_bits = 32
@@ -41,6 +41,7 @@ def get_config(variant: str = ""):
     c.data.allow_fewer = True
     c.data.num_validation = 4
     c.model.backbone = "small_cnn"
+    c.model.pretrained = "none"
     c.model.image_size = 32
     c.model.dropout_rate = 0.0
     c.model.num_bits = 8

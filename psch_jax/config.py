@@ -15,6 +15,7 @@ BACKBONES = ("small_cnn", "vgg16")
 FEATURE_SOURCES = ("global", "pooled", "pixels", "spectral")
 SIMILARITY_SOURCES = ("initial", "online", "pixels")
 OPTIMIZERS = ("adam", "sgd")
+PRETRAINED = ("imagenet", "none")  # psch_jax/pretrained.py resolve_vgg16_weights
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -45,7 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_bits = 32
   c.model.image_size = 28
   c.model.channels = 1
-  c.model.pretrained_path = config_dict.placeholder(str)  # torchvision VGG-16 weights
+  # VGG-16 only, and said explicitly: "imagenet" (downloaded once) or "none" (random).
+  c.model.pretrained = config_dict.placeholder(str)       # PRETRAINED
+  c.model.pretrained_path = config_dict.placeholder(str)  # local file; wins when set
   c.model.dropout_rate = 0.0
 
   c.pseudo_labels = ml_collections.ConfigDict()
@@ -114,6 +117,21 @@ def _choice(value, choices, field: str) -> None:
            f"set --config.{field} to one of them.")
 
 
+def _check_pretrained(model: ml_collections.ConfigDict) -> None:
+  if model.pretrained is not None:
+    _choice(model.pretrained, PRETRAINED, "model.pretrained")
+  _require(model.backbone == "vgg16" or model.pretrained != "imagenet",
+           f"config.model.pretrained='imagenet' but the backbone is {model.backbone!r}; "
+           "ImageNet weights exist for 'vgg16' only. Set --config.model.backbone=vgg16 "
+           "or --config.model.pretrained=none.")
+  _require(model.backbone != "vgg16" or model.pretrained is not None
+           or bool(model.pretrained_path),
+           "config.model.backbone='vgg16' needs its starting weights said: "
+           "--config.model.pretrained=imagenet (torchvision's ImageNet VGG-16, "
+           "downloaded once), --config.model.pretrained=none (random initialisation) "
+           "or --config.model.pretrained_path=/path/to/weights.safetensors.")
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   """Raises UserError on a config that cannot train, naming the field and the fix."""
   _choice(config.data.preset, PRESETS, "data.preset")
@@ -121,6 +139,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   _choice(config.pseudo_labels.features, FEATURE_SOURCES, "pseudo_labels.features")
   _choice(config.similarity.source, SIMILARITY_SOURCES, "similarity.source")
   _choice(config.optim.name, OPTIMIZERS, "optim.name")
+  _check_pretrained(config.model)
   _require(config.model.num_bits >= 1,
            f"config.model.num_bits={config.model.num_bits} must be a positive code "
            "length (the paper uses 16, 32, 64 or 128).")
