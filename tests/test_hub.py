@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from psch_jax import config as psch_config
 from psch_jax import pretrained
 from psch_jax.errors import UserError
 
@@ -210,6 +211,23 @@ def test_pretrained_must_be_said_for_vgg16():
   assert pretrained.resolve_vgg16_weights("none", None) is None
   with pytest.raises(UserError, match="'imagenet'.*'none'.*pretrained_path"):
     pretrained.resolve_vgg16_weights(None, None)
+
+
+@pytest.mark.parametrize("backbone,field,value,message", [
+    ("vgg16", "pretrained", None, "backbone='vgg16' needs its starting weights said"),
+    ("vgg16", "pretrained", "torchvision", r"model.pretrained='torchvision' is not one "
+                                           r"of \['imagenet', 'none'\]"),
+    ("small_cnn", "pretrained", "imagenet", "ImageNet weights exist for 'vgg16' only"),
+])
+def test_config_check_of_model_pretrained(backbone, field, value, message):
+  config = psch_config.base_config()
+  config.model.backbone = backbone
+  config.model[field] = value
+  with pytest.raises(UserError, match=message):
+    psch_config.validate(config, num_devices=8)
+  config.model.pretrained_path = "vgg16.safetensors"  # a file said is enough for VGG-16
+  if value is None:
+    psch_config.validate(config, num_devices=8)
 
 
 def test_main_without_network_exits_2_and_writes_nothing(tmp_path):
