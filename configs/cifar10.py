@@ -1,11 +1,10 @@
 r"""PSCH on CIFAR-10, the paper's setting: VGG-16 (ImageNet weights) at 224 x 224.
 
-  python main.py --config=configs/cifar10.py --workdir=workdirs/cifar10 \
-      --config.model.pretrained_path=/path/to/vgg16.safetensors
+  python main.py --config=configs/cifar10.py --workdir=workdirs/cifar10
 
-Needs the tfds `cifar10` dataset prepared (see README "Datasets") and torchvision-layout
-VGG-16 weights as a local file (README "Pretrained weights"); without weights the
-backbone starts from random initialisation and a warning says so.
+Needs the tfds `cifar10` dataset prepared (see README "Datasets"); the ImageNet VGG-16
+weights are downloaded once (README "Pretrained VGG-16": offline machines, a local file
+with `--config.model.pretrained_path`, `--config.model.pretrained=none` for random).
 
 Hardware / time / expected mAP: not measured yet (needs a GPU or TPU).
 

@@ -1,8 +1,7 @@
 r"""PSCH on NUS-WIDE (21 most frequent concepts): VGG-16 (ImageNet weights) at 224 x 224, mAP@5000.
 
   python main.py --config=configs/nus_wide.py --workdir=workdirs/nus_wide \
-      --config.data.manual_dir=/path/to/raw/files \
-      --config.model.pretrained_path=/path/to/vgg16.safetensors
+      --config.data.manual_dir=/path/to/raw/files
 
 The raw files are downloaded by hand (README "Datasets" lists them); the first run
 builds the tfds dataset from them.

@@ -20,6 +20,7 @@ BACKBONES = ("small_cnn", "vgg16")
 FEATURE_SOURCES = ("global", "pooled", "pixels", "spectral")
 SIMILARITY_SOURCES = ("initial", "online", "pixels")
 OPTIMIZERS = ("adam", "sgd")
+PRETRAINED = ("imagenet", "none")  # psch_jax/pretrained.py resolve_vgg16_weights
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -50,7 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_bits = 32
   c.model.image_size = 28
   c.model.channels = 1
-  c.model.pretrained_path = config_dict.placeholder(str)  # torchvision VGG-16 weights
+  # VGG-16 only, and said explicitly: "imagenet" (downloaded once) or "none" (random).
+  c.model.pretrained = config_dict.placeholder(str)       # PRETRAINED
+  c.model.pretrained_path = config_dict.placeholder(str)  # local file; wins when set
   c.model.dropout_rate = 0.0
 
   c.pseudo_labels = ml_collections.ConfigDict()
@@ -123,6 +126,7 @@ def vgg16_config(name: str) -> ml_collections.ConfigDict:
   c.data.mean = IMAGENET_MEAN
   c.data.std = IMAGENET_STD
   c.model.backbone = "vgg16"
+  c.model.pretrained = "imagenet"        # downloaded once (README "Pretrained VGG-16")
   c.model.image_size = 224
   c.model.channels = 3
   c.model.dropout_rate = 0.5
@@ -159,6 +163,7 @@ def small_cnn_from_scratch(c: ml_collections.ConfigDict) -> ml_collections.Confi
   c.data.mean = (0.5, 0.5, 0.5)
   c.data.std = (0.25, 0.25, 0.25)
   c.model.backbone = "small_cnn"
+  c.model.pretrained = "none"
   c.model.image_size = 32
   c.model.dropout_rate = 0.0
   c.pseudo_labels.features = "pixels"
@@ -203,6 +208,21 @@ def _choice(value, choices, field: str) -> None:
            f"set --config.{field} to one of them.")
 
 
+def _check_pretrained(model: ml_collections.ConfigDict) -> None:
+  if model.pretrained is not None:
+    _choice(model.pretrained, PRETRAINED, "model.pretrained")
+  _require(model.backbone == "vgg16" or model.pretrained != "imagenet",
+           f"config.model.pretrained='imagenet' but the backbone is {model.backbone!r}; "
+           "ImageNet weights exist for 'vgg16' only. Set --config.model.backbone=vgg16 "
+           "or --config.model.pretrained=none.")
+  _require(model.backbone != "vgg16" or model.pretrained is not None
+           or bool(model.pretrained_path),
+           "config.model.backbone='vgg16' needs its starting weights said: "
+           "--config.model.pretrained=imagenet (torchvision's ImageNet VGG-16, "
+           "downloaded once), --config.model.pretrained=none (random initialisation) "
+           "or --config.model.pretrained_path=/path/to/weights.safetensors.")
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   """Raises UserError on a config that cannot train, naming the field and the fix."""
   _choice(config.data.preset, PRESETS, "data.preset")
@@ -210,6 +230,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   _choice(config.pseudo_labels.features, FEATURE_SOURCES, "pseudo_labels.features")
   _choice(config.similarity.source, SIMILARITY_SOURCES, "similarity.source")
   _choice(config.optim.name, OPTIMIZERS, "optim.name")
+  _check_pretrained(config.model)
   _require(config.model.num_bits >= 1,
            f"config.model.num_bits={config.model.num_bits} must be a positive code "
            "length (the paper uses 16, 32, 64 or 128).")

@@ -178,12 +178,12 @@ def check_model(config: ml_collections.ConfigDict, model: models.PSCHNet,
                 attention: GroupedAttention) -> Optional[dict]:
   """Fails on a model the config cannot build, before anything is allocated or written.
 
-  Returns the pretrained backbone params (numpy) when `model.pretrained_path` is set.
+  Returns the VGG-16 backbone params (numpy) of `model.pretrained` / `_path`.
 
   Traces the network and the part attention on abstract images (`jax.eval_shape`: no
   parameter is allocated, not even VGG-16's 138M), which raises the UserError of an
   `attention.num_parts` that does not divide the feature channels or of images too
-  small for the backbone; then reads and checks the pretrained weight file.
+  small for the backbone; then fetches (once) and checks the pretrained weights.
   """
   shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
 
@@ -198,9 +198,9 @@ def check_model(config: ml_collections.ConfigDict, model: models.PSCHNet,
           f"config.model.pretrained_path is set but the backbone is "
           f"{config.model.backbone!r}; pretrained weights exist for 'vgg16' only. "
           "Set --config.model.backbone=vgg16 or drop the path.")
-    return pretrained.load_vgg16_torchvision(config.model.pretrained_path)
   if config.model.backbone == "vgg16":
-    logging.warning("VGG-16 starts from random weights: no model.pretrained_path given.")
+    return pretrained.resolve_vgg16_weights(config.model.pretrained,
+                                            config.model.pretrained_path)
   return None
 
 

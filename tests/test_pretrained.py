@@ -154,6 +154,52 @@ def test_loaded_weights_go_into_a_vgg16_psch_net(weights):
   assert replaced["params"]["hash_head"] is shapes["params"]["hash_head"]
 
 
+def test_timm_layout_loads_as_the_torchvision_weights_it_was_made_from(weights,
+                                                                        tmp_path):
+  """timm's vgg16 (the `model.pretrained = "imagenet"` download) stores fc6 / fc7 as
+  the 7x7 and 1x1 convs of its ConvMlp head; run as convs on the pooled map they give
+  torchvision's Linear fc6 / fc7, and our loader reads them as the same params."""
+  torch = pytest.importorskip("torch")
+  state, _, _, loaded = weights
+  timm_state = {key: value for key, value in state.items()
+                if key.startswith("features.")}
+  timm_state["pre_logits.fc1.weight"] = state["classifier.0.weight"].reshape(
+      4096, 512, 7, 7)  # timm's _filter_fn
+  timm_state["pre_logits.fc1.bias"] = state["classifier.0.bias"]
+  timm_state["pre_logits.fc2.weight"] = state["classifier.3.weight"][:, :, None, None]
+  timm_state["pre_logits.fc2.bias"] = state["classifier.3.bias"]
+  timm_state["head.fc.weight"] = state["classifier.6.weight"]
+  timm_state["head.fc.bias"] = state["classifier.6.bias"]
+  path = tmp_path / "timm.safetensors"
+  safetensors.numpy.save_file(timm_state, str(path))
+  assert _trees_equal(pretrained.load_vgg16_torchvision(path), loaded["safetensors"])
+
+  pooled = torch.from_numpy(
+      np.random.default_rng(2).standard_normal((2, 512, 7, 7), dtype=np.float32))
+  t = {key: torch.from_numpy(value) for key, value in timm_state.items()}
+  with torch.no_grad():
+    conv = torch.nn.functional.conv2d(torch.relu(torch.nn.functional.conv2d(
+        pooled, t["pre_logits.fc1.weight"], t["pre_logits.fc1.bias"])),
+        t["pre_logits.fc2.weight"], t["pre_logits.fc2.bias"])[:, :, 0, 0]
+    linear = torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(
+        torch.flatten(pooled, 1), torch.from_numpy(state["classifier.0.weight"]),
+        torch.from_numpy(state["classifier.0.bias"]))),
+        torch.from_numpy(state["classifier.3.weight"]),
+        torch.from_numpy(state["classifier.3.bias"]))
+  assert float(linear.abs().max()) > 0.1
+  np.testing.assert_allclose(conv.numpy(), linear.numpy(), atol=1e-4, rtol=0)
+
+
+def test_timm_file_with_a_wrong_head_says_which_layout_it_read(tmp_path):
+  path = _write_npz(tmp_path / "timm.npz",
+                    pre_logits__fc1__weight=np.zeros((4096, 512, 6, 6), np.float32))
+  with pytest.raises(UserError) as error:
+    pretrained.load_vgg16_torchvision(path)
+  assert ("wrong shape classifier.0.weight: got (4096, 18432), expected (4096, 25088)"
+          in str(error.value))
+  assert "timm's layout" in str(error.value) and "pre_logits.fc1" in str(error.value)
+
+
 def test_save_is_the_inverse_of_load(weights, tmp_path):
   state, _, _, loaded = weights
   path = tmp_path / "saved.safetensors"
