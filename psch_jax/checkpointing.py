@@ -6,16 +6,18 @@ A checkpoint holds three items:
   loss reads (so a resumed run never recomputes k-means differently);
 - `meta`: JSON with the epoch, the seed and the fields that fix array shapes.
 
-Orbax writes each checkpoint into a temporary directory and renames it when complete,
-so a kill during a save leaves the previous checkpoint as the latest one; the
-temporary leftovers are removed at the next start.
+On a local disk Orbax writes each checkpoint into a temporary directory and renames
+it when complete; on gs:// (no atomic rename) it writes the step directory in place
+and marks it complete with a commit_success.txt written last. Either way a kill
+during a save leaves the previous checkpoint as the latest one; the temporary
+leftovers are removed at the next start.
 """
-import os
 from typing import Any, Optional
 
 import ml_collections
 import orbax.checkpoint as ocp
 
+from psch_jax import io_utils
 from psch_jax.errors import UserError
 
 # Config fields that decide the shapes and meaning of the saved arrays: a checkpoint
@@ -37,7 +39,8 @@ def shape_signature(config: ml_collections.ConfigDict) -> dict:
 
 
 def manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  """The manager of `<workdir>/checkpoints` (a local path or gs://)."""
+  directory = io_utils.workdir_path(workdir) / "checkpoints"
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          cleanup_tmp_directories=True)
   return ocp.CheckpointManager(directory, options=options,

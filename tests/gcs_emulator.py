@@ -214,6 +214,20 @@ def client_environment(http_port: int, proxy_port: int, cert: str) -> dict[str, 
   }
 
 
+def list_objects(environment: dict[str, str], bucket: str, prefix: str = "") -> list[str]:
+  """The names of the objects in `bucket` under `prefix`, asked of the emulator
+  directly over its JSON API (not through the clients under test)."""
+  # pylint: disable=g-import-not-at-top
+  import urllib.parse
+  import urllib.request
+  query = urllib.parse.urlencode({"prefix": prefix})
+  url = f"{environment['STORAGE_EMULATOR_HOST']}/storage/v1/b/{bucket}/o?{query}"
+  opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+  with opener.open(url, timeout=30) as response:
+    listing = json.load(response)
+  return sorted(item["name"] for item in listing.get("items", []))
+
+
 @contextlib.contextmanager
 def running_emulator(bucket: str = "bucket", timeout_s: float = 60
                      ) -> Iterator[dict[str, str]]:
