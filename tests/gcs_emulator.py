@@ -125,9 +125,13 @@ class _ProxyServer(socketserver.ThreadingTCPServer):
     self.tls.load_cert_chain(cert, key)
 
 
-def _fix_emulator_bodies(server_module) -> None:
-  """Two fixes to how gcp-storage-emulator 2026.7.19 reads request bodies, both
-  needed by tf.io.gfile's uploads (real GCS accepts both requests):
+def _fix_emulator(server_module, objects_module) -> None:
+  """Three fixes to gcp-storage-emulator 2026.7.19 where it differs from GCS.
+
+  Downloads carry no x-goog-generation header; GCS sends it, and TensorStore's
+  conditional writes (Orbax's OCDBT manifest) need it ("Malformed
+  StorageGeneration" otherwise). And two in how it reads request bodies, both
+  hit by tf.io.gfile's uploads (real GCS accepts both requests):
   - a body sent with "Transfer-Encoding: chunked" and a Content-Length header
     (libcurl's PUT from a file) is chunked (RFC 9112 6.3: Transfer-Encoding
     wins); the emulator read Content-Length bytes of the chunk framing;
@@ -149,15 +153,32 @@ def _fix_emulator_bodies(server_module) -> None:
   server_module._read_raw_data = read_raw_data  # pylint: disable=protected-access
   server_module._read_data = read_data  # pylint: disable=protected-access
 
+  original_download = objects_module.download
+
+  def download(request, response, storage, *args, **kwargs):
+    original_download(request, response, storage, *args, **kwargs)
+    if response.status in (200, 206):
+      obj = storage.get_file_obj(request.params["bucket_name"],
+                                 request.params["object_id"])
+      response["x-goog-generation"] = str(obj["generation"])
+      response["x-goog-metageneration"] = str(obj["metageneration"])
+
+  objects_module.download = download  # objects.get calls it for alt=media
+  for _, methods in server_module.HANDLERS:
+    for method, handler in methods.items():
+      if handler is original_download:
+        methods[method] = download
+
 
 def serve(ready_file: str, bucket: str, cert: str, key: str) -> None:
   """Serves the emulator (in memory) and the TLS proxy until the process is killed."""
   # pylint: disable=g-import-not-at-top
   from gcp_storage_emulator import server as server_module
   from gcp_storage_emulator.handlers import buckets
+  from gcp_storage_emulator.handlers import objects
   from gcp_storage_emulator.server import RequestHandler
   from gcp_storage_emulator.storage import Storage
-  _fix_emulator_bodies(server_module)
+  _fix_emulator(server_module, objects)
   storage = Storage(use_memory_fs=True)
   buckets.create_bucket(bucket, storage)
   httpd = _EmulatorHTTPServer(("127.0.0.1", 0), functools.partial(RequestHandler, storage))
