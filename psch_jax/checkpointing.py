@@ -6,16 +6,16 @@ A checkpoint holds three items:
   loss reads (so a resumed run never recomputes k-means differently);
 - `meta`: JSON with the epoch, the seed and the fields that fix array shapes.
 
-Orbax writes each checkpoint into a temporary directory and renames it when complete,
-so a kill during a save leaves the previous checkpoint as the latest one; the
-temporary leftovers are removed at the next start (`manager`, before it returns).
+On a local disk Orbax writes each checkpoint into a temporary directory and renames
+it when complete; on gs:// (no atomic rename) it writes the step directory in place
+and marks it complete with a commit_success.txt written last. Either way a kill
+during a save leaves the previous checkpoint as the latest one; the temporary
+leftovers are removed at the next start (`manager`, before it returns).
 
 - `manager`, `save`, `restore_latest`, `close`: the training run's checkpoints;
 - `restore_params`: only the network params of a run's latest checkpoint, as numpy
   arrays (for tools that read a finished run, e.g. `psch_jax.search`).
 """
-import os
-import shutil
 from typing import Any, Optional
 
 import jax
@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from psch_jax import io_utils
 from psch_jax.errors import UserError
 
 # Config fields that decide the shapes and meaning of the saved arrays: a checkpoint
@@ -43,11 +44,11 @@ def shape_signature(config: ml_collections.ConfigDict) -> dict:
   return {name: _field(config, name) for name in SHAPE_FIELDS}
 
 
-def _directory(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+def _directory(workdir: str):
+  return io_utils.workdir_path(workdir) / "checkpoints"
 
 
-def remove_unfinished(directory: str) -> None:
+def remove_unfinished(directory) -> None:
   """Deletes the temporary directories of saves that never completed (a run killed
   while saving), on process 0, before returning.
 
@@ -60,11 +61,12 @@ def remove_unfinished(directory: str) -> None:
   if jax.process_index() != 0:
     return
   for path in ocp.path.step.all_temporary_paths(directory):
-    shutil.rmtree(path.get(), ignore_errors=True)
+    path.get().rmtree(missing_ok=True)
 
 
 def manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
-  """The checkpoint manager of workdir/checkpoints (created), left-overs removed."""
+  """The manager of `<workdir>/checkpoints` (a local path or gs://; created),
+  left-overs removed."""
   directory = _directory(workdir)
   remove_unfinished(directory)
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
@@ -141,7 +143,7 @@ def restore_params(workdir: str, abstract_params: Any) -> Any:
     UserError: there is no checkpoint, or it cannot be read into these shapes.
   """
   directory = _directory(workdir)
-  if not os.path.isdir(directory):
+  if not io_utils.isdir(directory):
     raise UserError(f"{directory} is missing (the trained checkpoints); pass the "
                     "--workdir of a run that main.py trained and evaluated, or finish "
                     "that run first.")

@@ -41,7 +41,6 @@ is a sorted int64 array of global indices (see `psch_jax.data.sources`).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 
@@ -284,14 +283,13 @@ def check_splits(splits: dict[str, np.ndarray], *, num_examples: int | None = No
 
 
 def save_splits(splits: dict[str, np.ndarray], directory: str) -> None:
-  """Writes each split to `<directory>/<name>.npy`, each file atomically.
-
-  A file is written to a temporary name in `directory` and renamed over the
-  final one (`os.replace`), so a crash never leaves a half-written split.
+  """Writes each split to `<directory>/<name>.npy` (local or gs://), each file
+  atomically (`io_utils.save_npy`), so a crash never leaves a half-written split.
   """
   check_splits(splits)
+  root = io_utils.workdir_path(directory)
   for name in SPLIT_NAMES:
-    io_utils.save_npy(os.path.join(directory, f"{name}.npy"),
+    io_utils.save_npy(root / f"{name}.npy",
                       np.asarray(splits[name], np.int64))
 
 
@@ -300,22 +298,23 @@ def load_splits(directory: str, *, num_examples: int | None = None
   """Reads the splits `save_splits` wrote and checks them (`check_splits`).
 
   Args:
-    directory: where `save_splits` wrote them.
+    directory: where `save_splits` wrote them (local or gs://).
     num_examples: the dataset size, to check every index is in range.
 
   Returns:
     {"query", "database", "train", "validation"}: sorted int64 global indices.
   """
   splits = {}
+  root = io_utils.workdir_path(directory)
   for name in SPLIT_NAMES:
-    path = os.path.join(directory, f"{name}.npy")
-    if not os.path.isfile(path):
+    path = root / f"{name}.npy"
+    if not io_utils.isfile(path):
       raise UserError(f"Missing split file {path}; draw the splits with "
                       f"make_splits and save_splits, or point to the directory "
                       f"that holds them.")
     try:
-      splits[name] = np.load(path, allow_pickle=False).astype(np.int64)
-    except (ValueError, OSError, EOFError) as e:
+      splits[name] = io_utils.load_npy(path).astype(np.int64)
+    except (ValueError, EOFError) + io_utils.io_errors() as e:
       raise UserError(f"Cannot read split file {path} ({e}); delete it and draw "
                       f"the splits again.") from e
   check_splits(splits, num_examples=num_examples)
