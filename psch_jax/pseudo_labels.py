@@ -34,8 +34,6 @@ from psch_jax.errors import UserError
 # A labelling is degenerate when its inertia ratio exceeds this fraction of the ratio
 # of Gaussian noise of the same shape (docs/method.md, section 1).
 MAX_INERTIA_RATIO_VS_NOISE = 0.9
-# Rows of the noise sample whose k-means gives the structureless reference ratio.
-NOISE_ROWS = 2048
 
 
 class DegenerateLabels(UserError):
@@ -206,22 +204,23 @@ def total_variance(features: jax.Array, *, normalize: bool = True) -> jax.Array:
 
 @functools.lru_cache(maxsize=16)
 def noise_inertia_ratio(num_rows: int, dim: int, num_clusters: int, *,
-                        normalize: bool = True) -> float:
+                        normalize: bool = True, **kmeans_kwargs) -> float:
   """Inertia / total variance of k-means on structureless data of a shape.
 
-  k-means on min(num_rows, NOISE_ROWS) rows of isotropic Gaussian noise in `dim`
-  dimensions (normalised like the features), from a fixed key: the ratio features
-  without any cluster structure reach. It depends on the dimension (Fashion-MNIST
-  measurements: 0.34 in 4-D, 0.71 in 10-D, 0.99 in 784-D at K = 10), which is why
-  the degeneracy check compares with it rather than with 1. Cached per shape.
+  k-means on (num_rows, dim) isotropic Gaussian noise (normalised like the
+  features) from a fixed key: the ratio that features without any cluster
+  structure reach. It depends on the dimension (Fashion-MNIST shapes, K = 10: 0.34
+  in 4-D, 0.71 in 10-D, 0.99 in 784-D), which is why the degeneracy check compares
+  with it rather than with 1. The same shape and `kmeans_kwargs` (n_init, max_iter,
+  tol, chunk_size, mesh) as the features' k-means reuse its compiled program.
+  Cached per shape and arguments.
   """
-  rows = min(num_rows, NOISE_ROWS)
-  if num_clusters <= 1 or rows <= num_clusters:
+  if num_clusters <= 1 or num_rows <= num_clusters:
     return 1.0
   noise_key, kmeans_key = jax.random.split(jax.random.key(0))
-  noise = jax.random.normal(noise_key, (rows, dim), jnp.float32)
+  noise = jax.random.normal(noise_key, (num_rows, dim), jnp.float32)
   result = kmeans_lib.kmeans(kmeans_key, noise, num_clusters=num_clusters,
-                             normalize=normalize)
+                             normalize=normalize, **kmeans_kwargs)
   return float(result.inertia) / float(total_variance(noise, normalize=normalize))
 
 
@@ -303,8 +302,10 @@ def pseudo_labels(key: jax.Array, features: jax.Array, *, num_clusters: int,
       num_iterations=result.num_iterations,
       total_variance=total_variance(jnp.asarray(features), normalize=normalize),
       noise_inertia_ratio=jnp.asarray(
-          noise_inertia_ratio(features.shape[0], features.shape[1], num_clusters,
-                              normalize=normalize) if check else jnp.nan,
+          noise_inertia_ratio(
+              features.shape[0], features.shape[1], num_clusters,
+              normalize=normalize, n_init=n_init, max_iter=max_iter, tol=tol,
+              chunk_size=chunk_size, mesh=mesh) if check else jnp.nan,
           jnp.float32))
   if check:
     check_labelling(stats)
