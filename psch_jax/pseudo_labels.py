@@ -8,15 +8,16 @@ or one global `absolute_threshold`. `purity` scores pseudo labels against the tr
 labels, for diagnostics only: training never sees the true labels.
 
 Sanity checks that need no true labels (`check_labelling`): a labelling is
-degenerate, and `pseudo_labels` raises `DegenerateLabels` instead of training on it,
-when one cluster holds more than `max_cluster_fraction(K)` of the images, or when the
+degenerate, and `pseudo_labels` raises `DegenerateLabels` instead of training on it
+(from MIN_SAMPLES_PER_CLUSTER_TO_CHECK samples per cluster on), when one cluster holds more than `max_cluster_fraction(K)` of the images, or when the
 k-means inertia (Eq. 1) divided by the features' total variance (sum of squared
 deviations from their mean) is above `MAX_INERTIA_RATIO_VS_NOISE` times the same
 ratio for structureless data of the same shape (isotropic Gaussian noise,
 `noise_inertia_ratio`): k-means then finds no more clusters in the features than in
-noise. Measured on Fashion-MNIST (docs/method.md, section 1): the spectral embedding
-has ratio 0.12-0.17 against the noise's 0.71, raw pixels 0.52 against 0.99, the
-unconverged embedding that collapsed purity to 0.18 had 0.70 against 0.71.
+noise. Measured on the Fashion-MNIST train split (docs/benchmarks.md, "Scaling"):
+the spectral embedding has ratio 0.12-0.13 against the noise's 0.69 at 5,000 and
+60,000 images, raw pixels 0.52 against 0.99; the unconverged embedding that
+collapsed purity to 0.18 had 0.70 against 0.72, and fails.
 """
 from __future__ import annotations
 
@@ -32,8 +33,12 @@ from psch_jax import kmeans as kmeans_lib
 from psch_jax.errors import UserError
 
 # A labelling is degenerate when its inertia ratio exceeds this fraction of the ratio
-# of Gaussian noise of the same shape (docs/method.md, section 1).
+# of Gaussian noise of the same shape (docs/benchmarks.md, "Scaling").
 MAX_INERTIA_RATIO_VS_NOISE = 0.9
+# The checks run from this many samples per cluster on (N >= 50 K): with a few
+# dozen samples per cluster one k-means run says little about structure, and the
+# smoke configs of the tests (40-80 random or mock images) are below it.
+MIN_SAMPLES_PER_CLUSTER_TO_CHECK = 50
 
 
 class DegenerateLabels(UserError):
@@ -67,7 +72,7 @@ class PseudoLabelStats:
       features: the inertia of one cluster.
     noise_inertia_ratio: () float32 inertia / total variance of k-means with the same
       K on Gaussian noise of the same shape (`noise_inertia_ratio`); NaN when the
-      check was not run.
+      check was not run (too few samples per cluster, or check=False).
   """
   cluster_sizes: jax.Array
   kept_counts: jax.Array
@@ -274,7 +279,8 @@ def pseudo_labels(key: jax.Array, features: jax.Array, *, num_clusters: int,
     normalize: L2-normalise the features before clustering (distances are then
       between unit vectors, in [0, 2]).
     mesh: a Mesh with a "data" axis to shard the rows over; None uses one device.
-    check: run `check_labelling` (and compute the noise reference it needs).
+    check: run `check_labelling` (and compute the noise reference it needs) when
+      there are at least MIN_SAMPLES_PER_CLUSTER_TO_CHECK samples per cluster.
 
   Returns:
     labels (N,) int32 with -1 for rejected samples, and PseudoLabelStats.
@@ -282,8 +288,9 @@ def pseudo_labels(key: jax.Array, features: jax.Array, *, num_clusters: int,
   Raises:
     UserError: for num_clusters outside [1, N], keep_quantile outside (0, 1], a
       negative absolute_threshold, or NaN / infinite features.
-    DegenerateLabels (a UserError): `check` and the labelling is degenerate.
+    DegenerateLabels (a UserError): the labelling is checked and degenerate.
   """
+  check = check and features.shape[0] >= MIN_SAMPLES_PER_CLUSTER_TO_CHECK * num_clusters
   # Checked before the clustering, not after, so a typo fails fast.
   _check_keep_quantile(keep_quantile)
   _check_absolute_threshold(absolute_threshold)
