@@ -6,6 +6,18 @@ if its distance to the centroid is at most tau of its cluster (Eq. 2); the other
 -1 ("unlabelled"). tau_c is the `keep_quantile`-quantile of the distances in cluster c,
 or one global `absolute_threshold`. `purity` scores pseudo labels against the true
 labels, for diagnostics only: training never sees the true labels.
+
+Sanity checks that need no true labels (`check_labelling`): a labelling is
+degenerate, and `pseudo_labels` raises `DegenerateLabels` instead of training on it
+(from MIN_SAMPLES_PER_CLUSTER_TO_CHECK samples per cluster on), when one cluster holds more than `max_cluster_fraction(K)` of the images, or when the
+k-means inertia (Eq. 1) divided by the features' total variance (sum of squared
+deviations from their mean) is above `MAX_INERTIA_RATIO_VS_NOISE` times the same
+ratio for structureless data of the same shape (isotropic Gaussian noise,
+`noise_inertia_ratio`): k-means then finds no more clusters in the features than in
+noise. Measured on the Fashion-MNIST train split (docs/benchmarks.md, "Scaling"):
+the spectral embedding has ratio 0.12-0.13 against the noise's 0.69 at 5,000 and
+60,000 images, raw pixels 0.52 against 0.99; the unconverged embedding that
+collapsed purity to 0.18 had 0.70 against 0.72, and fails.
 """
 from __future__ import annotations
 
@@ -19,6 +31,27 @@ from jax.sharding import Mesh
 
 from psch_jax import kmeans as kmeans_lib
 from psch_jax.errors import UserError
+
+# A labelling is degenerate when its inertia ratio exceeds this fraction of the ratio
+# of Gaussian noise of the same shape (docs/benchmarks.md, "Scaling").
+MAX_INERTIA_RATIO_VS_NOISE = 0.9
+# The checks run from this many samples per cluster on (N >= 50 K): with a few
+# dozen samples per cluster one k-means run says little about structure, and the
+# smoke configs of the tests (40-80 random or mock images) are below it.
+MIN_SAMPLES_PER_CLUSTER_TO_CHECK = 50
+
+
+class DegenerateLabels(UserError):
+  """The pseudo labels carry no cluster structure; training on them is pointless."""
+
+
+def max_cluster_fraction(num_clusters: int) -> float:
+  """Largest share of the images one of K clusters may hold: max(1/2, 2/K).
+
+  "Most images" in one cluster (1/2) for K >= 4, relaxed for K = 2, 3 where a
+  legitimate split can be that unequal; K = 1 is never degenerate by size.
+  """
+  return max(0.5, 2.0 / num_clusters)
 
 
 @flax.struct.dataclass
@@ -35,6 +68,11 @@ class PseudoLabelStats:
     centroids: (K, D) float32 k-means centroids of the (normalised) features.
     inertia: () float32 k-means objective (Eq. 1).
     num_iterations: () int32 Lloyd iterations of the winning k-means restart.
+    total_variance: () float32 sum_i ||z_i - mean z||^2 of the clustered (normalised)
+      features: the inertia of one cluster.
+    noise_inertia_ratio: () float32 inertia / total variance of k-means with the same
+      K on Gaussian noise of the same shape (`noise_inertia_ratio`); NaN when the
+      check was not run (too few samples per cluster, or check=False).
   """
   cluster_sizes: jax.Array
   kept_counts: jax.Array
@@ -44,6 +82,17 @@ class PseudoLabelStats:
   centroids: jax.Array
   inertia: jax.Array
   num_iterations: jax.Array
+  total_variance: jax.Array
+  noise_inertia_ratio: jax.Array
+
+  def sanity(self) -> dict:
+    """The label-free checks of `check_labelling` as JSON-able floats."""
+    sizes = np.asarray(self.cluster_sizes)
+    return {"inertia_ratio": float(self.inertia) / max(float(self.total_variance), 1e-30),
+            "noise_inertia_ratio": (float(self.noise_inertia_ratio) if np.isfinite(
+                self.noise_inertia_ratio) else None),
+            "largest_cluster_fraction": float(sizes.max() / max(sizes.sum(), 1)),
+            "total_variance": float(self.total_variance)}
 
 
 @functools.partial(jax.jit, static_argnames=("num_clusters",))
@@ -148,11 +197,74 @@ def _thresholds(assignments, distances, *, num_clusters, keep_quantile,
                              num_clusters=num_clusters)
 
 
+@functools.partial(jax.jit, static_argnames=("normalize",))
+def total_variance(features: jax.Array, *, normalize: bool = True) -> jax.Array:
+  """sum_i ||z_i - mean z||^2, () float32, of (N, D) features (L2-normalised first
+  if `normalize`, as k-means sees them): the k-means inertia of a single cluster."""
+  z = features.astype(jnp.float32)
+  if normalize:
+    z = z / jnp.maximum(jnp.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+  return jnp.sum(jnp.square(z - jnp.mean(z, axis=0)))
+
+
+@functools.lru_cache(maxsize=16)
+def noise_inertia_ratio(num_rows: int, dim: int, num_clusters: int, *,
+                        normalize: bool = True, **kmeans_kwargs) -> float:
+  """Inertia / total variance of k-means on structureless data of a shape.
+
+  k-means on (num_rows, dim) isotropic Gaussian noise (normalised like the
+  features) from a fixed key: the ratio that features without any cluster
+  structure reach. It depends on the dimension (Fashion-MNIST shapes, K = 10: 0.34
+  in 4-D, 0.71 in 10-D, 0.99 in 784-D), which is why the degeneracy check compares
+  with it rather than with 1. The same shape and `kmeans_kwargs` (n_init, max_iter,
+  tol, chunk_size, mesh) as the features' k-means reuse its compiled program.
+  Cached per shape and arguments.
+  """
+  if num_clusters <= 1 or num_rows <= num_clusters:
+    return 1.0
+  noise_key, kmeans_key = jax.random.split(jax.random.key(0))
+  noise = jax.random.normal(noise_key, (num_rows, dim), jnp.float32)
+  result = kmeans_lib.kmeans(kmeans_key, noise, num_clusters=num_clusters,
+                             normalize=normalize, **kmeans_kwargs)
+  return float(result.inertia) / float(total_variance(noise, normalize=normalize))
+
+
+def check_labelling(stats: PseudoLabelStats) -> None:
+  """Raises DegenerateLabels when the labelling is no better than noise.
+
+  Degenerate: one cluster holds more than `max_cluster_fraction(K)` of the samples,
+  or the inertia ratio exceeds MAX_INERTIA_RATIO_VS_NOISE x `noise_inertia_ratio`
+  (skipped when that is NaN, i.e. not computed).
+  """
+  sanity = stats.sanity()
+  sizes = np.asarray(stats.cluster_sizes)
+  num_clusters, num = len(sizes), int(sizes.sum())
+  fix = ("The features carry no cluster structure k-means can use: check "
+         "pseudo_labels.features ('spectral' or 'pixels' for a backbone trained "
+         "from scratch; 'global' needs pretrained weights), model.pretrained, or "
+         "pseudo_labels.num_clusters.")
+  limit = max_cluster_fraction(num_clusters)
+  if sanity["largest_cluster_fraction"] > limit:
+    raise DegenerateLabels(
+        f"degenerate pseudo labels: cluster {int(sizes.argmax())} holds "
+        f"{sanity['largest_cluster_fraction']:.3f} of the {num} images (at most "
+        f"{limit:.2f} allowed for {num_clusters} clusters; sizes {sizes.tolist()}). "
+        + fix)
+  noise = sanity["noise_inertia_ratio"]
+  if num_clusters > 1 and noise is not None and (
+      not sanity["inertia_ratio"] <= MAX_INERTIA_RATIO_VS_NOISE * noise):
+    raise DegenerateLabels(
+        f"degenerate pseudo labels: k-means inertia is {sanity['inertia_ratio']:.3f} "
+        f"of the features' total variance, no better than Gaussian noise of the "
+        f"same shape ({noise:.3f}; at most {MAX_INERTIA_RATIO_VS_NOISE} x that is "
+        f"accepted). " + fix)
+
+
 def pseudo_labels(key: jax.Array, features: jax.Array, *, num_clusters: int,
                   keep_quantile: float = 0.7, absolute_threshold: float | None = None,
                   n_init: int = 1, max_iter: int = 100, tol: float = 1e-4,
                   normalize: bool = True, chunk_size: int = 4096,
-                  mesh: Mesh | None = None
+                  mesh: Mesh | None = None, check: bool = True
                   ) -> tuple[jax.Array, PseudoLabelStats]:
   """Clusters `features` and keeps the labels of the samples near their centroid.
 
@@ -167,6 +279,8 @@ def pseudo_labels(key: jax.Array, features: jax.Array, *, num_clusters: int,
     normalize: L2-normalise the features before clustering (distances are then
       between unit vectors, in [0, 2]).
     mesh: a Mesh with a "data" axis to shard the rows over; None uses one device.
+    check: run `check_labelling` (and compute the noise reference it needs) when
+      there are at least MIN_SAMPLES_PER_CLUSTER_TO_CHECK samples per cluster.
 
   Returns:
     labels (N,) int32 with -1 for rejected samples, and PseudoLabelStats.
@@ -174,7 +288,9 @@ def pseudo_labels(key: jax.Array, features: jax.Array, *, num_clusters: int,
   Raises:
     UserError: for num_clusters outside [1, N], keep_quantile outside (0, 1], a
       negative absolute_threshold, or NaN / infinite features.
+    DegenerateLabels (a UserError): the labelling is checked and degenerate.
   """
+  check = check and features.shape[0] >= MIN_SAMPLES_PER_CLUSTER_TO_CHECK * num_clusters
   # Checked before the clustering, not after, so a typo fails fast.
   _check_keep_quantile(keep_quantile)
   _check_absolute_threshold(absolute_threshold)
@@ -190,7 +306,16 @@ def pseudo_labels(key: jax.Array, features: jax.Array, *, num_clusters: int,
       cluster_sizes=sizes, kept_counts=kept_counts,
       kept_fraction_per_cluster=fraction, kept_fraction=kept_fraction,
       thresholds=thresholds, centroids=result.centroids, inertia=result.inertia,
-      num_iterations=result.num_iterations)
+      num_iterations=result.num_iterations,
+      total_variance=total_variance(jnp.asarray(features), normalize=normalize),
+      noise_inertia_ratio=jnp.asarray(
+          noise_inertia_ratio(
+              features.shape[0], features.shape[1], num_clusters,
+              normalize=normalize, n_init=n_init, max_iter=max_iter, tol=tol,
+              chunk_size=chunk_size, mesh=mesh) if check else jnp.nan,
+          jnp.float32))
+  if check:
+    check_labelling(stats)
   return labels, stats
 
 

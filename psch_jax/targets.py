@@ -106,9 +106,10 @@ def compute_targets(config: ml_collections.ConfigDict, key: jax.Array, encode, p
   if features == "spectral":
     # The sizes were checked against the training split by `check_sizes`.
     embedding_key, key = jax.random.split(key)
-    z = spectral.spectral_embedding(embedding_key, jnp.asarray(z),
-                                    num_components=spectral_components(config),
-                                    num_neighbors=p.spectral_neighbors)
+    embedding = spectral.spectral_embedding(embedding_key, jnp.asarray(z),
+                                            num_components=spectral_components(config),
+                                            num_neighbors=p.spectral_neighbors)
+    z = embedding.embedding
   labels, stats = make_pseudo_labels(
       key, jnp.asarray(z), num_clusters=p.num_clusters, keep_quantile=p.keep_quantile,
       absolute_threshold=p.absolute_threshold, n_init=p.n_init, max_iter=p.max_iter,
@@ -128,7 +129,10 @@ def compute_targets(config: ml_collections.ConfigDict, key: jax.Array, encode, p
              "cluster_sizes": np.asarray(stats.cluster_sizes).tolist(),
              "inertia": float(stats.inertia),
              "kmeans_iterations": int(stats.num_iterations),
-             "purity": float(purity(labels, source.labels[train_indices]))}
+             "purity": float(purity(labels, source.labels[train_indices])),
+             **stats.sanity()}
+  if features == "spectral":
+    summary["spectral"] = embedding.stats()
   return targets, summary
 
 

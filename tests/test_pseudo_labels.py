@@ -1,4 +1,5 @@
 """Tests for psch_jax.pseudo_labels: the distance threshold (Eq. 2), stats, purity."""
+import json
 import math
 
 import jax
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from psch_jax import pseudo_labels as pseudo_labels_lib
 from psch_jax.errors import UserError
 from psch_jax.pseudo_labels import (cluster_affinity, purity, pseudo_labels,
                                     threshold_labels)
@@ -18,11 +20,11 @@ NUM_CLUSTERS = 5
 MESH = Mesh(np.array(jax.devices()), ("data",))
 
 
-def _features(seed=0):
+def _features(seed=0, num_points=NUM_POINTS):
   rng = np.random.default_rng(seed)
   centers = rng.normal(size=(NUM_CLUSTERS, DIM))
-  points = centers[np.arange(NUM_POINTS) % NUM_CLUSTERS]
-  return (points + rng.normal(scale=0.7, size=(NUM_POINTS, DIM))).astype(np.float32)
+  points = centers[np.arange(num_points) % NUM_CLUSTERS]
+  return (points + rng.normal(scale=0.7, size=(num_points, DIM))).astype(np.float32)
 
 
 def _label(features, **kwargs):
@@ -155,3 +157,57 @@ def test_cluster_affinity_ranks_cluster_pairs_by_centroid_cosine_in_unit_range()
 def test_cluster_affinity_without_spread_is_zero_off_the_diagonal():
   affinity = np.asarray(cluster_affinity(jnp.asarray([[1.0, 0.0], [0.0, 1.0]])))
   np.testing.assert_array_equal(affinity, np.eye(2))
+
+
+# Enough samples per cluster for the degeneracy checks to run.
+NUM_CHECKED = pseudo_labels_lib.MIN_SAMPLES_PER_CLUSTER_TO_CHECK * NUM_CLUSTERS
+
+
+def test_sanity_statistics_of_a_clustered_labelling():
+  features = _features(num_points=NUM_CHECKED)
+  _, stats = _label(features)
+  unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+  expected_variance = np.sum((unit - unit.mean(0)) ** 2)
+  np.testing.assert_allclose(stats.total_variance, expected_variance, rtol=1e-5)
+  sanity = stats.sanity()
+  assert sanity["inertia_ratio"] == pytest.approx(stats.inertia / expected_variance,
+                                                  rel=1e-5)
+  assert sanity["largest_cluster_fraction"] == pytest.approx(
+      stats.cluster_sizes.max() / NUM_CHECKED)
+  # Overlapping clusters (noise 0.7 around centres ~1 apart): clearly below the
+  # noise of the same shape (8-D, K = 5), whose ratio is about 0.7.
+  assert 0.5 < sanity["noise_inertia_ratio"] < 0.9
+  assert sanity["inertia_ratio"] < 0.75 * sanity["noise_inertia_ratio"]
+  json.dumps(sanity)  # logged in metrics.jsonl
+
+
+def test_noise_reference_ratio_grows_with_the_dimension():
+  ratios = [pseudo_labels_lib.noise_inertia_ratio(500, dim, 5) for dim in (3, 10, 100)]
+  assert 0.0 < ratios[0] < ratios[1] < ratios[2] < 1.0
+  assert pseudo_labels_lib.noise_inertia_ratio(500, 10, 1) == 1.0
+
+
+@pytest.mark.parametrize("dim", [10, 64])
+def test_features_without_structure_are_degenerate(dim):
+  noise = np.random.default_rng(dim).normal(size=(NUM_CHECKED, dim)).astype(np.float32)
+  with pytest.raises(pseudo_labels_lib.DegenerateLabels,
+                     match="no better than Gaussian noise.*pseudo_labels.features"):
+    _label(noise)
+  _, stats = _label(noise, check=False)  # the check can be skipped, and says so
+  assert stats.sanity()["noise_inertia_ratio"] is None
+  # Below 50 samples per cluster nothing is checked (the tests' smoke configs).
+  _, stats = _label(noise[:NUM_CHECKED - 1])
+  assert stats.sanity()["noise_inertia_ratio"] is None
+
+
+def test_one_cluster_holding_most_images_is_degenerate():
+  features = np.repeat(_features()[:1], NUM_CHECKED, axis=0)
+  features[:50] = _features(seed=1)[:50]  # 200 of 250 images are one point
+  with pytest.raises(pseudo_labels_lib.DegenerateLabels, match="holds 0.8"):
+    _label(features)
+  assert issubclass(pseudo_labels_lib.DegenerateLabels, UserError)  # exit code 2
+
+
+def test_largest_cluster_limit_relaxes_only_for_few_clusters():
+  assert [pseudo_labels_lib.max_cluster_fraction(k) for k in (1, 2, 4, 10, 50)] == [
+      2.0, 1.0, 0.5, 0.5, 0.5]
