@@ -20,6 +20,7 @@ BACKBONES = ("small_cnn", "vgg16")
 FEATURE_SOURCES = ("global", "pooled", "pixels", "spectral")
 SIMILARITY_SOURCES = ("initial", "online", "pixels")
 OPTIMIZERS = ("adam", "sgd")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -52,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.channels = 1
   c.model.pretrained_path = config_dict.placeholder(str)  # torchvision VGG-16 weights
   c.model.dropout_rate = 0.0
+  # What the backbone's and the hash head's convolutions and matmuls compute in;
+  # params, optimizer state, loss, k-means and evaluation stay float32.
+  c.model.compute_dtype = "float32"                  # COMPUTE_DTYPES
 
   c.pseudo_labels = ml_collections.ConfigDict()
   c.pseudo_labels.num_clusters = 10
@@ -126,6 +130,7 @@ def vgg16_config(name: str) -> ml_collections.ConfigDict:
   c.model.image_size = 224
   c.model.channels = 3
   c.model.dropout_rate = 0.5
+  c.model.compute_dtype = "bfloat16"    # params stay float32 (psch_jax/models.py)
   c.pseudo_labels.features = "global"
   c.optim.learning_rate = 1e-4
   c.optim.backbone_lr_multiplier = 0.1
@@ -161,6 +166,7 @@ def small_cnn_from_scratch(c: ml_collections.ConfigDict) -> ml_collections.Confi
   c.model.backbone = "small_cnn"
   c.model.image_size = 32
   c.model.dropout_rate = 0.0
+  c.model.compute_dtype = "float32"     # XLA:CPU's bfloat16 convs are 2x slower
   c.pseudo_labels.features = "pixels"
   return c
 
@@ -210,6 +216,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   _choice(config.pseudo_labels.features, FEATURE_SOURCES, "pseudo_labels.features")
   _choice(config.similarity.source, SIMILARITY_SOURCES, "similarity.source")
   _choice(config.optim.name, OPTIMIZERS, "optim.name")
+  _choice(config.model.compute_dtype, COMPUTE_DTYPES, "model.compute_dtype")
   _require(config.model.num_bits >= 1,
            f"config.model.num_bits={config.model.num_bits} must be a positive code "
            "length (the paper uses 16, 32, 64 or 128).")
