@@ -17,7 +17,7 @@ Eq. 7 targets, loss, AdamW) and prints:
 - the peak device memory of the step (`compiled.memory_analysis()`: arguments +
   outputs + temporaries - donated aliases, or XLA's own peak where it reports one);
 - database encoding images/s: the jitted encoder of psch_jax/train.py
-  (`make_encoder`, what k-means features and retrieval codes are computed with).
+  (`encoding.make_encoder`, what k-means features and retrieval codes are computed with).
 
 Run from the repository root:
   python -m benchmarks.bench_accelerator              (CPU: batch 32 / 2; minutes)
@@ -40,8 +40,9 @@ import numpy as np
 
 from benchmarks import describe_machine, print_table
 from psch_jax import config as psch_config
+from psch_jax import encoding
+from psch_jax import targets as targets_lib
 from psch_jax import train
-from psch_jax.attention import GroupedAttention
 
 # Peak dense bfloat16 FLOP/s per chip (GPU or TPU chip as JAX sees one device), from
 # the vendors' data sheets (docs/benchmarks.md cites each). Matched in order against
@@ -112,18 +113,13 @@ def network_config(network: str, dtype: str, *, image_size: int,
 
 
 def _targets(config: ml_collections.ConfigDict, model, num_train: int) -> dict:
-  """Random pseudo-label targets shaped as `train.compute_targets` returns them."""
+  """Random targets shaped as `targets.compute_targets` returns them."""
   rng = np.random.default_rng(0)
   k = config.pseudo_labels.num_clusters
-  shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
-  fmap = jax.eval_shape(lambda: model.init_with_output(
-      jax.random.key(0), jnp.zeros(shape), train=False)[0]["feature_map"])
-  attention = GroupedAttention(num_parts=config.attention.num_parts)
-  parts = jax.eval_shape(lambda f: attention.apply({}, f),
-                         jax.ShapeDtypeStruct(fmap.shape, jnp.float32))
-  descriptors = rng.standard_normal((num_train,) + parts.descriptors.shape[1:])
+  shapes = targets_lib.abstract_targets(config, num_train, model, None)
+  descriptors = rng.standard_normal(shapes["part_descriptors"].shape)
   descriptors /= np.linalg.norm(descriptors, axis=-1, keepdims=True)
-  weights = rng.random((num_train,) + parts.weights.shape[1:])
+  weights = rng.random(shapes["part_weights"].shape)
   return {"pseudo_labels": rng.integers(-1, k, num_train).astype(np.int32),
           "cluster_affinity": np.eye(k, dtype=np.float32),
           "part_descriptors": descriptors.astype(np.float32),
@@ -155,9 +151,7 @@ def benchmark_row(network: str, dtype: str, *, image_size: int, batch_size: int,
   mesh = train.make_mesh(jax.devices()[:1])
   model = train.build_model(config)
   tx = train.build_optimizer(config, steps_per_epoch=1000)
-  params = train.init_params(config, model)
-  state = {"params": params, "opt_state": jax.jit(tx.init)(params),
-           "step": jnp.zeros((), jnp.int32)}
+  state = train.fresh_state(config, model, tx)
   num_train = 2 * batch_size
   targets = jax.device_put(_targets(config, model, num_train))
   rng = np.random.default_rng(1)
@@ -186,7 +180,7 @@ def benchmark_row(network: str, dtype: str, *, image_size: int, batch_size: int,
   if not np.isfinite(float(jax.device_get(one_step()["loss"]))):
     raise FloatingPointError(f"{network} {dtype}: non-finite loss")
 
-  encode = train.make_encoder(config, model, mesh)
+  encode = encoding.make_encoder(config, model, mesh)
   eval_batch = {"images": batch["images"],
                 "index": np.arange(batch_size), "mask": np.ones(batch_size, bool)}
   params = holder["state"]["params"]

@@ -41,6 +41,7 @@ from PIL import Image
 
 from benchmarks import describe_machine, print_table
 from benchmarks.bench_accelerator import network_config, table_peak
+from psch_jax import targets as targets_lib
 from psch_jax import train
 from psch_jax.data import manual_files
 from psch_jax.data import pipeline
@@ -127,16 +128,10 @@ def vgg16_flops_per_image(image_size: int, batch_size: int) -> float:
   mesh = train.make_mesh(jax.devices()[:1])
   model = train.build_model(config)
   tx = train.build_optimizer(config, steps_per_epoch=1000)
-  shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
   params = jax.eval_shape(lambda: train.init_params(config, model))
   state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
            "step": jax.ShapeDtypeStruct((), jnp.int32)}
-  k = config.pseudo_labels.num_clusters
-  parts = config.attention.num_parts
-  targets = {"pseudo_labels": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-             "cluster_affinity": shape(k, k),
-             "part_descriptors": shape(batch_size, parts, 512 // parts),
-             "part_weights": shape(batch_size, parts)}
+  targets = targets_lib.abstract_targets(config, batch_size, model, None)
   batch = {"images": jax.ShapeDtypeStruct((batch_size, 32, 32, 3), jnp.uint8),
            "position": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
   step = train.make_train_step(config, model, tx, mesh)

@@ -146,9 +146,7 @@ def _losses(backbone: str, dtype: str) -> np.ndarray:
   mesh = train.make_mesh(jax.devices()[:1])
   model = train.build_model(config)
   tx = train.build_optimizer(config, steps_per_epoch=_NUM_STEPS)
-  params = train.init_params(config, model)
-  state = {"params": params, "opt_state": jax.jit(tx.init)(params),
-           "step": jnp.zeros((), jnp.int32)}
+  state = train.fresh_state(config, model, tx)
   step_fn = train.make_train_step(config, model, tx, mesh)
   batch_size = config.train.global_batch_size
   rng = np.random.default_rng(0)
