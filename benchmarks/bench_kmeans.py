@@ -20,7 +20,7 @@ N = 5k, 20k, 50k, 200k (D=512, K=100) for the time per point.
 
 Run from the repository root:
   python -m benchmarks.bench_kmeans            (full sizes, about 5 min on 2 cores)
-  python -m benchmarks.bench_kmeans --quick    (small sizes, a check that it runs)
+  python -m benchmarks.bench_kmeans --quick    (tiny sizes, seconds: a check that it runs)
 OpenBLAS variables (OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE) slow scikit-learn's BLAS
 where they are set: compare with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python
 -m benchmarks.bench_kmeans`; the header prints which BLAS kernel and thread count ran.
@@ -114,6 +114,8 @@ def faiss_fit(points: np.ndarray, init: np.ndarray
   try:
     import faiss  # pylint: disable=import-outside-toplevel
   except ImportError:
+    print("faiss-cpu is not installed: its row is skipped "
+          "(pip install faiss-cpu==1.15.1 to add it).", flush=True)
     return None
 
   def fit():
@@ -260,12 +262,12 @@ def main() -> None:
                       help="FILE.py with the kmeans API of psch_jax/kmeans.py, timed "
                            "beside it (A/B test of a change)")
   parser.add_argument("--quick", action="store_true",
-                      help="small sizes: cases 5000x512x100,1000x1024x10, "
-                           "scaling 2000,5000, 1 repeat")
+                      help="tiny sizes, seconds (CI): cases 2000x64x10,500x256x5, "
+                           "scaling 1000,2000, 1 repeat")
   args = parser.parse_args()
   if args.quick:
     args.cases, args.scaling_sizes, args.repeats, args.scaling_repeats = (
-        "5000x512x100,1000x1024x10", "2000,5000", 1, 1)
+        "2000x64x10,500x256x5", "1000,2000", 1, 1)
 
   print(describe_machine(("jax", "jaxlib", "numpy", "scikit-learn", "faiss-cpu")))
   print(f"XLA devices: {len(jax.devices())} ({jax.devices()[0].platform}); "

@@ -21,6 +21,7 @@ FEATURE_SOURCES = ("global", "pooled", "pixels", "spectral")
 SIMILARITY_SOURCES = ("initial", "online", "pixels")
 OPTIMIZERS = ("adam", "sgd")
 PRETRAINED = ("imagenet", "none")  # psch_jax/pretrained.py resolve_vgg16_weights
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -55,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.pretrained = config_dict.placeholder(str)       # PRETRAINED
   c.model.pretrained_path = config_dict.placeholder(str)  # local file; wins when set
   c.model.dropout_rate = 0.0
+  # What the backbone's and the hash head's convolutions and matmuls compute in;
+  # params, optimizer state, loss, k-means and evaluation stay float32.
+  c.model.compute_dtype = "float32"                  # COMPUTE_DTYPES
 
   c.pseudo_labels = ml_collections.ConfigDict()
   c.pseudo_labels.num_clusters = 10
@@ -130,6 +134,7 @@ def vgg16_config(name: str) -> ml_collections.ConfigDict:
   c.model.image_size = 224
   c.model.channels = 3
   c.model.dropout_rate = 0.5
+  c.model.compute_dtype = "bfloat16"    # params stay float32 (psch_jax/models.py)
   c.pseudo_labels.features = "global"
   c.optim.learning_rate = 1e-4
   c.optim.backbone_lr_multiplier = 0.1
@@ -166,6 +171,7 @@ def small_cnn_from_scratch(c: ml_collections.ConfigDict) -> ml_collections.Confi
   c.model.pretrained = "none"
   c.model.image_size = 32
   c.model.dropout_rate = 0.0
+  c.model.compute_dtype = "float32"     # XLA:CPU's bfloat16 convs are 2x slower
   c.pseudo_labels.features = "pixels"
   return c
 
@@ -231,6 +237,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   _choice(config.similarity.source, SIMILARITY_SOURCES, "similarity.source")
   _choice(config.optim.name, OPTIMIZERS, "optim.name")
   _check_pretrained(config.model)
+  _choice(config.model.compute_dtype, COMPUTE_DTYPES, "model.compute_dtype")
   _require(config.model.num_bits >= 1,
            f"config.model.num_bits={config.model.num_bits} must be a positive code "
            "length (the paper uses 16, 32, 64 or 128).")

@@ -116,6 +116,9 @@ FIELDS: dict[str, Field] = {
     "model.pretrained_path": _PATH,
     "model.dropout_rate": _float(0.0, 1.0, high_open=True, meaning=(
         "the fraction of VGG-16 classifier units dropped (1 would drop all)")),
+    "model.compute_dtype": _choice(psch_config.COMPUTE_DTYPES, meaning=(
+        "what the backbone's and hash head's convolutions and matmuls compute in "
+        "(params stay float32): bfloat16 on GPUs and TPUs, float32 on CPUs")),
 
     "pseudo_labels.num_clusters": _int(2, meaning="K_c, the number of pseudo classes"),
     "pseudo_labels.keep_quantile": _float(0.0, 1.0, low_open=True, meaning=(

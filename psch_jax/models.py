@@ -11,6 +11,16 @@ linear pseudo-label classifier (for L_cls, Eq. 9) under the top-level param keys
 `'backbone'`, `'hash_head'` and `'classifier'`, so an optimizer can give the backbone
 its own learning rate by top-level key (`optax.multi_transform`).
 
+Mixed precision: every module has a `dtype` field, the dtype its convolutions and
+matmuls compute in (`jnp.float32` by default, `jnp.bfloat16` for `model.compute_dtype
+= "bfloat16"`). Parameters are always created and stored in float32 (Flax's
+`param_dtype`), so the optimizer state and the checkpoints stay float32 and the
+gradients come back float32; only the layer inputs and a copy of the weights are cast
+for the matmul. `PSCHNet` casts every output to float32 and computes tanh (Eq. 12)
+and the classifier (Eq. 9) in float32, so the loss, the similarity kernel, the part
+attention's softmax, k-means and the evaluation all see float32. With the float32
+default every cast is an identity: the float32 program is unchanged.
+
 Param names (stable; `psch_jax/pretrained.py` relies on the VGG-16 ones):
 - `VGG16`: `conv1_1, conv1_2, conv2_1, conv2_2, conv3_1 .. conv3_3, conv4_1 .. conv4_3,
   conv5_1 .. conv5_3` (each `{'kernel': (3, 3, I, O), 'bias': (O,)}`), then `fc6`
@@ -110,10 +120,27 @@ def _max_pool_2x2(x: jax.Array) -> jax.Array:
   return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
 
 
-def _conv3x3(features: int, name: str) -> nn.Conv:
-  # Explicit 1-pixel padding on each side is torch's Conv2d(padding=1).
+COMPUTE_DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+  """The jnp dtype of a `model.compute_dtype` name ("float32" | "bfloat16").
+
+  Raises:
+    UserError: any other name.
+  """
+  if name not in COMPUTE_DTYPES:
+    raise UserError(
+        f"config.model.compute_dtype={name!r} is not one of {list(COMPUTE_DTYPES)}; "
+        "set --config.model.compute_dtype=bfloat16 on GPUs and TPUs, float32 on CPUs.")
+  return COMPUTE_DTYPES[name]
+
+
+def _conv3x3(features: int, name: str, dtype: Any) -> nn.Conv:
+  # Explicit 1-pixel padding on each side is torch's Conv2d(padding=1). Weights are
+  # float32 (param_dtype); `dtype` is what the convolution computes in.
   return nn.Conv(features, kernel_size=(3, 3), padding=((1, 1), (1, 1)),
-                 name=name)
+                 dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 class VGG16(nn.Module):
@@ -126,8 +153,10 @@ class VGG16(nn.Module):
 
   Attributes:
     dropout_rate: dropout after fc6 and fc7 when `train=True` (torchvision: 0.5).
+    dtype: compute dtype of the convolutions and fc6 / fc7 (params stay float32).
   """
   dropout_rate: float = 0.5
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> BackboneOutput:
@@ -142,7 +171,7 @@ class VGG16(nn.Module):
       `BackboneOutput` with `feature_map` = conv5_3 after ReLU, before the last
       max-pool, `(B, H // 16, W // 16, 512)` (224x224 -> 14x14, 32x32 -> 2x2; odd
       sizes floor at each pool), and `global_feature` = fc7 after ReLU (and dropout),
-      `(B, 4096)`.
+      `(B, 4096)`; both in `dtype`.
     """
     height, width = images.shape[1], images.shape[2]
     if min(height, width) < VGG16_MIN_INPUT_SIZE:
@@ -158,12 +187,13 @@ class VGG16(nn.Module):
         feature_map = x
         x = _max_pool_2x2(x)
       else:
-        x = nn.relu(_conv3x3(int(entry), next(conv_names))(x))
+        x = nn.relu(_conv3x3(int(entry), next(conv_names), self.dtype)(x))
     x = adaptive_avg_pool2d(x, (VGG16_POOLED_SIZE, VGG16_POOLED_SIZE))
     # torch flattens NCHW; transposing first keeps fc6's rows in torchvision's order.
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
     for name in ("fc6", "fc7"):
-      x = nn.relu(nn.Dense(VGG16_FC_DIM, name=name)(x))
+      x = nn.relu(nn.Dense(VGG16_FC_DIM, dtype=self.dtype, param_dtype=jnp.float32,
+                           name=name)(x))
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return BackboneOutput(feature_map=feature_map, global_feature=x)
 
@@ -182,11 +212,13 @@ class SmallCNN(nn.Module):
     feature_dim: size D of the global feature.
     dropout_rate: dropout on the global feature when `train=True` (0 = none, then no
       `'dropout'` PRNG stream is needed).
+    dtype: compute dtype of the convolutions and the dense layer (params float32).
   """
   widths: Sequence[int] = (32, 64, 128)
   convs_per_block: int = 1
   feature_dim: int = 512
   dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
 
   def __post_init__(self) -> None:
     if (not self.widths or any(int(w) < 1 for w in self.widths)
@@ -208,7 +240,7 @@ class SmallCNN(nn.Module):
     Returns:
       `BackboneOutput`: `feature_map` float32 `(B, H', W', widths[-1])` with
       `H' = H // 2 ** (len(widths) - 1)` (28x28x1 -> 7x7x128, 32x32x3 -> 8x8x128 with
-      the defaults), and `global_feature` float32 `(B, feature_dim)`.
+      the defaults), and `global_feature` `(B, feature_dim)`; both in `dtype`.
     """
     min_size = 2 ** len(self.widths)
     if min(images.shape[1], images.shape[2]) < min_size:
@@ -220,11 +252,12 @@ class SmallCNN(nn.Module):
     feature_map = x
     for block, width in enumerate(self.widths, start=1):
       for index in range(1, self.convs_per_block + 1):
-        x = nn.relu(_conv3x3(int(width), f"block{block}_conv{index}")(x))
+        x = nn.relu(_conv3x3(int(width), f"block{block}_conv{index}", self.dtype)(x))
       feature_map = x
       x = _max_pool_2x2(x)
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(self.feature_dim, name="global_dense")(x))
+    x = nn.relu(nn.Dense(self.feature_dim, dtype=self.dtype, param_dtype=jnp.float32,
+                         name="global_dense")(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return BackboneOutput(feature_map=feature_map, global_feature=x)
 
@@ -241,8 +274,10 @@ class HashHead(nn.Module):
 
   Attributes:
     num_bits: code length L.
+    dtype: compute dtype of the matmul; tanh is computed in float32.
   """
   num_bits: int
+  dtype: Any = jnp.float32
 
   def __post_init__(self) -> None:
     _check_num_bits(self.num_bits)
@@ -250,8 +285,11 @@ class HashHead(nn.Module):
 
   @nn.compact
   def __call__(self, global_feature: jax.Array) -> jax.Array:
-    """Relaxed codes `u`, float32 `(B, L)` in (-1, 1), of float32 `(B, D)` features."""
-    return jnp.tanh(nn.Dense(self.num_bits, name="dense")(global_feature))
+    """Relaxed codes `u`, float32 `(B, L)` in (-1, 1), of `(B, D)` features."""
+    pre_activation = nn.Dense(self.num_bits, dtype=self.dtype, param_dtype=jnp.float32,
+                              name="dense")(global_feature)
+    # float32 tanh: bfloat16's 8 mantissa bits would round codes near +-1 together.
+    return jnp.tanh(pre_activation.astype(jnp.float32))
 
 
 def hash_codes(relaxed_codes: jax.Array) -> jax.Array:
@@ -314,11 +352,14 @@ class PSCHNet(nn.Module):
     num_classes: number of pseudo classes K_c >= 1 (k-means clusters).
     backbone_kwargs: fields of the named backbone (ignored for a module), e.g.
       `{'widths': (32, 64, 128)}` or `{'dropout_rate': 0.5}`.
+    dtype: compute dtype of the named backbone and the hash head's matmul (a module
+      backbone keeps its own); params, outputs and the classifier stay float32.
   """
   backbone: str | nn.Module
   num_bits: int
   num_classes: int
   backbone_kwargs: Mapping[str, Any] = FrozenDict()
+  dtype: Any = jnp.float32
 
   def __post_init__(self) -> None:
     _check_num_bits(self.num_bits)
@@ -326,6 +367,9 @@ class PSCHNet(nn.Module):
       raise UserError(
           f"num_classes (pseudo classes K_c) must be a positive integer, got "
           f"{self.num_classes!r}; set it to the number of k-means clusters.")
+    if "dtype" in self.backbone_kwargs:
+      raise UserError("PSCHNet takes the compute dtype as its own `dtype` field "
+                      "(create_model(..., dtype=...)), not in backbone_kwargs.")
     if isinstance(self.backbone, str):
       _backbone_class(self.backbone, self.backbone_kwargs)  # Fails at construction.
     super().__post_init__()
@@ -346,29 +390,34 @@ class PSCHNet(nn.Module):
     """
     if isinstance(self.backbone, str):
       backbone_cls = _backbone_class(self.backbone, self.backbone_kwargs)
-      backbone = backbone_cls(name="backbone", **dict(self.backbone_kwargs))
+      backbone = backbone_cls(name="backbone", dtype=self.dtype,
+                              **dict(self.backbone_kwargs))
     else:
       backbone = self.backbone  # Linen adopts a module field under its field name.
     features = backbone(images, train=train)
-    relaxed_codes = HashHead(self.num_bits, name="hash_head")(
+    relaxed_codes = HashHead(self.num_bits, dtype=self.dtype, name="hash_head")(
         features.global_feature)
     class_logits = nn.Dense(self.num_classes, name="classifier")(relaxed_codes)
+    # float32 at the boundary: the attention softmax, the similarity kernel, the
+    # loss, k-means and the evaluation never see bfloat16.
     return {
-        "feature_map": features.feature_map,
-        "global_feature": features.global_feature,
+        "feature_map": features.feature_map.astype(jnp.float32),
+        "global_feature": features.global_feature.astype(jnp.float32),
         "relaxed_codes": relaxed_codes,
         "class_logits": class_logits,
     }
 
 
 def create_model(name: str, *, num_bits: int, num_classes: int,
-                 **backbone_kwargs: Any) -> PSCHNet:
+                 dtype: Any = jnp.float32, **backbone_kwargs: Any) -> PSCHNet:
   """Builds a `PSCHNet` with backbone `name` ('small_cnn' | 'vgg16').
 
   Args:
     name: backbone name, one of `backbone_names()`.
     num_bits: code length L.
     num_classes: pseudo classes K_c.
+    dtype: compute dtype of backbone and hash head (`compute_dtype(name)`); params
+      and outputs are float32 whatever it is.
     **backbone_kwargs: fields of the backbone module (e.g. `widths`, `feature_dim`,
       `dropout_rate`).
 
@@ -380,4 +429,4 @@ def create_model(name: str, *, num_bits: int, num_classes: int,
       key: tuple(value) if isinstance(value, list) else value
       for key, value in backbone_kwargs.items()})
   return PSCHNet(backbone=name, num_bits=num_bits, num_classes=num_classes,
-                 backbone_kwargs=frozen_kwargs)
+                 backbone_kwargs=frozen_kwargs, dtype=dtype)

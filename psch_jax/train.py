@@ -111,9 +111,11 @@ def build_model(config: ml_collections.ConfigDict) -> models.PSCHNet:
   backbone_kwargs = {}
   if config.model.backbone == "vgg16":
     backbone_kwargs["dropout_rate"] = config.model.dropout_rate
+  # .get: a work directory written before the field existed was float32 (search).
+  dtype = models.compute_dtype(config.model.get("compute_dtype", "float32"))
   return models.create_model(config.model.backbone, num_bits=config.model.num_bits,
                              num_classes=config.pseudo_labels.num_clusters,
-                             **backbone_kwargs)
+                             dtype=dtype, **backbone_kwargs)
 
 
 def init_params(config: ml_collections.ConfigDict, model: models.PSCHNet,
