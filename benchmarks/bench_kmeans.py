@@ -182,7 +182,7 @@ def pass_profile(num_points: int, dim: int, num_clusters: int, chunk: int,
   """Times one assignment pass built up op by op, as psch_jax.kmeans runs it.
 
   Each variant is a jitted `lax.scan` over (chunk, D) blocks of zero-padded rows,
-  1 device, in the chunks psch_jax.kmeans cuts (`_layout`, about 2 MiB each): the
+  1 device, in the chunks psch_jax.kmeans cuts (`row_layout`, about 2 MiB each): the
   distance product alone, then + argmin, + the exact recomputation of the distance
   to the chosen centroid (the final pass only; Lloyd iterations skip it), + the
   per-cluster sums as a one-hot product (K <= 32, and on accelerators) or as a
@@ -289,7 +289,7 @@ def main() -> None:
           args.scaling_repeats)
   if args.profile:
     first = parse_case(args.cases.split(",")[0])
-    chunk = kmeans_lib._layout(first[0], first[1], 1, 4096).chunk  # pylint: disable=protected-access
+    chunk = kmeans_lib.row_layout(first[0], first[1], 1, 4096).chunk
     pass_profile(*first, chunk=chunk, repeats=max(args.repeats, 3))
   load = os.getloadavg()
   print(f"\nload average at end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")

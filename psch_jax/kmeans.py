@@ -17,14 +17,13 @@ inertia `sum_i min_k ||z_i - c_k||^2` (Eq. 1).
   the data; the restart with the lowest inertia wins.
 - Per-cluster sums: a one-hot matrix product for K <= 32 and on accelerators, a
   scatter-add (`segment_sum`) for larger K on CPU, where the product would cost as
-  much as the distances (see `_sums_by_scatter`).
+  much as the distances (see `sums_by_scatter`).
 - Memory: squared distances come from `||x||^2 - 2 x.c + ||c||^2` over equal row
   chunks of at most `chunk_size` rows and about 2 MiB, so nothing of size N x K x D
   exists and a chunk stays in cache for the sums. The padded (and, if asked,
   normalised) data is the one extra copy, none when the rows split evenly into
-  chunks and are not normalised: for N = 200,000, D = 4,096, K = 100, n_init = 3,
-  XLA's memory analysis gives 3.05 GiB of input and 3.08 GiB of temporaries on one
-  device.
+  chunks and are not normalised (docs/benchmarks.md, k-means, has XLA's memory
+  analysis of a large case).
 
 Sharding. Points are split by rows over the mesh axis "data" with `jax.shard_map`;
 each device scans its own rows and the per-cluster sums, counts and inertia are
@@ -68,7 +67,7 @@ _ZERO_DISTANCE_SCORE = -1e4
 _CHUNK_BYTES = 2 * 1024 * 1024
 _MIN_CHUNK_ROWS = 256
 # Up to this K the per-cluster sums are a one-hot product, above it (on CPU) a
-# scatter-add; see _sums_by_scatter.
+# scatter-add; see sums_by_scatter.
 _MAX_ONE_HOT_CLUSTERS = 32
 
 
@@ -99,8 +98,9 @@ class _Shard(NamedTuple):
   offset: jax.Array  # () int32 global index of this device's first row.
 
 
-class _Layout(NamedTuple):
-  """Static row layout: N rows padded to num_devices x rows_per_device."""
+class RowLayout(NamedTuple):
+  """Static row layout: N rows padded to num_devices x rows_per_device, each device's
+  rows cut into equal chunks of `chunk` rows (`row_layout`)."""
   num_points: int
   num_devices: int
   rows_per_device: int
@@ -111,22 +111,34 @@ class _Layout(NamedTuple):
     return self.num_devices * self.rows_per_device
 
 
-def _layout(num_points: int, dim: int, num_devices: int, chunk_size: int) -> _Layout:
-  """Balanced chunks of at most `chunk_size` rows and about _CHUNK_BYTES each.
+def row_layout(num_points: int, dim: int, num_devices: int, chunk_size: int
+               ) -> RowLayout:
+  """How `kmeans` and `assign` cut (N, D) float32 rows over devices and chunks.
 
-  A chunk small enough to stay in cache is read once from memory per pass (by the
+  Balanced chunks of at most `chunk_size` rows and about 2 MiB each (_CHUNK_BYTES,
+  never below 256 rows). A chunk small enough to stay in cache is read once from memory per pass (by the
   distance product; the sums then find it in cache), and equal chunks pad at most
   num_chunks - 1 rows per device instead of up to a whole chunk.
+
+  Args:
+    num_points: N, the number of rows.
+    dim: D, the number of features per row.
+    num_devices: devices the rows are split over.
+    chunk_size: the most rows per chunk (`kmeans`'s `chunk_size`).
+
+  Returns:
+    The layout; `chunk` is the rows per chunk that one device scans.
   """
   rows = -(-num_points // num_devices)
   cap = min(chunk_size, max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // (4 * dim)))
   num_chunks = -(-rows // cap)
   chunk = -(-rows // num_chunks)
-  return _Layout(num_points, num_devices, num_chunks * chunk, chunk)
+  return RowLayout(num_points, num_devices, num_chunks * chunk, chunk)
 
 
-def _sums_by_scatter(mesh: Mesh, num_clusters: int) -> bool:
-  """Whether per-cluster sums use a scatter-add rather than a one-hot product.
+def sums_by_scatter(mesh: Mesh, num_clusters: int) -> bool:
+  """Whether `kmeans` on `mesh` forms the per-cluster sums of `num_clusters`
+  clusters with a scatter-add rather than a one-hot product.
 
   The one-hot product costs K x R x D multiply-adds, as much as the distance product,
   which a scatter-add (R x D adds) saves on CPU when K is large; XLA runs it there as
@@ -143,7 +155,7 @@ def _varying(x: jax.Array) -> jax.Array:
   return lax.pcast(x, DATA_AXIS, to="varying")
 
 
-def _make_shard(local_points: jax.Array, layout: _Layout) -> _Shard:
+def _make_shard(local_points: jax.Array, layout: RowLayout) -> _Shard:
   """Cuts this device's (rows_per_device, D) block into chunks with row metadata."""
   num_chunks = layout.rows_per_device // layout.chunk
   offset = lax.axis_index(DATA_AXIS).astype(jnp.int32) * layout.rows_per_device
@@ -254,7 +266,7 @@ def _assignment_pass(shard: _Shard, centroids: jax.Array, *, exact: bool,
   distance to it (and so the inertia) is then computed directly; without, it is the
   expansion's minimum, which is good enough where it only ranks points for
   re-seeding empty clusters (the Lloyd iterations). `scatter_sums` picks how the
-  per-cluster sums are formed (see _sums_by_scatter); both give the same sums up to
+  per-cluster sums are formed (see sums_by_scatter); both give the same sums up to
   float rounding.
   """
   num_clusters = centroids.shape[0]
@@ -385,7 +397,7 @@ def _kmeans_local(key, local_points, tol, init_centroids, *, layout, num_cluster
           final.assignments.reshape(-1), final.sq_distances.reshape(-1))
 
 
-def _prepare_points(points: jax.Array, layout: _Layout, normalize: bool) -> jax.Array:
+def _prepare_points(points: jax.Array, layout: RowLayout, normalize: bool) -> jax.Array:
   """float32, optionally L2-normalised rows, zero-padded to the layout's row count."""
   points = points.astype(jnp.float32)
   if normalize:
@@ -402,12 +414,12 @@ def _prepare_points(points: jax.Array, layout: _Layout, normalize: bool) -> jax.
     "normalize"))
 def _kmeans_jit(key, points, tol, init_centroids, *, num_clusters, n_init, max_iter,
                 chunk_size, n_local_trials, mesh, normalize):
-  layout = _layout(*points.shape, mesh.shape[DATA_AXIS], chunk_size)
+  layout = row_layout(*points.shape, mesh.shape[DATA_AXIS], chunk_size)
   padded = _prepare_points(points, layout, normalize)
   body = functools.partial(
       _kmeans_local, layout=layout, num_clusters=num_clusters, n_init=n_init,
       max_iter=max_iter, n_local_trials=n_local_trials,
-      scatter_sums=_sums_by_scatter(mesh, num_clusters))
+      scatter_sums=sums_by_scatter(mesh, num_clusters))
   centroids, inertia, iterations, assignments, sq_distances = jax.shard_map(
       body, mesh=mesh, in_specs=(P(), P(DATA_AXIS, None), P(), P()),
       out_specs=(P(), P(), P(), P(DATA_AXIS), P(DATA_AXIS)),
@@ -423,7 +435,7 @@ def _kmeans_jit(key, points, tol, init_centroids, *, num_clusters, n_init, max_i
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "mesh"))
 def _assign_jit(points, centroids, *, chunk_size, mesh):
-  layout = _layout(*points.shape, mesh.shape[DATA_AXIS], chunk_size)
+  layout = row_layout(*points.shape, mesh.shape[DATA_AXIS], chunk_size)
   padded = _prepare_points(points, layout, normalize=False)
 
   def body(local_points, centroids):

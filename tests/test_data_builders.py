@@ -8,59 +8,16 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from psch_jax.data import manual_files
 from psch_jax.data import mirflickr25k
 from psch_jax.data import nus_wide
 from psch_jax.data import sources
 from psch_jax.errors import UserError
+from tests.helpers import (nus_labels, nus_split_lists, write_image, write_list,
+                           write_matrix)
 
 _SIZE = manual_files.STORED_IMAGE_SIZE
-
-
-def _write_image(path: str, seed: int) -> np.ndarray:
-  """Writes a smooth random-colour JPEG (so JPEG loss stays small); returns the
-  image as stored by the builders, for comparison."""
-  rng = np.random.default_rng(seed)
-  height, width = rng.integers(20, 60, size=2)
-  ramp = np.linspace(0, 1, width)[None, :, None]
-  colour = rng.integers(0, 256, 3)[None, None, :]
-  image = (ramp * colour + (1 - ramp) * (255 - colour)) * np.ones((height, 1, 1))
-  image = Image.fromarray(image.astype(np.uint8))
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  image.save(path, quality=95)
-  with Image.open(path) as saved:
-    return np.asarray(saved.convert("RGB").resize((_SIZE, _SIZE), Image.BILINEAR))
-
-
-def _write_list(path, lines):
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
-
-
-def _write_matrix(path, labels):
-  np.savetxt(path, labels, fmt="%d")
-
-
-def _nus_labels(num_images, seed=0):
-  labels = (np.random.default_rng(seed).random((num_images, 21)) < 0.3).astype(np.uint8)
-  labels[:, seed % 21] = 1
-  return labels
-
-
-def _nus_split_lists(root, num_database=9, num_test=3):
-  """Writes the DPSH-style layout; database row 4 has no label (dropped)."""
-  paths = [f"images/{i:04d}_{1000 + i}.jpg" for i in range(num_database + num_test)]
-  images = [_write_image(os.path.join(root, p), i) for i, p in enumerate(paths)]
-  labels = _nus_labels(len(paths))
-  labels[4] = 0
-  _write_list(os.path.join(root, "database_img.txt"), paths[:num_database])
-  _write_matrix(os.path.join(root, "database_label_onehot.txt"), labels[:num_database])
-  _write_list(os.path.join(root, "test_img.txt"), paths[num_database:])
-  _write_matrix(os.path.join(root, "test_label_onehot.txt"), labels[num_database:])
-  keep = [i for i in range(len(paths)) if i != 4]
-  return np.stack(images)[keep], labels[keep]
 
 
 def _assert_images_close(read: np.ndarray, expected: np.ndarray):
@@ -70,7 +27,7 @@ def _assert_images_close(read: np.ndarray, expected: np.ndarray):
 
 def test_nus_wide_split_lists_build_and_read_back(tmp_path):
   root, data_dir = str(tmp_path / "raw"), str(tmp_path / "tfds")
-  images, labels = _nus_split_lists(root)
+  images, labels = nus_split_lists(root)
   source = sources.load_source("nus_wide", data_dir=data_dir, manual_dir=root)
   assert source.name == "nus_wide" and len(source) == 11
   assert source.image_shape == (_SIZE, _SIZE, 3)
@@ -99,11 +56,11 @@ def test_label_packing_round_trips():
 def test_nus_wide_one_list_layout_goes_to_train(tmp_path):
   root = str(tmp_path / "raw")
   paths = [f"{i}.jpg" for i in range(5)]  # bare names, found in images/
-  images = [_write_image(os.path.join(root, "images", p), i)
+  images = [write_image(os.path.join(root, "images", p), i)
             for i, p in enumerate(paths)]
-  labels = _nus_labels(5, seed=3)
-  _write_list(os.path.join(root, "img_tc21.txt"), paths)
-  _write_matrix(os.path.join(root, "targets_onehot_tc21.txt"), labels)
+  labels = nus_labels(5, seed=3)
+  write_list(os.path.join(root, "img_tc21.txt"), paths)
+  write_matrix(os.path.join(root, "targets_onehot_tc21.txt"), labels)
   source = sources.load_source("nus_wide", data_dir=str(tmp_path / "tfds"),
                                manual_dir=root)
   assert (source.official_split == "train").all()
@@ -114,7 +71,7 @@ def test_nus_wide_one_list_layout_goes_to_train(tmp_path):
 def test_mirflickr_official_layout_keeps_labelled_images_in_number_order(tmp_path):
   root = str(tmp_path / "raw")
   numbers = [1, 2, 3, 10, 11, 12, 20, 21, 22, 23, 24, 25]
-  images = {n: _write_image(os.path.join(root, "mirflickr", f"im{n}.jpg"), n)
+  images = {n: write_image(os.path.join(root, "mirflickr", f"im{n}.jpg"), n)
             for n in numbers}
   rng = np.random.default_rng(0)
   labels = (rng.random((len(numbers), 24)) < 0.3).astype(np.uint8)
@@ -123,9 +80,9 @@ def test_mirflickr_official_layout_keeps_labelled_images_in_number_order(tmp_pat
   annotations = os.path.join(root, "mirflickr25k_annotations_v080")
   os.makedirs(annotations)
   for column, name in enumerate(mirflickr25k.LABELS):
-    _write_list(os.path.join(annotations, f"{name}.txt"),
+    write_list(os.path.join(annotations, f"{name}.txt"),
                 [str(numbers[i]) for i in np.flatnonzero(labels[:, column])])
-  _write_list(os.path.join(annotations, "female_r1.txt"), ["3"])  # ignored
+  write_list(os.path.join(annotations, "female_r1.txt"), ["3"])  # ignored
   source = sources.load_source("mirflickr25k", data_dir=str(tmp_path / "tfds"),
                                manual_dir=root)
   kept = [i for i in range(len(numbers)) if i not in (2, 7)]
@@ -138,11 +95,11 @@ def test_mirflickr_official_layout_keeps_labelled_images_in_number_order(tmp_pat
 def test_mirflickr_list_layout(tmp_path):
   root = str(tmp_path / "raw")
   paths = [f"mirflickr/im{n}.jpg" for n in range(1, 7)]
-  images = [_write_image(os.path.join(root, p), i) for i, p in enumerate(paths)]
+  images = [write_image(os.path.join(root, p), i) for i, p in enumerate(paths)]
   labels = np.eye(24, dtype=np.uint8)[[0, 5, 23, 1, 2, 3]]
   labels[3] = 0
-  _write_list(os.path.join(root, "img.txt"), paths)
-  _write_matrix(os.path.join(root, "targets.txt"), labels)
+  write_list(os.path.join(root, "img.txt"), paths)
+  write_matrix(os.path.join(root, "targets.txt"), labels)
   source = sources.load_source("mirflickr25k", data_dir=str(tmp_path / "tfds"),
                                manual_dir=root)
   assert np.array_equal(source.labels, labels[[0, 1, 2, 4, 5]])
@@ -167,7 +124,7 @@ def test_unprepared_dataset_without_manual_dir_explains_the_files(tmp_path):
 ])
 def test_malformed_nus_wide_files_name_the_file(tmp_path, breakage, message):
   root = str(tmp_path)
-  _nus_split_lists(root)
+  nus_split_lists(root)
   database_labels = os.path.join(root, "database_label_onehot.txt")
   test_labels = os.path.join(root, "test_label_onehot.txt")
   if breakage == "missing_labels":
@@ -175,13 +132,13 @@ def test_malformed_nus_wide_files_name_the_file(tmp_path, breakage, message):
   elif breakage == "wrong_columns":
     rows = open(database_labels).read().splitlines()
     rows[1] = " ".join(rows[1].split()[:20])
-    _write_list(database_labels, rows)
+    write_list(database_labels, rows)
   elif breakage == "row_mismatch":
-    _write_list(test_labels, open(test_labels).read().splitlines()[:2])
+    write_list(test_labels, open(test_labels).read().splitlines()[:2])
   elif breakage == "not_binary":
     rows = [r.split() for r in open(test_labels).read().splitlines()]
     rows[0][2] = "2"
-    _write_list(test_labels, [" ".join(r) for r in rows])
+    write_list(test_labels, [" ".join(r) for r in rows])
   elif breakage == "missing_image":
     os.remove(os.path.join(root, "images", "0002_1002.jpg"))
   with pytest.raises(UserError, match=message):
@@ -190,7 +147,7 @@ def test_malformed_nus_wide_files_name_the_file(tmp_path, breakage, message):
 
 def test_unreadable_image_fails_preparation_naming_the_file(tmp_path):
   root = str(tmp_path / "raw")
-  _nus_split_lists(root)
+  nus_split_lists(root)
   with open(os.path.join(root, "images", "0010_1010.jpg"), "wb") as f:
     f.write(b"not a jpeg")
   with pytest.raises(UserError,
@@ -200,13 +157,13 @@ def test_unreadable_image_fails_preparation_naming_the_file(tmp_path):
 
 def test_malformed_mirflickr_annotations_name_the_file(tmp_path):
   root = str(tmp_path)
-  _write_image(os.path.join(root, "mirflickr", "im1.jpg"), 0)
+  write_image(os.path.join(root, "mirflickr", "im1.jpg"), 0)
   annotations = os.path.join(root, "mirflickr25k_annotations_v080")
   os.makedirs(annotations)
   for name in mirflickr25k.LABELS[:-1]:
-    _write_list(os.path.join(annotations, f"{name}.txt"), ["1"])
+    write_list(os.path.join(annotations, f"{name}.txt"), ["1"])
   with pytest.raises(UserError, match=r"Missing file .*water.txt"):
     mirflickr25k.read_manual_layout(root)
-  _write_list(os.path.join(annotations, "water.txt"), ["7"])
+  write_list(os.path.join(annotations, "water.txt"), ["7"])
   with pytest.raises(UserError, match=r"water.txt, line 1: image im7.jpg is not in"):
     mirflickr25k.read_manual_layout(root)

@@ -11,7 +11,7 @@ from psch_jax import cli
 from psch_jax import diagnostics
 from psch_jax import reference
 from psch_jax.errors import UserError
-from tests.test_train import ROOT, needs_fashion_mnist
+from tests.helpers import ROOT, needs_fashion_mnist
 
 CONFIG = os.path.join(ROOT, "configs", "fashion_mnist.py")
 

@@ -111,8 +111,7 @@ def _numpy_lloyd(points, centroids, iterations):
 def test_many_clusters_scatter_sums_match_numpy_lloyd_on_one_and_eight_devices():
   num_clusters = 40  # Above the one-hot limit: sums by segment_sum on CPU.
   one_device, eight_devices = _mesh(jax.devices()[:1]), _mesh(jax.devices())
-  # pylint: disable-next=protected-access
-  assert kmeans_lib._sums_by_scatter(one_device, num_clusters)
+  assert kmeans_lib.sums_by_scatter(one_device, num_clusters)
   rng = np.random.default_rng(11)
   centers = rng.normal(scale=3.0, size=(num_clusters, DIM))
   points = (centers[rng.integers(0, num_clusters, 997)]

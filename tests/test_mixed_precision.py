@@ -5,9 +5,6 @@ The bounds below were measured on this CPU (XLA's bfloat16 convolutions and matm
 accumulate in float32 on CPU as on GPUs and TPUs) and given a margin; the measured
 figures are in the comments beside each bound.
 """
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -19,28 +16,19 @@ from psch_jax import models
 from psch_jax import train
 from psch_jax.errors import UserError
 from psch_jax.pseudo_labels import cluster_affinity
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_config(name: str, variant: str = "") -> ml_collections.ConfigDict:
-  path = os.path.join(ROOT, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+from tests.helpers import repo_config
 
 
 def test_vgg16_configs_use_bfloat16_and_cpu_configs_float32():
   for name in ("cifar10", "nus_wide", "mirflickr25k"):
-    assert _load_config(name).model.compute_dtype == "bfloat16"
-    assert _load_config(name, "tiny").model.compute_dtype == "float32"
-  assert _load_config("cifar10", "cpu").model.compute_dtype == "float32"
-  assert _load_config("fashion_mnist").model.compute_dtype == "float32"
+    assert repo_config(name).model.compute_dtype == "bfloat16"
+    assert repo_config(name, "tiny").model.compute_dtype == "float32"
+  assert repo_config("cifar10", "cpu").model.compute_dtype == "float32"
+  assert repo_config("fashion_mnist").model.compute_dtype == "float32"
 
 
 def test_bad_compute_dtype_is_a_user_error_naming_the_field():
-  config = _load_config("cifar10", "tiny")
+  config = repo_config("cifar10", "tiny")
   config.model.compute_dtype = "float16"
   with pytest.raises(UserError, match="model.compute_dtype"):
     psch_config.validate(config, num_devices=1)
@@ -116,9 +104,9 @@ def test_bfloat16_codes_agree_with_float32_for_the_same_params(backbone):
 
 def _train_config(backbone: str, dtype: str) -> ml_collections.ConfigDict:
   if backbone == "small_cnn":
-    config = _load_config("cifar10", "tiny")   # its own schedule: lr 1e-3, warmup
+    config = repo_config("cifar10", "tiny")   # its own schedule: lr 1e-3, warmup
   else:
-    config = _load_config("cifar10")       # VGG-16, bfloat16, dropout 0.5
+    config = repo_config("cifar10")       # VGG-16, bfloat16, dropout 0.5
     config.model.image_size = 32
     config.train.global_batch_size = 4
     config.pseudo_labels.num_clusters = 3

@@ -32,13 +32,10 @@ from psch_jax.data import nus_wide
 from psch_jax.data import sources
 from psch_jax.data import splits as splits_lib
 from psch_jax.errors import UserError
-from tests.test_data_builders import _nus_split_lists, _write_image, _write_list
+from tests.helpers import (ROOT, needs_fashion_mnist, nus_split_lists, write_image,
+                           write_list)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "--config=configs/fashion_mnist.py:tiny"
-needs_fashion_mnist = pytest.mark.skipif(
-    not os.path.isdir(sources.DEFAULT_FASHION_MNIST_DIR),
-    reason="apt-get install dataset-fashion-mnist")
 
 
 TINY_CONFIG = os.path.join(ROOT, "configs", "fashion_mnist.py:tiny")
@@ -375,9 +372,9 @@ def test_checkpoint_with_a_damaged_or_missing_item_is_refused(tmp_path, damage, 
 def _mirflickr_list_layout(root: str, num_labels_rows: int) -> None:
   paths = [f"mirflickr/im{n}.jpg" for n in range(1, 4)]
   for i, path in enumerate(paths):
-    _write_image(os.path.join(root, path), i)
-  _write_list(os.path.join(root, "img.txt"), paths)
-  _write_list(os.path.join(root, "targets.txt"),
+    write_image(os.path.join(root, path), i)
+  write_list(os.path.join(root, "img.txt"), paths)
+  write_list(os.path.join(root, "targets.txt"),
               [" ".join(["1"] + ["0"] * 23)] * num_labels_rows)
 
 
@@ -393,12 +390,12 @@ def _mirflickr_list_layout(root: str, num_labels_rows: int) -> None:
 def test_malformed_manual_files_name_the_file(tmp_path, case, message):
   root = str(tmp_path / "raw")
   if case.startswith("nus_") and case != "nus_not_a_directory":
-    _nus_split_lists(root)
+    nus_split_lists(root)
   if case == "nus_empty_list":
-    _write_list(os.path.join(root, "test_img.txt"), [""])
+    write_list(os.path.join(root, "test_img.txt"), [""])
   elif case == "nus_not_a_number":
     rows = open(os.path.join(root, "test_label_onehot.txt")).read().splitlines()
-    _write_list(os.path.join(root, "test_label_onehot.txt"),
+    write_list(os.path.join(root, "test_label_onehot.txt"),
                 [rows[0].replace("0", "x", 1)] + rows[1:])
   elif case == "mir_no_layout":
     os.makedirs(root)

@@ -22,7 +22,7 @@ from psch_jax import reports
 from psch_jax import search
 from psch_jax import train
 from psch_jax.errors import UserError
-from tests.test_train import ROOT, needs_fashion_mnist
+from tests.helpers import ROOT, needs_fashion_mnist
 
 pytestmark = needs_fashion_mnist
 

@@ -11,7 +11,7 @@ from psch_jax import pseudo_labels as pseudo_labels_lib
 from psch_jax import spectral
 from psch_jax.data import idx_files, sources
 from psch_jax.errors import UserError
-from tests.test_train import needs_fashion_mnist
+from tests.helpers import needs_fashion_mnist
 
 
 def _rings(num_per_ring: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

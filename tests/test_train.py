@@ -23,17 +23,9 @@ from psch_jax import targets as targets_lib
 from psch_jax import train
 from psch_jax.data import sources
 from psch_jax.evaluators import retrieval
+from tests.helpers import (ROOT, needs_fashion_mnist, repo_config, write_image,
+                           write_list, write_matrix)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FASHION_MNIST = os.path.isdir(sources.DEFAULT_FASHION_MNIST_DIR)
-needs_fashion_mnist = pytest.mark.skipif(
-    not FASHION_MNIST, reason="apt-get install dataset-fashion-mnist")
-
-
-def load_config(name: str, variant: str = "tiny"):
-  """configs/<name>.py:<variant>, through the public loader."""
-  from psch_jax import cli  # pylint: disable=import-outside-toplevel
-  return cli.load_config(os.path.join(ROOT, "configs", f"{name}.py:{variant}"))
 
 
 def read_outputs(workdir: str) -> tuple[dict, dict]:
@@ -66,7 +58,7 @@ def run_main(workdir, *extra, env=None, **kwargs) -> subprocess.Popen:
 
 def test_cifar10_tiny_trains_and_evaluates_on_mock_data(tmp_path):
   import tensorflow_datasets as tfds
-  config = load_config("cifar10")
+  config = repo_config("cifar10", "tiny")
   with tfds.testing.mock_data(num_examples=60):
     results = train.train_and_evaluate(config, str(tmp_path))
   assert results["dataset"] == "cifar10" and results["protocol"] == "ssdh"
@@ -86,16 +78,16 @@ def test_cifar10_tiny_trains_and_evaluates_on_mock_data(tmp_path):
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
   """One uninterrupted Fashion-MNIST tiny run, the reference the others match."""
-  if not FASHION_MNIST:
+  if not os.path.isdir(sources.DEFAULT_FASHION_MNIST_DIR):
     pytest.skip("apt-get install dataset-fashion-mnist")
   workdir = str(tmp_path_factory.mktemp("reference"))
-  train.train_and_evaluate(load_config("fashion_mnist"), workdir)
+  train.train_and_evaluate(repo_config("fashion_mnist", "tiny"), workdir)
   return workdir
 
 
 @needs_fashion_mnist
 def test_same_seed_gives_bitwise_identical_codes_and_metrics(reference_run, tmp_path):
-  train.train_and_evaluate(load_config("fashion_mnist"), str(tmp_path))
+  train.train_and_evaluate(repo_config("fashion_mnist", "tiny"), str(tmp_path))
   assert_same_run(reference_run, str(tmp_path))
 
 
@@ -106,7 +98,7 @@ def test_eval_mode_reproduces_the_final_metrics(reference_run, tmp_path):
   os.remove(os.path.join(workdir, "results.json"))
   with open(os.path.join(reference_run, "results.json")) as f:
     results = json.load(f)
-  again = train.evaluate_checkpoint(load_config("fashion_mnist"), workdir)
+  again = train.evaluate_checkpoint(repo_config("fashion_mnist", "tiny"), workdir)
   assert again["selection"] == "latest checkpoint"
   metrics = [k for k, v in results.items()
              if k.startswith(("map", "precision")) and isinstance(v, float)]
@@ -160,7 +152,7 @@ def test_two_processes_train_together_and_report_the_same_metrics(tmp_path):
 
 
 def test_eight_devices_and_one_device_give_the_same_loss_after_20_steps():
-  config = load_config("cifar10")
+  config = repo_config("cifar10", "tiny")
   config.unlock()
   config.train.global_batch_size = 32
   config.train.num_epochs = 20
@@ -205,17 +197,16 @@ def test_eight_devices_and_one_device_give_the_same_loss_after_20_steps():
 ])
 def test_manual_datasets_build_from_generated_files_and_train(
     tmp_path, name, list_file, label_file, image_dir, num_labels):
-  from tests.test_data_builders import _write_image, _write_list, _write_matrix
   root = tmp_path / "raw"
   num_images = 48
   paths = [f"{image_dir}/im{i + 1}.jpg" for i in range(num_images)]
   for i, path in enumerate(paths):
-    _write_image(str(root / path), i)
+    write_image(str(root / path), i)
   labels = (np.random.default_rng(0).random((num_images, num_labels)) < 0.2)
   labels[np.arange(num_images), np.arange(num_images) % 3] = True
-  _write_list(str(root / list_file), paths)
-  _write_matrix(str(root / label_file), labels.astype(np.uint8))
-  config = load_config(name)
+  write_list(str(root / list_file), paths)
+  write_matrix(str(root / label_file), labels.astype(np.uint8))
+  config = repo_config(name, "tiny")
   config.unlock()
   config.data.manual_dir = str(root)
   config.data.data_dir = str(tmp_path / "tfds")
@@ -246,7 +237,7 @@ def test_metrics_log_writes_jsonl_and_tensorboard_on_request(tmp_path):
 
 @needs_fashion_mnist
 def test_final_validation_from_database_codes_equals_encoding_again(reference_run):
-  config = load_config("fashion_mnist")
+  config = repo_config("fashion_mnist", "tiny")
   run = train.setup_run(config, reference_run)
   try:
     state, _, _ = train.restore_checkpoint(config, run)

@@ -1,0 +1,94 @@
+"""What several test modules share: the repository's configs and generated manual files.
+
+- `ROOT`, `repo_config`, `needs_fashion_mnist`: the repository, its config files, and
+  the mark for tests that read the installed Fashion-MNIST.
+- `write_image`, `write_list`, `write_matrix`, `nus_split_lists`: the public
+  hashing-code format of NUS-WIDE and MIRFlickr-25K (small random JPEGs, image lists,
+  0/1 label matrices), for the tfds builders in psch_jax/data.
+"""
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from psch_jax import cli
+from psch_jax.data import manual_files
+from psch_jax.data import sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_fashion_mnist = pytest.mark.skipif(
+    not os.path.isdir(sources.DEFAULT_FASHION_MNIST_DIR),
+    reason="apt-get install dataset-fashion-mnist")
+
+
+# ------------------------------------------------------------------------ configs
+
+def repo_config(name: str, variant: str = "") -> ml_collections.ConfigDict:
+  """configs/<name>.py, its `variant` (e.g. "tiny"; "" is `get_config()`), read by
+  `cli.load_config` as --config reads it."""
+  spec = os.path.join(ROOT, "configs", f"{name}.py")
+  return cli.load_config(f"{spec}:{variant}" if variant else spec)
+
+
+# ------------------------------------------------------------ manual files on disk
+
+def write_image(path: str, seed: int) -> np.ndarray:
+  """Writes a smooth random-colour JPEG (so JPEG loss stays small) at `path`.
+
+  Returns:
+    uint8 (S, S, 3), the image as the builders store it (S =
+    `manual_files.STORED_IMAGE_SIZE`), for comparison.
+  """
+  rng = np.random.default_rng(seed)
+  height, width = rng.integers(20, 60, size=2)
+  ramp = np.linspace(0, 1, width)[None, :, None]
+  colour = rng.integers(0, 256, 3)[None, None, :]
+  image = (ramp * colour + (1 - ramp) * (255 - colour)) * np.ones((height, 1, 1))
+  image = Image.fromarray(image.astype(np.uint8))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  image.save(path, quality=95)
+  size = manual_files.STORED_IMAGE_SIZE
+  with Image.open(path) as saved:
+    return np.asarray(saved.convert("RGB").resize((size, size), Image.BILINEAR))
+
+
+def write_list(path: str, lines: list[str]) -> None:
+  """Writes `lines`, one a line (an image list)."""
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def write_matrix(path: str, labels: np.ndarray) -> None:
+  """Writes the 0/1 (n, num_labels) `labels` as whitespace-separated integers."""
+  np.savetxt(path, labels, fmt="%d")
+
+
+def nus_labels(num_images: int, seed: int = 0) -> np.ndarray:
+  """uint8 (num_images, 21) random multi-hot NUS-WIDE labels, column seed % 21 set
+  on every row."""
+  labels = (np.random.default_rng(seed).random((num_images, 21)) < 0.3).astype(np.uint8)
+  labels[:, seed % 21] = 1
+  return labels
+
+
+def nus_split_lists(root: str, num_database: int = 9, num_test: int = 3
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Writes the DPSH-style NUS-WIDE layout under `root`; database row 4 has no label
+  (the builder drops it).
+
+  Returns:
+    (uint8 (n, S, S, 3) stored images, uint8 (n, 21) labels) of the n kept images,
+    database first, as the builder should read them back.
+  """
+  paths = [f"images/{i:04d}_{1000 + i}.jpg" for i in range(num_database + num_test)]
+  images = [write_image(os.path.join(root, p), i) for i, p in enumerate(paths)]
+  labels = nus_labels(len(paths))
+  labels[4] = 0
+  write_list(os.path.join(root, "database_img.txt"), paths[:num_database])
+  write_matrix(os.path.join(root, "database_label_onehot.txt"), labels[:num_database])
+  write_list(os.path.join(root, "test_img.txt"), paths[num_database:])
+  write_matrix(os.path.join(root, "test_label_onehot.txt"), labels[num_database:])
+  keep = [i for i in range(len(paths)) if i != 4]
+  return np.stack(images)[keep], labels[keep]
