@@ -34,6 +34,7 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 from jax import lax  # pylint: disable=wrong-import-position
+from jax.sharding import Mesh  # pylint: disable=wrong-import-position
 
 from psch_jax import ranking  # pylint: disable=wrong-import-position
 from psch_jax import reference  # pylint: disable=wrong-import-position
@@ -126,7 +127,7 @@ def per_pair_costs(query_codes, query_labels, db_codes, db_labels, *, k: int,
          lambda: ranking.retrieval_metrics_per_query(
              query_codes[:num_queries], query_labels, db_codes, db_labels, topk=(k,),
              topn=(), query_chunk=num_queries, db_chunk=block_size,
-             devices=jax.devices()[:1]))
+             mesh=Mesh(np.array(jax.devices()[:1]), ("data",))))
   print("alternatives:")
 
   def distances_only(queries, db_blocks):

@@ -13,8 +13,9 @@ full and derives the algorithm; in short:
 - precision@radius r, the PR curve over radii 0..L and precision@N use the same
   ranking (0 for an empty denominator).
 
-Algorithm (no sort, no query x database matrix): queries are split over the devices
-(`jax.shard_map`), the packed database read in segments of `db_segment` items and
+Algorithm (no sort, no query x database matrix): queries are split over this
+process's devices of the mesh (`jax.shard_map`; a run passes its one mesh, see
+`retrieval_metrics_per_query`), the packed database read in segments of `db_segment` items and
 scanned in blocks of `db_chunk`. Pass 1 (histogram) counts per query the
 (irrelevant, relevant) items at each distance 0..L; the tie-aware mAP, precision@radius
 and the PR curve come from these counts alone (float64, on the host). Pass 2 (ranking)
@@ -45,7 +46,9 @@ METRIC_CONVENTIONS = (
     "docs/evaluation.md")
 DEFAULT_TOPN = tuple(range(100, 1001, 100))
 _WORD_BITS = 32
-_QUERY_AXIS = "queries"
+# The axis of the default mesh: the name train.make_mesh gives the run's mesh, so a
+# stand-alone call compiles as the run's evaluation does.
+_DEFAULT_AXIS = "data"
 # Ranks and counts of relevant items pass through float32: exact below 2^24.
 _MAX_DATABASE = 2**24
 _EULER_GAMMA = 0.57721566490153286061
@@ -335,6 +338,11 @@ def _chunk_statistics(query_packed: jax.Array, query_labels: jax.Array,
   return counts[:, :-1], jnp.stack([hi, lo], -1), relevant_counts
 
 
+def _query_spec(mesh: Mesh) -> P:
+  """Query rows split over every axis of `mesh` (one axis, "data", in a run)."""
+  return P(mesh.axis_names)
+
+
 # No collectives below: each device works alone, so the varying-axis type check (which
 # would ask for pcasts of every zero-initialised scan carry) buys nothing.
 
@@ -347,11 +355,11 @@ def sharded_statistics(query_packed: jax.Array, query_labels: jax.Array,
                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The device step of `retrieval_metrics_per_query` for a database held whole: both
   passes (`_chunk_statistics`, whose docstring gives the shapes) with the queries split
-  over the mesh's "queries" axis and the database replicated. Public so that its
+  over every axis of `mesh` and the database replicated. Public so that its
   compiled memory can be checked (`.lower(...).compile().memory_analysis()`)."""
   body = functools.partial(_chunk_statistics, code_length=code_length,
                            num_database=num_database, num_buckets=num_buckets)
-  split = P(_QUERY_AXIS)
+  split = _query_spec(mesh)
   return jax.shard_map(body, mesh=mesh, in_specs=(split, split, P(), P(), P()),
                        out_specs=(split, split, split), check_vma=False)(
                            query_packed, query_labels, db_blocks, db_label_blocks,
@@ -365,7 +373,7 @@ def _sharded_histogram(counts: jax.Array, query_packed: jax.Array,
                        num_database: jax.Array, *, mesh: Mesh, code_length: int
                        ) -> jax.Array:
   """`_histogram_pass` over one database segment, queries split over the mesh."""
-  split = P(_QUERY_AXIS)
+  split = _query_spec(mesh)
   return jax.shard_map(
       functools.partial(_histogram_pass, code_length=code_length), mesh=mesh,
       in_specs=(split, split, split, P(), P(), P(), P()), out_specs=split,
@@ -377,7 +385,7 @@ def _sharded_histogram(counts: jax.Array, query_packed: jax.Array,
 def _sharded_initial_state(counts: jax.Array, *, mesh: Mesh, num_buckets: int
                            ) -> tuple[jax.Array, ...]:
   """`_initial_ranking_state` with the queries split over the mesh."""
-  split = P(_QUERY_AXIS)
+  split = _query_spec(mesh)
   return jax.shard_map(
       functools.partial(_initial_ranking_state, num_buckets=num_buckets), mesh=mesh,
       in_specs=(split,), out_specs=split, check_vma=False)(counts)
@@ -390,7 +398,7 @@ def _sharded_ranking(state: tuple[jax.Array, ...], query_packed: jax.Array,
                      mesh: Mesh, code_length: int, num_buckets: int
                      ) -> tuple[jax.Array, ...]:
   """`_ranking_pass` over one database segment, queries split over the mesh."""
-  split = P(_QUERY_AXIS)
+  split = _query_spec(mesh)
   return jax.shard_map(
       functools.partial(_ranking_pass, code_length=code_length,
                         num_buckets=num_buckets), mesh=mesh,
@@ -516,7 +524,7 @@ def _segmented_statistics(query_steps: list, read_segment, *, num_database: int,
     [(counts, precision_sums, relevant_counts)] per query step, as
     `sharded_statistics` returns them.
   """
-  split = NamedSharding(mesh, P(_QUERY_AXIS))
+  split = NamedSharding(mesh, _query_spec(mesh))
   total = jnp.int32(num_database)
 
   def sweep(states, update):
@@ -639,32 +647,38 @@ def _checked_inputs(query_codes: Any, query_labels: Any, db_codes: Any, db_label
   return query_packed, query_labels, db_codes, db_labels, code_length
 
 
-def _query_steps(query_packed: np.ndarray, query_labels: np.ndarray, *,
-                 devices: Sequence[jax.Device] | None, query_chunk: int
-                 ) -> tuple[Mesh, list]:
-  """The mesh of `devices` and the queries in steps of `query_chunk` per device.
+def _local_mesh(mesh: Mesh | None) -> Mesh:
+  """This process's devices of `mesh` (the ranking reads host arrays and returns
+  host arrays), or a mesh of every local device."""
+  if mesh is None:
+    return Mesh(np.array(jax.local_devices()), (_DEFAULT_AXIS,))
+  if not isinstance(mesh, Mesh):
+    raise UserError(f"mesh must be a jax.sharding.Mesh (e.g. the run's, "
+                    f"train.make_mesh()) or None for every local device, got {mesh!r}.")
+  return mesh.local_mesh
+
+
+def _query_steps(query_packed: np.ndarray, query_labels: np.ndarray, *, mesh: Mesh,
+                 query_chunk: int) -> list:
+  """The queries in steps of `query_chunk` per device of `mesh`.
 
   Returns:
-    (mesh, [(uint32 (S, W) codes, uint32 (S, Wl) labels)] split over the mesh), S the
-    step size; the last step is zero-padded (no labels, so the padding queries are
-    dropped afterwards) to keep one shape, so one compile.
+    [(uint32 (S, W) codes, uint32 (S, Wl) labels)] split over the mesh, S the step
+    size; the last step is zero-padded (no labels, so the padding queries are dropped
+    afterwards) to keep one shape, so one compile.
   """
-  devices = list(jax.local_devices() if devices is None else devices)
-  if not devices:
-    raise UserError("devices is empty; pass None to use all local devices.")
-  mesh = Mesh(np.array(devices), (_QUERY_AXIS,))
-  split = NamedSharding(mesh, P(_QUERY_AXIS))
+  split = NamedSharding(mesh, _query_spec(mesh))
   num_queries = query_packed.shape[0]
   # Each step sends `query_chunk` queries to every device; fewer when that is plenty.
-  query_chunk = min(query_chunk, -(-num_queries // len(devices)))
-  step_size = query_chunk * len(devices)
+  query_chunk = min(query_chunk, -(-num_queries // mesh.size))
+  step_size = query_chunk * mesh.size
   num_steps = -(-num_queries // step_size)
   pad = ((0, num_steps * step_size - num_queries), (0, 0))
   query_packed = np.pad(query_packed, pad)
   query_label_packed = np.pad(query_labels, pad)
-  return mesh, [jax.device_put((query_packed[rows], query_label_packed[rows]), split)
-                for rows in (slice(step * step_size, (step + 1) * step_size)
-                             for step in range(num_steps))]
+  return [jax.device_put((query_packed[rows], query_label_packed[rows]), split)
+          for rows in (slice(step * step_size, (step + 1) * step_size)
+                       for step in range(num_steps))]
 
 
 def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: Any,
@@ -672,7 +686,7 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
                                 topn: Sequence[int] = DEFAULT_TOPN, radius: int = 2,
                                 query_chunk: int = 256, db_chunk: int = 1024,
                                 db_segment: int = 65_536, code_length: int | None = None,
-                                devices: Sequence[jax.Device] | None = None
+                                mesh: Mesh | None = None
                                 ) -> dict[str, np.ndarray]:
   """Per-query retrieval metrics (conventions: the module docstring, docs/evaluation.md).
 
@@ -696,8 +710,9 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
       not grow with ndb.
     code_length: L, needed only when query and database codes are both packed and
       L is not a multiple of 32 (default: 32 W).
-    devices: the devices that share the queries (default: all local devices; on CPU
-      these are the threads of --xla_force_host_platform_device_count).
+    mesh: the devices that share the queries: this process's devices of `mesh` (a
+      run passes its one mesh, `train.make_mesh`); None: every local device (on CPU
+      the threads of --xla_force_host_platform_device_count).
 
   Returns:
     float64 arrays: "ap@{K}" / "ap@all" / "ap@all_tie_aware" / "precision@radius{r}"
@@ -720,8 +735,9 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
       np.array([num_database, *cutoffs.values(), *list_sizes.values()]))
   num_buckets = len(breakpoints) + 1
 
-  mesh, query_steps = _query_steps(query_packed, query_labels, devices=devices,
-                                   query_chunk=query_chunk)
+  mesh = _local_mesh(mesh)
+  query_steps = _query_steps(query_packed, query_labels, mesh=mesh,
+                             query_chunk=query_chunk)
   replicated = NamedSharding(mesh, P())
   bucket_of_rank = jax.device_put(_bucket_table(breakpoints), replicated)
   db_chunk = min(db_chunk, num_database)
@@ -778,7 +794,7 @@ def retrieval_metrics(query_codes: Any, query_labels: Any, db_codes: Any, db_lab
                       topn: Sequence[int] = DEFAULT_TOPN, radius: int = 2,
                       query_chunk: int = 256, db_chunk: int = 1024,
                       db_segment: int = 65_536, code_length: int | None = None,
-                      devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+                      mesh: Mesh | None = None) -> dict[str, Any]:
   """Mean retrieval metrics over all queries, as JSON-serialisable Python values.
 
   Arguments as in `retrieval_metrics_per_query`; `curves=False` skips the PR and
@@ -794,7 +810,7 @@ def retrieval_metrics(query_codes: Any, query_labels: Any, db_codes: Any, db_lab
       query_codes, query_labels, db_codes, db_labels, topk=topk,
       topn=topn if curves else (), radius=radius, query_chunk=query_chunk,
       db_chunk=db_chunk, db_segment=db_segment, code_length=code_length,
-      devices=devices)
+      mesh=mesh)
   metrics: dict[str, Any] = {}
   for k in topk:
     name = "all" if k is None else str(int(k))

@@ -86,7 +86,7 @@ def test_every_metric_matches_stable_argsort_reference(single_label, code_length
                       code_length=code_length, num_labels=6, single_label=single_label)
   ours = ranking.retrieval_metrics_per_query(
       *case, topk=TOPK, topn=TOPN, radius=2, query_chunk=QUERY_CHUNK, db_chunk=DB_CHUNK,
-      devices=jax.devices()[:2])
+      mesh=jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",)))
   want = _reference(*case, topk=TOPK, topn=TOPN, radius=2)
   assert ours["ap@all"].shape == (23,)
   # The 12-bit case has ties at every distance; a query that gets nothing relevant
@@ -122,7 +122,8 @@ def test_every_metric_matches_stable_argsort_reference(single_label, code_length
 def test_one_device_and_eight_devices_agree():
   case = _random_case(seed=4, num_queries=19, num_database=50, code_length=12,
                       num_labels=4, single_label=False)
-  one = ranking.retrieval_metrics(*case, topk=(5, None), devices=jax.devices()[:1],
+  one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  one = ranking.retrieval_metrics(*case, topk=(5, None), mesh=one_device,
                                      query_chunk=4, db_chunk=DB_CHUNK)
   eight = ranking.retrieval_metrics(*case, topk=(5, None), query_chunk=4,
                                        db_chunk=DB_CHUNK)
@@ -150,7 +151,7 @@ def test_device_memory_stays_small_for_a_nus_wide_sized_database():
             ((num_database + 1,), np.int32)]
   compiled = ranking.sharded_statistics.lower(
       *(jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes),
-      mesh=jax.sharding.Mesh(np.array(jax.devices()[:1]), ("queries",)), code_length=64,
+      mesh=jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)), code_length=64,
       num_database=num_database, num_buckets=3).compile()
   memory = compiled.memory_analysis()
   assert memory.temp_size_in_bytes < 32 * 2**20

@@ -54,12 +54,14 @@ def hash_images(config: ml_collections.ConfigDict, encode, params, source,
 
 def score_codes(config: ml_collections.ConfigDict, query_codes: np.ndarray,
                 query_labels: np.ndarray, database_codes: np.ndarray,
-                database_labels: np.ndarray, *, curves: bool) -> dict[str, Any]:
+                database_labels: np.ndarray, *, curves: bool,
+                mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
   """The metrics of codes already computed, at the config's cut-offs
-  (`config.eval.topk`): `ranking.retrieval_metrics`'s dict."""
+  (`config.eval.topk`): `ranking.retrieval_metrics`'s dict, the queries shared by
+  this process's devices of `mesh` (None: every local device)."""
   return ranking.retrieval_metrics(query_codes, query_labels, database_codes,
                                    database_labels, topk=tuple(config.eval.topk),
-                                   curves=curves)
+                                   curves=curves, mesh=mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +73,8 @@ class RetrievalEvaluator:
     encode: the jit-compiled encoder of `encoding.make_encoder`.
     source: the dataset's `ImageSource`.
     query_indices, database_indices: int (n,) global indices, sorted.
-    mesh: the run's device mesh.
+    mesh: the run's device mesh: it encodes the images and, this process's devices
+      of it, ranks the queries.
     curves: also the PR curve and precision@N (the test protocol); without them
       only the mAP values are returned (model selection).
     prefix: put before every metric name, e.g. "validation/".
@@ -81,7 +84,7 @@ class RetrievalEvaluator:
   source: Any
   query_indices: np.ndarray
   database_indices: np.ndarray
-  mesh: Any
+  mesh: jax.sharding.Mesh
   curves: bool = True
   prefix: str = ""
 
@@ -115,7 +118,7 @@ class RetrievalEvaluator:
     labels = self.source.labels
     metrics = score_codes(self.config, codes["query"], labels[self.query_indices],
                           codes["database"], labels[self.database_indices],
-                          curves=self.curves)
+                          curves=self.curves, mesh=self.mesh)
     if not self.curves:
       metrics = {k: v for k, v in metrics.items() if k.startswith("map")}
     return {self.prefix + k: v for k, v in metrics.items()}, codes
