@@ -28,21 +28,25 @@ Run from the repository root:
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 
 from benchmarks import describe_machine, print_table
+from psch_jax import cli
 from psch_jax import config as psch_config
 from psch_jax import encoding
 from psch_jax import targets as targets_lib
 from psch_jax import train
+
+FLAGS = flags.FLAGS
 
 # Peak dense bfloat16 FLOP/s per chip (GPU or TPU chip as JAX sees one device), from
 # the vendors' data sheets (docs/benchmarks.md cites each). Matched in order against
@@ -190,27 +194,29 @@ def benchmark_row(network: str, dtype: str, *, image_size: int, batch_size: int,
           "encode_images_per_s": batch_size / encode_seconds}
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="seconds (CI): the small CNN only, batch 8, small matmul "
-                           "peak; VGG-16's 138M params take a minute per step row on "
-                           "a loaded 2-core CPU even at 32x32")
-  parser.add_argument("--batch-cnn", type=int, default=None,
-                      help="small-CNN batch (default 32; --quick 8)")
-  parser.add_argument("--batch-vgg", type=int, default=None,
-                      help="VGG-16 batch (default 2, a CPU size; --quick 2)")
-  parser.add_argument("--steps", type=int, default=None,
-                      help="timed steps per row (median; default 5, --quick 2)")
-  parser.add_argument("--networks", default=None,
-                      help=f"comma-separated, of {NETWORKS} (default all; --quick "
-                           "small_cnn)")
-  parser.add_argument("--dtypes", default=",".join(DTYPES))
-  args = parser.parse_args()
-  steps = args.steps or (2 if args.quick else 5)
-  networks = args.networks or ("small_cnn" if args.quick else ",".join(NETWORKS))
-  sizes = {"small_cnn": (28, args.batch_cnn or (8 if args.quick else 32)),
-           "vgg16": (32 if args.quick else 224, args.batch_vgg or 2)}
+def define_flags() -> None:
+  """The benchmark's flags (the module docstring has the commands)."""
+  flags.DEFINE_bool("quick", False, "seconds (CI): the small CNN only, batch 8, small "
+                    "matmul peak; VGG-16's 138M params take a minute per step row on "
+                    "a loaded 2-core CPU even at 32x32")
+  flags.DEFINE_integer("batch-cnn", None, "small-CNN batch (default 32; --quick 8)")
+  flags.DEFINE_integer("batch-vgg", None, "VGG-16 batch (default 2, a CPU size; "
+                       "--quick 2)")
+  flags.DEFINE_integer("steps", None, "timed steps per row (median; default 5, "
+                       "--quick 2)")
+  flags.DEFINE_string("networks", None, f"comma-separated, of {NETWORKS} (default "
+                      "all; --quick small_cnn)")
+  flags.DEFINE_string("dtypes", ",".join(DTYPES), "comma-separated compute dtypes")
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  quick, dtypes = FLAGS.quick, FLAGS.dtypes
+  batch_cnn, batch_vgg = FLAGS["batch-cnn"].value, FLAGS["batch-vgg"].value
+  steps = FLAGS.steps or (2 if quick else 5)
+  networks = FLAGS.networks or ("small_cnn" if quick else ",".join(NETWORKS))
+  sizes = {"small_cnn": (28, batch_cnn or (8 if quick else 32)),
+           "vgg16": (32 if quick else 224, batch_vgg or 2)}
   device = jax.devices()[0]
   print(describe_machine())
   print(f"backend {jax.default_backend()}, device 0: {device.device_kind} "
@@ -219,14 +225,14 @@ def main() -> None:
   peaks = {}
   peak_source = ""
   if device.platform == "cpu":
-    size, repeats = (512, 3) if args.quick else (2048, 5)
-    for dtype in args.dtypes.split(","):
+    size, repeats = (512, 3) if quick else (2048, 5)
+    for dtype in dtypes.split(","):
       peaks[dtype] = measured_matmul_peak(dtype, size, repeats)
     peak_source = (f"measured: jitted {size}x{size} matmul, " + ", ".join(
         f"{d} {p / 1e12:.3f} TFLOP/s" for d, p in peaks.items()))
   else:
     peak = table_peak(device.device_kind)
-    peaks = {dtype: peak for dtype in args.dtypes.split(",")}
+    peaks = {dtype: peak for dtype in dtypes.split(",")}
     peak_source = (f"{device.device_kind}: {peak / 1e12:.0f} TFLOP/s bf16 dense "
                    "(vendor)" if peak else f"{device.device_kind}: not in the table")
   print(f"peak: {peak_source}\n")
@@ -236,7 +242,7 @@ def main() -> None:
   rows = []
   for network in networks.split(","):
     image_size, batch_size = sizes[network]
-    for dtype in args.dtypes.split(","):
+    for dtype in dtypes.split(","):
       r = benchmark_row(network, dtype, image_size=image_size, batch_size=batch_size,
                         steps=steps)
       achieved = r["flops"] / r["step_s"]
@@ -252,4 +258,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags=define_flags,
+          command="python -m benchmarks.bench_accelerator")

@@ -22,7 +22,6 @@ Unless XLA_FLAGS already sets it, the subprocess gives XLA one CPU device per co
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -30,12 +29,17 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 
 import numpy as np
+from absl import flags
+
+from psch_jax import cli
 
 NUM_BITS = 64
 NUM_LABELS = 24
 WRITE_ROWS = 100_000  # rows generated and written at a time
+FLAGS = flags.FLAGS
 
 
 def _status_kib(field: str) -> int:
@@ -120,36 +124,44 @@ def measure(directory: str, in_memory: bool) -> dict:
           "map@1000": metrics["map@1000"], "num_devices": len(jax.local_devices())}
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-  parser.add_argument("--sizes", default="50000,200000,1000000",
-                      help="database sizes, comma-separated")
-  parser.add_argument("--num-queries", type=int, default=1000)
-  parser.add_argument("--format", choices=("pm1", "packed"), default="pm1",
-                      help="database file: int8 +-1 codes or uint32 packed words")
-  parser.add_argument("--in-memory", action="store_true",
-                      help="load the database into RAM instead of memory-mapping it")
-  parser.add_argument("--child", help=argparse.SUPPRESS)  # a data directory
-  args = parser.parse_args()
-  if args.child:
-    print(json.dumps(measure(args.child, args.in_memory)))
+def define_flags() -> None:
+  """The benchmark's flags (the module docstring says what it measures)."""
+  flags.DEFINE_string("sizes", "50000,200000,1000000",
+                      "database sizes, comma-separated")
+  flags.DEFINE_integer("num-queries", 1000, "queries per database")
+  flags.DEFINE_enum("format", "pm1", ["pm1", "packed"],
+                    "database file: int8 +-1 codes or uint32 packed words")
+  flags.DEFINE_bool("in-memory", False,
+                    "load the database into RAM instead of memory-mapping it")
+  flags.DEFINE_bool("quick", False, "seconds (CI): databases of 5,000 and 20,000 "
+                    "items, 100 queries")
+  flags.DEFINE_string("child", None, "internal: measure the data directory given, in "
+                      "this process, and print one JSON line")
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  in_memory, data_format = FLAGS["in-memory"].value, FLAGS.format
+  if FLAGS.child:
+    print(json.dumps(measure(FLAGS.child, in_memory)))
     return
+  num_queries = 100 if FLAGS.quick else FLAGS["num-queries"].value
+  sizes = [int(s) for s in ("5000,20000" if FLAGS.quick else FLAGS.sizes).split(",")]
 
   env = dict(os.environ)
   if "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
                         f"device_count={os.cpu_count()}")
-  sizes = [int(s) for s in args.sizes.split(",")]
-  mode = "in memory" if args.in_memory else "memory-mapped"
-  print(f"{args.num_queries} queries, {NUM_BITS}-bit {args.format} database {mode}, "
+  mode = "in memory" if in_memory else "memory-mapped"
+  print(f"{num_queries} queries, {NUM_BITS}-bit {data_format} database {mode}, "
         f"{NUM_LABELS} labels; one fresh process per size")
   print(f"{'database':>10s} {'time s':>8s} {'before MiB':>11s} {'VmHWM MiB':>10s} "
         f"{'peak anon MiB':>14s} {'file-backed MiB':>16s} {'mAP@1000':>9s}")
   for size in sizes:
     with tempfile.TemporaryDirectory() as directory:
-      write_data(directory, args.num_queries, size, packed=args.format == "packed")
+      write_data(directory, num_queries, size, packed=data_format == "packed")
       command = [sys.executable, "-m", "benchmarks.bench_eval_memory", "--child",
-                 directory] + (["--in-memory"] if args.in_memory else [])
+                 directory] + (["--in-memory"] if in_memory else [])
       out = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
       row = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"{row['num_database']:>10,d} {row['seconds']:>8.1f} "
@@ -160,4 +172,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags=define_flags,
+          command="python -m benchmarks.bench_eval_memory")

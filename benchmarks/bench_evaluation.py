@@ -22,9 +22,9 @@ rankings are neither trivial nor all ties.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
+from collections.abc import Sequence
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
@@ -34,10 +34,14 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 from jax import lax  # pylint: disable=wrong-import-position
+from absl import flags  # pylint: disable=wrong-import-position
 from jax.sharding import Mesh  # pylint: disable=wrong-import-position
 
+from psch_jax import cli  # pylint: disable=wrong-import-position
 from psch_jax import ranking  # pylint: disable=wrong-import-position
 from psch_jax import reference  # pylint: disable=wrong-import-position
+
+FLAGS = flags.FLAGS
 
 
 def make_data(num_queries: int, num_database: int, num_bits: int, num_classes: int,
@@ -160,73 +164,76 @@ def per_pair_costs(query_codes, query_labels, db_codes, db_labels, *, k: int,
          jax.jit(one_hot_histogram), queries, db_blocks)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--num-queries", type=int, default=10_000)
-  parser.add_argument("--num-database", type=int, default=50_000)
-  parser.add_argument("--num-bits", type=int, default=64)
-  parser.add_argument("--numpy-queries", type=int, default=500,
-                      help="queries timed for the NumPy loop (extrapolated linearly)")
-  parser.add_argument("--query-chunk", type=int, default=256)
-  parser.add_argument("--db-chunk", type=int, default=1024)
-  parser.add_argument("--repeats", type=int, default=2,
-                      help="each timing is the best of this many runs")
-  parser.add_argument("--per-pair", action="store_true",
-                      help="print the CPU time per query-item pair of the ranking and "
-                      "the alternatives instead")
-  parser.add_argument("--quick", action="store_true",
-                      help="a seconds-long smoke run: 512 queries x 5,000 items, 100 "
-                      "NumPy queries, one repeat")
-  args = parser.parse_args()
-  if args.quick:
-    args.num_queries, args.num_database = 512, 5_000
-    args.numpy_queries, args.repeats = 100, 1
-    args.query_chunk = min(args.query_chunk, 64)
+def define_flags() -> None:
+  """The benchmark's flags (the module docstring has the commands)."""
+  flags.DEFINE_integer("num-queries", 10_000, "queries")
+  flags.DEFINE_integer("num-database", 50_000, "database items")
+  flags.DEFINE_integer("num-bits", 64, "code length")
+  flags.DEFINE_integer("numpy-queries", 500,
+                       "queries timed for the NumPy loop (extrapolated linearly)")
+  flags.DEFINE_integer("query-chunk", 256, "queries per device per step")
+  flags.DEFINE_integer("db-chunk", 1024, "database items per block")
+  flags.DEFINE_integer("repeats", 2, "each timing is the best of this many runs")
+  flags.DEFINE_bool("per-pair", False, "print the CPU time per query-item pair of the "
+                    "ranking and the alternatives instead")
+  flags.DEFINE_bool("quick", False, "a seconds-long smoke run: 512 queries x 5,000 "
+                    "items, 100 NumPy queries, one repeat")
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  num_queries, num_database = FLAGS["num-queries"].value, FLAGS["num-database"].value
+  num_bits, numpy_queries = FLAGS["num-bits"].value, FLAGS["numpy-queries"].value
+  query_chunk, db_chunk = FLAGS["query-chunk"].value, FLAGS["db-chunk"].value
+  repeats = FLAGS.repeats
+  if FLAGS.quick:
+    num_queries, num_database, numpy_queries, repeats = 512, 5_000, 100, 1
+    query_chunk = min(query_chunk, 64)
   k = 1000
   query_codes, query_labels, db_codes, db_labels = make_data(
-      args.num_queries, args.num_database, args.num_bits, num_classes=10)
-  if args.per_pair:
+      num_queries, num_database, num_bits, num_classes=10)
+  if FLAGS["per-pair"].value:
     per_pair_costs(query_codes, query_labels, db_codes, db_labels, k=k,
-                   block_size=args.db_chunk)
+                   block_size=db_chunk)
     return
-  print(f"{args.num_queries} queries x {args.num_database} database items, "
-        f"{args.num_bits} bits, mAP@{k}; {os.cpu_count()} CPUs, "
+  print(f"{num_queries} queries x {num_database} database items, "
+        f"{num_bits} bits, mAP@{k}; {os.cpu_count()} CPUs, "
         f"{len(jax.local_devices())} JAX devices, load average "
         f"{os.getloadavg()[0]:.1f} at start", flush=True)
 
-  chunks = {"query_chunk": args.query_chunk, "db_chunk": args.db_chunk}
-  warm_up = slice(0, args.query_chunk * len(jax.local_devices()))  # same shapes: compile
+  chunks = {"query_chunk": query_chunk, "db_chunk": db_chunk}
+  warm_up = slice(0, query_chunk * len(jax.local_devices()))  # same shapes: compile
   every_metric = lambda queries: ranking.retrieval_metrics(
       query_codes[queries], query_labels[queries], db_codes, db_labels, topk=(k,),
       curves=False, **chunks)
   every_metric(warm_up)
-  full_seconds, full = best_of(args.repeats, lambda: every_metric(slice(None)))
+  full_seconds, full = best_of(repeats, lambda: every_metric(slice(None)))
 
-  subset = slice(0, args.numpy_queries)
-  numpy_seconds, numpy_subset_map = best_of(args.repeats, lambda: reference_map_at_k(
+  subset = slice(0, numpy_queries)
+  numpy_seconds, numpy_subset_map = best_of(repeats, lambda: reference_map_at_k(
       query_codes[subset], query_labels[subset], db_codes, db_labels, k))
-  numpy_seconds *= args.num_queries / args.numpy_queries
+  numpy_seconds *= num_queries / numpy_queries
   full_subset = every_metric(subset)[f"map@{k}"]
-  faiss_seconds = faiss_search_seconds(query_codes, db_codes, k, args.repeats)
+  faiss_seconds = faiss_search_seconds(query_codes, db_codes, k, repeats)
 
   print(f"\nmAP@{k} = {full[f'map@{k}']:.8f}, mAP@all = {full['map@all']:.6f}, "
         f"tie-aware mAP@all = {full['map@all_tie_aware']:.6f}, precision@radius2 = "
         f"{full['precision@radius2']:.6f}")
   difference = abs(full_subset - numpy_subset_map)
-  print(f"check on the first {args.numpy_queries} queries: retrieval_metrics "
+  print(f"check on the first {numpy_queries} queries: retrieval_metrics "
         f"{full_subset:.8f}, NumPy reference {numpy_subset_map:.8f}, |diff| "
         f"{difference:.1e}\n")
   if difference > 1e-6:
     raise SystemExit(f"retrieval_metrics and the NumPy reference differ by {difference}")
   rows = [("psch_jax retrieval_metrics (all metrics)", full_seconds, "measured"),
           ("NumPy reference (argsort per query)", numpy_seconds,
-           f"extrapolated from {args.numpy_queries} queries")]
+           f"extrapolated from {numpy_queries} queries")]
   if faiss_seconds is None:
     rows.append(("faiss IndexBinaryFlat top-1000 search", None, "faiss not installed"))
   else:
     rows.append(("faiss IndexBinaryFlat top-1000 search", faiss_seconds,
                  "measured, search only"))
-  print(f"{'method':<46s} {'seconds':>9s} {'/ psch':>8s}  note (best of {args.repeats})")
+  print(f"{'method':<46s} {'seconds':>9s} {'/ psch':>8s}  note (best of {repeats})")
   for name, seconds, note in rows:
     if seconds is None:
       print(f"{name:<46s} {'-':>9s} {'-':>8s}  {note}")
@@ -236,4 +243,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags=define_flags,
+          command="python -m benchmarks.bench_evaluation")

@@ -29,24 +29,27 @@ Run from the repository root:
 """
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from benchmarks import describe_machine, print_table
 from benchmarks.bench_accelerator import network_config, table_peak
+from psch_jax import cli
 from psch_jax import targets as targets_lib
 from psch_jax import train
 from psch_jax.data import manual_files
 from psch_jax.data import pipeline
 from psch_jax.data import sources
 
+FLAGS = flags.FLAGS
 TARGET_MFU = 0.4
 # (pipeline name, prefetch, num_workers): the old reader, then the new default.
 SETTINGS = (("single thread (before)", 2, 1),
@@ -141,17 +144,20 @@ def vgg16_flops_per_image(image_size: int, batch_size: int) -> float:
   return float(cost["flops"]) / batch_size
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-  parser.add_argument("--quick", action="store_true", help="tiny sizes: a check")
-  parser.add_argument("--batch", type=int, default=64, help="global batch size")
-  args = parser.parse_args()
-  num_memory, num_jpeg, repeats = (512, 64, 1) if args.quick else (8192, 512, 3)
-  batch = 16 if args.quick else args.batch
+def define_flags() -> None:
+  """The benchmark's flags (the module docstring has the commands)."""
+  flags.DEFINE_bool("quick", False, "tiny sizes: a check")
+  flags.DEFINE_integer("batch", 64, "global batch size")
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  num_memory, num_jpeg, repeats = (512, 64, 1) if FLAGS.quick else (8192, 512, 3)
+  batch = 16 if FLAGS.quick else FLAGS.batch
   print(describe_machine(("jax", "numpy", "pillow", "tensorflow-datasets")))
   cores = len(os.sched_getaffinity(0))
 
-  image_size = 64 if args.quick else 224
+  image_size = 64 if FLAGS.quick else 224
   flops = vgg16_flops_per_image(image_size, batch)
   demand = {}
   for chip in ("H100", "TPU v4"):
@@ -189,4 +195,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags=define_flags,
+          command="python -m benchmarks.bench_input")

@@ -30,11 +30,10 @@ that Lloyd does not converge within 20 iterations and every library runs all of 
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Sequence
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   # One XLA CPU device per core, for the "mesh over all devices" row.
@@ -44,12 +43,15 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
+from absl import flags  # pylint: disable=wrong-import-position
 from jax import lax  # pylint: disable=wrong-import-position
 from jax.sharding import Mesh  # pylint: disable=wrong-import-position
 
 from benchmarks import blas_threads, describe_machine, interleaved_best_of, print_table  # pylint: disable=wrong-import-position
+from psch_jax import cli  # pylint: disable=wrong-import-position
 from psch_jax import kmeans as kmeans_lib  # pylint: disable=wrong-import-position
 
+FLAGS = flags.FLAGS
 ITERATIONS = 20
 
 
@@ -247,26 +249,29 @@ def parse_case(text: str) -> tuple[int, int, int]:
   return num_points, dim, num_clusters
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--cases", default="50000x512x100,5000x4096x10",
-                      help="comma-separated NxDxK comparisons")
-  parser.add_argument("--scaling-sizes", default="5000,20000,50000,200000",
-                      help="comma-separated N for ours alone at D=512, K=100")
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--scaling-repeats", type=int, default=2)
-  parser.add_argument("--no-faiss", action="store_true")
-  parser.add_argument("--profile", action="store_true",
-                      help="also time one assignment pass op by op (first case)")
-  parser.add_argument("--candidate", default=None,
-                      help="FILE.py with the kmeans API of psch_jax/kmeans.py, timed "
-                           "beside it (A/B test of a change)")
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny sizes, seconds (CI): cases 2000x64x10,500x256x5, "
-                           "scaling 1000,2000, 1 repeat")
-  args = parser.parse_args()
-  if args.quick:
-    args.cases, args.scaling_sizes, args.repeats, args.scaling_repeats = (
+def define_flags() -> None:
+  """The benchmark's flags (the module docstring has the commands)."""
+  flags.DEFINE_string("cases", "50000x512x100,5000x4096x10",
+                      "comma-separated NxDxK comparisons")
+  flags.DEFINE_string("scaling-sizes", "5000,20000,50000,200000",
+                      "comma-separated N for ours alone at D=512, K=100")
+  flags.DEFINE_integer("repeats", 3, "timed runs per comparison")
+  flags.DEFINE_integer("scaling-repeats", 2, "timed runs per scaling size")
+  flags.DEFINE_bool("no-faiss", False, "skip the faiss rows")
+  flags.DEFINE_bool("profile", False,
+                    "also time one assignment pass op by op (first case)")
+  flags.DEFINE_string("candidate", None, "FILE.py with the kmeans API of "
+                      "psch_jax/kmeans.py, timed beside it (A/B test of a change)")
+  flags.DEFINE_bool("quick", False, "tiny sizes, seconds (CI): cases "
+                    "2000x64x10,500x256x5, scaling 1000,2000, 1 repeat")
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  cases, scaling_sizes = FLAGS.cases, FLAGS["scaling-sizes"].value
+  repeats, scaling_repeats = FLAGS.repeats, FLAGS["scaling-repeats"].value
+  if FLAGS.quick:
+    cases, scaling_sizes, repeats, scaling_repeats = (
         "2000x64x10,500x256x5", "1000,2000", 1, 1)
 
   print(describe_machine(("jax", "jaxlib", "numpy", "scikit-learn", "faiss-cpu")))
@@ -277,23 +282,24 @@ def main() -> None:
     print(f"faiss OpenMP threads: {faiss.omp_get_max_threads()}")
   except ImportError:
     pass
-  candidate = load_candidate(args.candidate) if args.candidate else None
+  candidate = load_candidate(FLAGS.candidate) if FLAGS.candidate else None
   meshes = {"1 device": None}
   if len(jax.devices()) > 1:
     meshes[f"mesh of {len(jax.devices())} devices"] = kmeans_lib.data_mesh(
         Mesh(np.array(jax.devices()), (kmeans_lib.DATA_AXIS,)))
-  for case in args.cases.split(","):
-    compare(*parse_case(case), repeats=args.repeats, meshes=meshes,
-            with_faiss=not args.no_faiss, candidate=candidate)
-  scaling([int(n) for n in args.scaling_sizes.split(",")], 512, 100,
-          args.scaling_repeats)
-  if args.profile:
-    first = parse_case(args.cases.split(",")[0])
+  for case in cases.split(","):
+    compare(*parse_case(case), repeats=repeats, meshes=meshes,
+            with_faiss=not FLAGS["no-faiss"].value, candidate=candidate)
+  scaling([int(n) for n in scaling_sizes.split(",")], 512, 100,
+          scaling_repeats)
+  if FLAGS.profile:
+    first = parse_case(cases.split(",")[0])
     chunk = kmeans_lib.row_layout(first[0], first[1], 1, 4096).chunk
-    pass_profile(*first, chunk=chunk, repeats=max(args.repeats, 3))
+    pass_profile(*first, chunk=chunk, repeats=max(repeats, 3))
   load = os.getloadavg()
   print(f"\nload average at end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags=define_flags,
+          command="python -m benchmarks.bench_kmeans")

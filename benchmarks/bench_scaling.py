@@ -32,16 +32,22 @@ Run from the repository root:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+
+from absl import flags
 
 from benchmarks import describe_machine, peak_rss_mib, print_table
 from benchmarks.bench_train import data_wait_seconds
+from psch_jax import cli
+
+FLAGS = flags.FLAGS
+
 
 def _quality(pseudo_label_stats: dict) -> dict:
   """The quality columns from a "pseudo_labels" record of metrics.jsonl."""
@@ -59,7 +65,7 @@ def child(per_class: int, overrides: list[str], output: str) -> None:
   from benchmarks import bench_train  # pylint: disable=import-outside-toplevel,reimported
   from psch_jax import io_utils  # pylint: disable=import-outside-toplevel
   config = bench_train.apply_overrides(
-      bench_train.load_config("fashion_mnist"),
+      bench_train.repo_config("fashion_mnist"),
       [f"data.train_per_class={per_class}", "train.num_epochs=1"] + overrides)
   with tempfile.TemporaryDirectory(prefix="bench_scaling_") as workdir:
     report = bench_train.run_phases(config, workdir)
@@ -86,7 +92,7 @@ def child_labels_only(per_class: int, output: str) -> None:
   from psch_jax import io_utils, spectral
   from psch_jax import pseudo_labels as pseudo_labels_lib
   from psch_jax.data import idx_files, sources
-  config = bench_train.load_config("fashion_mnist")
+  config = bench_train.repo_config("fashion_mnist")
   p = config.pseudo_labels
   timings, peaks = {}, {}
 
@@ -179,41 +185,46 @@ def main_labels_only(sizes: list[int]) -> None:
   print_table(QUALITY_HEADER, [_quality_row(r) for r in reports])
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--per-class", default="500,1000,2000,4000,6000",
-                      help="comma-separated training images per class")
-  parser.add_argument("--override", action="append", default=[],
-                      help="extra config override KEY=VALUE for every size")
-  parser.add_argument("--quick", action="store_true",
-                      help="--labels-only at 50 and 100 per class: seconds")
-  parser.add_argument("--labels-only", action="store_true",
-                      help="time only the pseudo-label stage, on the train split")
-  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-  parser.add_argument("--output", default=None, help=argparse.SUPPRESS)
-  args = parser.parse_args()
-  if args.child:
-    if args.labels_only:
-      child_labels_only(int(args.per_class), args.output)
+def define_flags() -> None:
+  """The benchmark's flags (the module docstring has the commands)."""
+  flags.DEFINE_string("per-class", "500,1000,2000,4000,6000",
+                      "comma-separated training images per class")
+  flags.DEFINE_multi_string("override", [], "extra config override KEY=VALUE for "
+                            "every size (repeat the flag for several)")
+  flags.DEFINE_bool("quick", False, "--labels-only at 50 and 100 per class: seconds")
+  flags.DEFINE_bool("labels-only", False,
+                    "time only the pseudo-label stage, on the train split")
+  flags.DEFINE_bool("child", False, "internal: run one size (--per-class) in this "
+                    "process and write its report to --output")
+  flags.DEFINE_string("output", None, "internal: the JSON report of --child")
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  per_class, labels_only = FLAGS["per-class"].value, FLAGS["labels-only"].value
+  overrides = FLAGS.override
+  if FLAGS.child:
+    if labels_only:
+      child_labels_only(int(per_class), FLAGS.output)
     else:
-      child(int(args.per_class), args.override, args.output)
+      child(int(per_class), overrides, FLAGS.output)
     return
-  if args.quick:
-    args.per_class, args.labels_only = "50,100", True
+  if FLAGS.quick:
+    per_class, labels_only = "50,100", True
 
   print(describe_machine(("jax", "jaxlib", "flax", "numpy", "scipy")))
-  sizes = [int(n) for n in args.per_class.split(",")]
-  if args.labels_only:
+  sizes = [int(n) for n in per_class.split(",")]
+  if labels_only:
     main_labels_only(sizes)
     load = os.getloadavg()
     print(f"\nload average at end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
     return
   print(f"\nconfigs/fashion_mnist.py, 1 epoch, overrides: "
-        f"{' '.join(args.override) or 'none'}; one subprocess per size\n", flush=True)
+        f"{' '.join(overrides) or 'none'}; one subprocess per size\n", flush=True)
   rows, memory_rows, quality_rows = [], [], []
   with tempfile.TemporaryDirectory(prefix="bench_scaling_logs_") as log_dir:
     for per_class in sizes:
-      report = run_size(per_class, args.override, log_dir, labels_only=False)
+      report = run_size(per_class, overrides, log_dir, labels_only=False)
       phases, peaks = report["phases"], report["peak_mib"]
       epoch = report["epochs"][0]
       num_train = report["num_train"]
@@ -249,4 +260,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags=define_flags,
+          command="python -m benchmarks.bench_scaling")

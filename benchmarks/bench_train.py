@@ -34,7 +34,6 @@ its own blocked layout for convolutions).
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import contextlib
 import functools
@@ -43,6 +42,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import flax.linen
@@ -50,10 +50,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec
 
 from benchmarks import describe_machine, peak_rss_mib, print_table
 from psch_jax import checkpointing
+from psch_jax import cli
 from psch_jax import encoding
 from psch_jax import models
 from psch_jax import ranking
@@ -61,24 +63,24 @@ from psch_jax import targets as targets_lib
 from psch_jax import train
 from psch_jax.evaluators import retrieval
 
+FLAGS = flags.FLAGS
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNLABELLED_FRACTION = 0.3
 
 
 # --------------------------------------------------------------------- configs
 
-def load_config(name: str):
+def repo_config(name: str):
   """The config file `configs/<name>.py` as `get_config()` returns it."""
-  from psch_jax import cli  # pylint: disable=import-outside-toplevel
   return cli.load_config(os.path.join(REPO_ROOT, "configs", f"{name}.py"))
 
 
 def step_config(model_name: str):
   """The config each train-step benchmark uses (see the module docstring)."""
   if model_name == "small_cnn":
-    return load_config("fashion_mnist")
+    return repo_config("fashion_mnist")
   if model_name == "vgg16":
-    config = load_config("cifar10")
+    config = repo_config("cifar10")
     config.model.image_size = 32
     config.train.global_batch_size = 32
     return config
@@ -654,7 +656,7 @@ def print_phases(report: dict[str, Any]) -> None:
 
 
 def phase_benchmark(overrides: list[str]) -> dict[str, Any]:
-  config = apply_overrides(load_config("fashion_mnist"), overrides)
+  config = apply_overrides(repo_config("fashion_mnist"), overrides)
   print(f"\n## Phases of a real run: configs/fashion_mnist.py with "
         f"{' '.join(overrides) or 'no overrides'}\n", flush=True)
   with tempfile.TemporaryDirectory(prefix="bench_train_") as workdir:
@@ -663,42 +665,45 @@ def phase_benchmark(overrides: list[str]) -> dict[str, Any]:
   return report
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--models", default="small_cnn,vgg16")
-  parser.add_argument("--steps", type=int, default=10,
-                      help="timed small_cnn steps per round")
-  parser.add_argument("--vgg16-steps", type=int, default=3,
-                      help="timed vgg16 steps per round (a step takes seconds)")
-  parser.add_argument("--rounds", type=int, default=3)
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--override", action="append", default=None,
-                      help="config override for the phase run, KEY=VALUE; default "
-                           "train.num_epochs=2")
-  parser.add_argument("--breakdown", action="store_true",
-                      help="also time the parts of the step (convs, dense layers, "
-                           "optimizer) alone in both frameworks")
-  parser.add_argument("--steps-only", action="store_true")
-  parser.add_argument("--phases-only", action="store_true")
-  parser.add_argument("--quick", action="store_true",
-                      help="2 steps x 1 round, small_cnn only; tiny phase run")
-  args = parser.parse_args()
-  overrides = args.override if args.override is not None else ["train.num_epochs=2"]
-  if args.quick:
-    args.models, args.steps, args.rounds, args.warmup = "small_cnn", 2, 1, 1
-    if args.override is None:
+def define_flags() -> None:
+  """The benchmark's flags (the module docstring has the commands)."""
+  flags.DEFINE_string("models", "small_cnn,vgg16", "comma-separated step benchmarks")
+  flags.DEFINE_integer("steps", 10, "timed small_cnn steps per round")
+  flags.DEFINE_integer("vgg16-steps", 3,
+                       "timed vgg16 steps per round (a step takes seconds)")
+  flags.DEFINE_integer("rounds", 3, "rounds alternating the two frameworks")
+  flags.DEFINE_integer("warmup", 2, "untimed steps before the rounds")
+  flags.DEFINE_multi_string("override", None, "config override for the phase run, "
+                            "KEY=VALUE, repeatable; default train.num_epochs=2")
+  flags.DEFINE_bool("breakdown", False, "also time the parts of the step (convs, "
+                    "dense layers, optimizer) alone in both frameworks")
+  flags.DEFINE_bool("steps-only", False, "only the train-step benchmark")
+  flags.DEFINE_bool("phases-only", False, "only the phases of a real run")
+  flags.DEFINE_bool("quick", False,
+                    "2 steps x 1 round, small_cnn only; tiny phase run")
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  models, small_cnn_steps = FLAGS.models, FLAGS.steps
+  rounds, warmup = FLAGS.rounds, FLAGS.warmup
+  steps_only, phases_only = FLAGS["steps-only"].value, FLAGS["phases-only"].value
+  overrides = FLAGS.override if FLAGS.override is not None else ["train.num_epochs=2"]
+  if FLAGS.quick:
+    models, small_cnn_steps, rounds, warmup = "small_cnn", 2, 1, 1
+    if FLAGS.override is None:
       overrides = ["train.num_epochs=1", "data.train_per_class=50",
                    "data.num_database=2000", "data.num_validation=100",
                    "pseudo_labels.n_init=1"]
   print(describe_machine(("jax", "jaxlib", "flax", "optax", "torch", "numpy")))
-  if not args.phases_only:
-    steps = {"small_cnn": args.steps, "vgg16": args.vgg16_steps}
-    step_benchmark(args.models.split(","), steps=steps, rounds=args.rounds,
-                   warmup=args.warmup)
-    if args.breakdown:
-      breakdown_benchmark(args.models.split(","), steps=steps, warmup=args.warmup)
-  if not args.steps_only:
-    if not args.phases_only:
+  if not phases_only:
+    steps = {"small_cnn": small_cnn_steps, "vgg16": FLAGS["vgg16-steps"].value}
+    step_benchmark(models.split(","), steps=steps, rounds=rounds,
+                   warmup=warmup)
+    if FLAGS.breakdown:
+      breakdown_benchmark(models.split(","), steps=steps, warmup=warmup)
+  if not steps_only:
+    if not phases_only:
       print("\n(VmHWM below includes the step benchmarks run earlier in this process; "
             "--phases-only gives the run's own peak.)")
     phase_benchmark(overrides)
@@ -707,4 +712,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags=define_flags,
+          command="python -m benchmarks.bench_train")

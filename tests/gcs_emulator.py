@@ -28,7 +28,6 @@ Run as a script (`python tests/gcs_emulator.py --ready-file F --bucket B
 "proxy_port"} into F when it listens; `running_emulator` starts it in a
 subprocess, sets the variables above and stops it.
 """
-import argparse
 import contextlib
 import functools
 import http.server
@@ -45,6 +44,9 @@ import tempfile
 import threading
 import time
 from typing import Iterator
+
+from absl import app
+from absl import flags
 
 # The host names TF's GCS file system sends requests to.
 GOOGLE_STORAGE_HOSTS = ("www.googleapis.com", "storage.googleapis.com")
@@ -284,11 +286,22 @@ def running_emulator(bucket: str = "bucket", timeout_s: float = 60
     shutil.rmtree(directory, ignore_errors=True)
 
 
+def define_flags() -> None:
+  """The flags of the script (the module docstring)."""
+  flags.DEFINE_string("ready-file", None, "written once the server listens")
+  flags.DEFINE_string("bucket", None, "the one bucket served")
+  flags.DEFINE_string("cert", None, "TLS certificate file")
+  flags.DEFINE_string("key", None, "TLS key file")
+  flags.mark_flags_as_required(["ready-file", "bucket", "cert", "key"])
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  flag_values = flags.FLAGS
+  serve(flag_values["ready-file"].value, flag_values.bucket, flag_values.cert,
+        flag_values.key)
+
+
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--ready-file", required=True)
-  parser.add_argument("--bucket", required=True)
-  parser.add_argument("--cert", required=True)
-  parser.add_argument("--key", required=True)
-  args = parser.parse_args()
-  serve(args.ready_file, args.bucket, args.cert, args.key)
+  define_flags()
+  app.run(main)
