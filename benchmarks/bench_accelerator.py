@@ -108,6 +108,7 @@ def network_config(network: str, dtype: str, *, image_size: int,
     config.model.backbone = "vgg16"
     config.model.channels = 3
     config.model.dropout_rate = 0.5
+    config.model.pretrained = "none"  # timed, never trained: no download
   config.model.image_size = image_size
   config.model.compute_dtype = dtype
   config.train.global_batch_size = batch_size

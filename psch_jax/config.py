@@ -171,7 +171,8 @@ def small_cnn_from_scratch(c: ml_collections.ConfigDict) -> ml_collections.Confi
   c.model.pretrained = "none"
   c.model.image_size = 32
   c.model.dropout_rate = 0.0
-  c.model.compute_dtype = "float32"     # XLA:CPU's bfloat16 convs are 2x slower
+  # XLA:CPU's bfloat16 convolutions are slower than float32 (docs/benchmarks.md).
+  c.model.compute_dtype = "float32"
   c.pseudo_labels.features = "pixels"
   return c
 

@@ -279,7 +279,7 @@ def _assignment_pass(shard: _Shard, centroids: jax.Array, *, exact: bool,
     sq = _sq_distances(x, x_sq, centroids, c_sq)
     # argmin as two single-output reductions (the min, then the first index holding
     # it): the same index as jnp.argmin, but XLA's CPU backend vectorises these and
-    # not argmin's two-output reduction (-10 % of a pass at K = 100). The clip only
+    # not argmin's two-output reduction (docs/benchmarks.md, k-means). The clip only
     # guards a NaN row, which matches no index.
     expansion_min = jnp.min(sq, axis=1)
     first_at_min = jnp.where(sq == expansion_min[:, None], cluster_ids[None, :],

@@ -11,10 +11,9 @@ normalised spectral clustering of Ng, Jordan and Weiss, 2002).
 never N x N. `normalised_adjacency` turns the (N, k) neighbour lists into a sparse
 matrix of at most 2 N k entries, and `graph_embedding` finds its top eigenvectors with
 ARPACK (`scipy.sparse.linalg.eigsh`, implicitly restarted Lanczos, float64, on the
-host). ARPACK replaced a 200-iteration float32 LOBPCG: on the 60,000 Fashion-MNIST
-training images the eigenvalue gaps near 1 are ~1e-3, LOBPCG stopped far from the
-eigenvectors and k-means on its output had purity 0.18 (0.63 converged); ARPACK
-converges to residuals below 1e-6 in ~4 s (docs/benchmarks.md, "Scaling"). Every
+host): the eigenvalue gaps near 1 of a large graph are small, where a fixed number
+of float32 LOBPCG iterations stops far from the eigenvectors (docs/benchmarks.md,
+"Scaling", has the comparison). Every
 embedding's residuals ||M v - lambda v|| are checked; above the tolerance the run
 stops with `EmbeddingNotConverged` instead of clustering a wrong subspace.
 """
