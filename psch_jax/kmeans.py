@@ -116,9 +116,9 @@ def row_layout(num_points: int, dim: int, num_devices: int, chunk_size: int
   """How `kmeans` and `assign` cut (N, D) float32 rows over devices and chunks.
 
   Balanced chunks of at most `chunk_size` rows and about 2 MiB each (_CHUNK_BYTES,
-  never below 256 rows). A chunk small enough to stay in cache is read once from memory per pass (by the
-  distance product; the sums then find it in cache), and equal chunks pad at most
-  num_chunks - 1 rows per device instead of up to a whole chunk.
+  never below 256 rows). A chunk small enough to stay in cache is read once from
+  memory per pass (by the distance product; the sums then find it in cache), and equal
+  chunks pad at most num_chunks - 1 rows per device instead of up to a whole chunk.
 
   Args:
     num_points: N, the number of rows.

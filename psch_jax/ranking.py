@@ -14,11 +14,11 @@ full and derives the algorithm; in short:
   ranking (0 for an empty denominator).
 
 Algorithm (no sort, no query x database matrix): queries are split over this
-process's devices of the mesh (`jax.shard_map`; a run passes its one mesh, see
-`retrieval_metrics_per_query`), the packed database read in segments of `db_segment` items and
-scanned in blocks of `db_chunk`. Pass 1 (histogram) counts per query the
-(irrelevant, relevant) items at each distance 0..L; the tie-aware mAP, precision@radius
-and the PR curve come from these counts alone (float64, on the host). Pass 2 (ranking)
+process's devices of the mesh (`jax.shard_map`; a run passes its one mesh), the
+packed database read in segments of `db_segment` items and scanned in blocks of
+`db_chunk`. Pass 1 (histogram) counts per query the (irrelevant, relevant) items at
+each distance 0..L; the tie-aware mAP, precision@radius and the PR curve come from
+these counts alone (float64, on the host). Pass 2 (ranking)
 scans the database in index order carrying running counts per distance, which give each
 item's exact rank and precision; the precisions are summed per rank bucket between the
 requested K and N, so one pass serves every mAP@K, mAP@all and precision@N.
