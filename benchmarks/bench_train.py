@@ -14,7 +14,14 @@
    median step time over all rounds, and the median process CPU time per step.
    `--breakdown` then times the parts alone in both frameworks: the conv stack
    forward, forward + backward, the dense layers, clipping + AdamW.
-2. Phases of a real run: `train.train_and_evaluate` on
+2. The training loop (`--loop`): `train.run_epoch` end to end (input rows -> global
+   batch -> step -> metrics -> progress -> metrics.jsonl) over synthetic batches on
+   a 1-device mesh, reading the metrics from the device after every step
+   (`train.log_every_steps=1`, what the loop did before that field) against every 50
+   steps (the default), rounds alternating, same process: steps/s of each and the
+   ratio. For configs/fashion_mnist.py:tiny (SmallCNN, batch 16) and
+   configs/fashion_mnist.py (SmallCNN, batch 128).
+3. Phases of a real run: `train.train_and_evaluate` on
    configs/fashion_mnist.py with fewer epochs, in this process, with each phase
    (setup, pseudo labels with feature extraction and k-means, training epochs with
    the data wait from metrics.jsonl, checkpoint saves, evaluation, validation) timed
@@ -27,6 +34,8 @@ Run from the repository root:
   python -m benchmarks.bench_train --quick            (a check that it runs)
   python -m benchmarks.bench_train --steps-only --models=vgg16 --vgg16-steps=5
   python -m benchmarks.bench_train --phases-only --override train.num_epochs=2
+  python -m benchmarks.bench_train --loop          (the loop alone; with --quick: a
+                                                    check that it runs)
 
 JAX's CPU backend uses every core for one device; PyTorch gets
 `torch.set_num_threads(<cores>)`. Torch runs NCHW (its default, where oneDNN picks
@@ -521,6 +530,84 @@ def step_benchmark(model_names: list[str], *, steps: dict[str, int], rounds: int
               rows)
 
 
+# ------------------------------------------------------------------------ loop
+
+# Name -> (configs/<file>.py, variant).
+LOOP_CONFIGS = {"fashion_mnist:tiny": ("fashion_mnist", "tiny"),
+                "fashion_mnist": ("fashion_mnist", "")}
+
+
+def loop_runner(config, steps: int) -> Callable[[int], float]:
+  """run(log_every_steps) = seconds of one `train.run_epoch` of `steps` steps over
+  random batches on a 1-device mesh (no checkpoint is written: `save` does nothing)."""
+  config = config.copy_and_resolve_references()
+  config.train.checkpoint_every_steps = 10 * steps
+  mesh = train.make_mesh(jax.devices()[:1])
+  model = train.build_model(config)
+  batch = config.train.global_batch_size
+  num_train = steps * batch
+  inputs = make_inputs(config, num_train, part_shape_of(config, model))
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (num_train,) + inputs["images"].shape[1:], np.uint8)
+  order = [rng.permutation(num_train)[:batch] for _ in range(steps)]
+  tx = train.build_optimizer(config, steps_per_epoch=steps)
+  step_fn = train.make_train_step(config, model, tx, mesh)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  holder = {"state": jax.device_put(train.fresh_state(config, model, tx), replicated)}
+  targets = jax.device_put({k: inputs[k] for k in
+                            ("pseudo_labels", "cluster_affinity", "part_descriptors",
+                             "part_weights")}, replicated)
+  workdir = tempfile.mkdtemp(prefix="bench_loop_")
+
+  def run(log_every_steps: int) -> float:
+    config.train.log_every_steps = log_every_steps
+    batches = ({"images": images[index], "index": index} for index in order)
+    start = time.perf_counter()
+    holder["state"], _ = train.run_epoch(
+        config, step_fn, holder["state"], targets, batches, np.arange(num_train),
+        mesh=mesh, step=0, epoch=0, steps_per_epoch=steps,
+        log=train.MetricsLog(workdir, tensorboard=False),
+        save=lambda step, state: None)
+    jax.block_until_ready(holder["state"])
+    return time.perf_counter() - start
+
+  return run
+
+
+def loop_benchmark(names: list[str], *, steps: int, rounds: int) -> list[tuple]:
+  """Median seconds per epoch of `steps` steps with the metrics read every step and
+  every 50 steps, rounds alternating after one warm-up epoch of each."""
+  print(f"\n## Training loop: train.run_epoch, {steps} steps x {rounds} rounds per "
+        f"setting (after 1 warm-up epoch each), 1-device mesh "
+        f"({jax.devices()[0].device_kind}), load average at start "
+        f"{os.getloadavg()[0]:.1f}\n", flush=True)
+  settings = {"every step": 1, "every 50 steps": 50}
+  rows = []
+  for name in names:
+    config = _loop_config(name)
+    run = loop_runner(config, steps)
+    for every in settings.values():
+      run(every)  # Compiles and warms the allocators.
+    times = {label: [] for label in settings}
+    for _ in range(rounds):
+      for label, every in settings.items():
+        times[label].append(run(every))
+    per_step = {label: statistics.median(t) / steps for label, t in times.items()}
+    before, after = per_step["every step"], per_step["every 50 steps"]
+    rows.append((f"{name} (SmallCNN, batch {config.train.global_batch_size})",
+                 1 / before, 1 / after, before / after))
+  print_table(("config", "steps/s, read every step", "steps/s, read every 50",
+               "ratio (every 50 / every step)"), rows)
+  return rows
+
+
+def _loop_config(name: str):
+  module, variant = LOOP_CONFIGS[name]
+  from psch_jax import cli  # pylint: disable=import-outside-toplevel
+  suffix = f":{variant}" if variant else ""
+  return cli.load_config(os.path.join(REPO_ROOT, "configs", f"{module}.py{suffix}"))
+
+
 # --------------------------------------------------------------------- phases
 
 class PhaseTimer:
@@ -679,6 +766,11 @@ def define_flags() -> None:
                     "dense layers, optimizer) alone in both frameworks")
   flags.DEFINE_bool("steps-only", False, "only the train-step benchmark")
   flags.DEFINE_bool("phases-only", False, "only the phases of a real run")
+  flags.DEFINE_bool("loop", False, "only the training-loop benchmark: train.run_epoch "
+                    "reading the metrics every step vs every 50 steps")
+  flags.DEFINE_integer("loop-steps", 200, "steps per timed epoch of the loop benchmark")
+  flags.DEFINE_string("loop-configs", "fashion_mnist:tiny,fashion_mnist",
+                      "configs of the loop benchmark")
   flags.DEFINE_bool("quick", False,
                     "2 steps x 1 round, small_cnn only; tiny phase run")
 
@@ -696,6 +788,14 @@ def main(argv: Sequence[str]) -> None:
                    "data.num_database=2000", "data.num_validation=100",
                    "pseudo_labels.n_init=1"]
   print(describe_machine(("jax", "jaxlib", "flax", "optax", "torch", "numpy")))
+  if FLAGS.loop:
+    loop_steps, loop_configs = FLAGS["loop-steps"].value, FLAGS["loop-configs"].value
+    if FLAGS.quick:
+      loop_steps, rounds, loop_configs = 20, 1, "fashion_mnist:tiny"
+    loop_benchmark(loop_configs.split(","), steps=loop_steps, rounds=rounds)
+    load = os.getloadavg()
+    print(f"\nload average at end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
+    return
   if not phases_only:
     steps = {"small_cnn": small_cnn_steps, "vgg16": FLAGS["vgg16-steps"].value}
     step_benchmark(models.split(","), steps=steps, rounds=rounds,

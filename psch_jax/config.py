@@ -105,6 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.global_batch_size = 128
   c.train.num_epochs = 30
   c.train.checkpoint_every_steps = 200               # and at every epoch end
+  c.train.log_every_steps = 50                       # metrics fetched; and at epoch end
   c.train.keep_checkpoints = 2
   c.train.tensorboard = False
 

@@ -167,6 +167,9 @@ FIELDS: dict[str, Field] = {
     "train.num_epochs": _int(1, meaning="the epochs of training"),
     "train.checkpoint_every_steps": _int(1, meaning=(
         "the steps between checkpoints (every epoch end saves one too)")),
+    "train.log_every_steps": _int(1, meaning=(
+        "the steps between reads of the training metrics from the device (also at "
+        "every epoch end and before every checkpoint)")),
     "train.keep_checkpoints": _int(1, meaning=(
         "the number of checkpoints kept: with none, a killed run cannot resume")),
     "train.tensorboard": _BOOL,

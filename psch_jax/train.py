@@ -431,17 +431,18 @@ class Progress:
       self._bar = tqdm(total=total, initial=initial, desc=self._desc, unit="step",
                        dynamic_ncols=True, leave=True, file=self._stream)
 
-  def update(self, metrics: dict, images_per_s: float) -> None:
-    """One step done; `metrics` are its host floats."""
+  def update(self, metrics: dict, images_per_s: float, steps: int = 1) -> None:
+    """`steps` more steps done (those since the last log point); `metrics` are the
+    host floats of the newest."""
     if not self._active:
       return
-    self._done += 1
+    self._done += steps
     fields = {"loss": f"{metrics['loss']:.4f}", "sim": f"{metrics['loss_sim']:.4f}",
               "cls": f"{metrics['loss_cls']:.3f}", "q": f"{metrics['loss_quant']:.3f}",
               "img_s": f"{images_per_s:.0f}"}
     if self._bar is not None:
       self._bar.set_postfix(refresh=False, **fields)
-      self._bar.update(1)
+      self._bar.update(steps)
       return
     self._postfix = ", ".join(f"{k}={v}" for k, v in fields.items())
     now = time.perf_counter()
@@ -460,17 +461,71 @@ class Progress:
           file=self._stream, flush=True)
 
 
-def _check_finite(metrics: dict, step: int) -> None:
+_NON_FINITE_FIX = (
+    "training stopped; the last good checkpoint is kept. Lower optim.learning_rate or "
+    "check the input normalisation (data.mean / data.std), and start in a new "
+    "--workdir (the kept checkpoint may already be diverging).")
+
+# Steps dispatched beyond the newest one known to be finished: enough to keep the
+# device busy while the host prepares the next batch, few enough that the queued
+# input batches do not pile up in device memory between two log points.
+_STEPS_IN_FLIGHT = 2
+
+
+def _check_finite(window: list[dict], first_step: int) -> None:
+  """Raises FloatingPointError naming the window's steps, the first step with a
+  non-finite loss term or gradient norm, and those terms.
+
+  Args:
+    window: host metrics (name -> float) of steps first_step, first_step + 1, ...
+      (a step's number is the state's step count after it).
+  """
   # grad_norm too: a non-finite gradient turns the params into NaN through the update,
   # and that state must never reach a checkpoint.
-  bad = [k for k, v in metrics.items()
-         if (k.startswith("loss") or k == "grad_norm") and not np.isfinite(v)]
-  if bad:
+  for offset, metrics in enumerate(window):
+    bad = [k for k, v in metrics.items()
+           if (k.startswith("loss") or k == "grad_norm") and not np.isfinite(v)]
+    if bad:
+      last = first_step + len(window) - 1
+      raise FloatingPointError(
+          f"non-finite {', '.join(sorted(bad))} within steps [{first_step}, {last}], "
+          f"first at step {first_step + offset}: {_NON_FINITE_FIX}")
+
+
+@jax.jit
+def _is_finite(tree) -> jax.Array:
+  """bool (): every floating-point leaf of `tree` is finite (on the device)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _read_metrics(pending: list[dict], first_step: int,
+                  state: Optional[dict] = None) -> list[dict]:
+  """The training loop's one device-to-host transfer: the metrics of the steps since
+  the last read, checked for non-finite values; with `state` (before a save) also
+  whether every value of the state is finite, so a diverged state is never saved.
+
+  Args:
+    pending: device metrics (name -> f32 scalar) of steps first_step, first_step + 1,
+      ..., oldest first.
+  Returns:
+    Their host floats, one dict per step. Raises FloatingPointError on a non-finite one.
+  """
+  finite = None if state is None else _is_finite(state)
+  # Allowed here even under a guard that disallows transfers around the loop (as the
+  # test of the loop runs it): this is the read the loop means to do.
+  with jax.transfer_guard_device_to_host("allow"):
+    host, finite = jax.device_get((pending, finite))
+  window = [{k: float(v) for k, v in metrics.items()} for metrics in host]
+  _check_finite(window, first_step)
+  if finite is not None and not finite:
     raise FloatingPointError(
-        f"non-finite {', '.join(sorted(bad))} at step {step}: training "
-        "stopped; the last good checkpoint is kept. Lower optim.learning_rate or "
-        "check the input normalisation (data.mean / data.std), and start in a new "
-        "--workdir (the kept checkpoint may already be diverging).")
+        f"non-finite parameters or optimizer state after step "
+        f"{first_step + len(window) - 1} (the metrics of steps [{first_step}, "
+        f"{first_step + len(window) - 1}] are finite); it was not saved: "
+        f"{_NON_FINITE_FIX}")
+  return window
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -560,8 +615,15 @@ def run_epoch(config, train_step, state, targets, batches, train_indices, *,
   """Runs the rest of one epoch from `step` over `batches` (this host's rows of
   `pipeline.train_batches`); returns (state, step) at its end.
 
-  Fetches each step's metrics (a non-finite loss stops the run at that step, before
-  its state can be saved), shows the progress and writes the epoch's means to `log`.
+  The host does not wait for the device between log points: each step is dispatched
+  and its metrics stay on the device (at most `_STEPS_IN_FLIGHT` steps ahead of the
+  newest finished one) until `_read_metrics` reads those of every step since the last
+  read in one transfer: every `train.log_every_steps` steps, before every save and at
+  the epoch end. There a non-finite loss term stops the run, naming the steps, and
+  before a save a non-finite state does too, so it is never saved. The progress
+  display updates at those reads; the epoch's means written to `log` are those of
+  every step, summed in step order as floats (the same numbers whatever
+  `log_every_steps` is).
 
   `save(step, state)` is called at the epoch end and every
   `train.checkpoint_every_steps` steps.
@@ -570,8 +632,25 @@ def run_epoch(config, train_step, state, targets, batches, train_indices, *,
   start = step % steps_per_epoch
   progress = Progress(total=steps_per_epoch, initial=start, epoch=epoch,
                       num_epochs=config.train.num_epochs)
+  batch_size = config.train.global_batch_size
   wait = compute = 0.0
   sums, count = {}, 0
+  pending = []  # Device metrics of the steps since the last read, oldest first.
+
+  def read(state_to_save=None) -> list[dict]:
+    nonlocal pending, count
+    window = _read_metrics(pending, step - len(pending) + 1, state=state_to_save)
+    pending = []
+    for metrics in window:
+      for k, v in metrics.items():
+        sums[k] = sums.get(k, 0.0) + v
+    count += len(window)
+    return window
+
+  def show(window: list[dict]) -> None:
+    progress.update(window[-1], count * batch_size / max(wait + compute, 1e-9),
+                    steps=len(window))
+
   tick = time.perf_counter()
   for local in batches:
     fetched = time.perf_counter()
@@ -580,22 +659,27 @@ def run_epoch(config, train_step, state, targets, batches, train_indices, *,
              "position": np.searchsorted(train_indices, local["index"]).astype(np.int32)}
     state, metrics = train_step(state, encoding.global_batch(local, sharding), targets)
     step += 1
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    _check_finite(metrics, step)
-    for k, v in metrics.items():
-      sums[k] = sums.get(k, 0.0) + v
-    count += 1
+    pending.append(metrics)
+    saving = (step % steps_per_epoch == 0
+              or step % config.train.checkpoint_every_steps == 0)
+    window = None
+    if saving or step % config.train.log_every_steps == 0:
+      window = read(state if saving else None)
+    elif len(pending) > _STEPS_IN_FLIGHT:
+      # Waits for an older step, not this one: the device still has the newer queued.
+      jax.block_until_ready(pending[-1 - _STEPS_IN_FLIGHT])
     tick = time.perf_counter()
     compute += tick - fetched
-    progress.update(metrics, count * config.train.global_batch_size /
-                    max(wait + compute, 1e-9))
-    if step % steps_per_epoch == 0 or step % config.train.checkpoint_every_steps == 0:
+    if window is not None:
+      show(window)
+    if saving:
       save(step, state)
+  if pending:  # The batches ended before the epoch did.
+    show(read())
   progress.close()
   record = {k: v / max(count, 1) for k, v in sums.items()}
   record.update({"epoch": epoch + 1, "data_wait_fraction": wait / max(wait + compute, 1e-9),
-                 "images_per_s": count * config.train.global_batch_size /
-                 max(wait + compute, 1e-9)})
+                 "images_per_s": count * batch_size / max(wait + compute, 1e-9)})
   log.write(step, record)
   return state, step
 

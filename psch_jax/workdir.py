@@ -103,6 +103,7 @@ RESUME_SAFE: dict[str, str] = {
     "data.manual_dir": "the same",
     "train.checkpoint_every_steps": "when checkpoints are saved, not what they hold",
     "train.keep_checkpoints": "how many old checkpoints are kept",
+    "train.log_every_steps": "when the metrics are read from the device, not their values",
     "train.tensorboard": "an extra copy of the logged metrics",
     "eval.batch_size": "how many images are encoded at once (the codes are the same "
                        "function of the parameters, up to float rounding)",

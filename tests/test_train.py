@@ -6,6 +6,7 @@ codes, and the data-parallel step is the single-device step.
 """
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -301,3 +302,190 @@ def test_progress_on_a_terminal_draws_a_live_bar():
     progress.update(_STEP_METRICS, images_per_s=10.0)
   progress.close()
   assert "\r" in stream.text and "4/4" in stream.text and "loss=0.5000" in stream.text
+
+
+# ------------------------------------------------- the loop does not wait for the device
+
+_TIMING_FIELDS = ("data_wait_fraction", "images_per_s")
+
+
+class _Loop:
+  """`train.run_epoch` on synthetic data: Fashion-MNIST tiny's network and loss on the
+  8-device mesh, `steps_per_epoch` steps of random images and random targets."""
+
+  def __init__(self, steps_per_epoch: int = 10, **train_fields):
+    config = load_config("fashion_mnist")
+    config.unlock()
+    config.train.update(train_fields)
+    self.config = config
+    self.model = train.build_model(config)
+    self.mesh = train.make_mesh()
+    self.steps_per_epoch = steps_per_epoch
+    batch = config.train.global_batch_size
+    self.num_train = steps_per_epoch * batch
+    rng = np.random.default_rng(0)
+    self.images = rng.integers(0, 256, (self.num_train, 28, 28, 1), dtype=np.uint8)
+    num_clusters = config.pseudo_labels.num_clusters
+    self.targets = jax.tree.map(
+        lambda a: (rng.integers(-1, num_clusters, a.shape).astype(a.dtype)
+                   if a.dtype == jnp.int32 else rng.random(a.shape, np.float32)),
+        targets_lib.abstract_targets(config, self.num_train, self.model, None,
+                                     pixel_dim=28 * 28))
+    self.order = [rng.permutation(self.num_train)[:batch] for _ in range(steps_per_epoch)]
+
+  def batches(self, before_each=None):
+    """The epoch's batches; `before_each(n)` runs when the loop asks for batch n
+    (after it dispatched steps 1..n) and once more after the last."""
+    for n, index in enumerate(self.order):
+      if before_each is not None and n:
+        before_each(n)
+      yield {"images": self.images[index], "index": index}
+    if before_each is not None:
+      before_each(len(self.order))
+
+  def run(self, workdir, *, wrap_step=None, before_each=None, save=None) -> dict:
+    """One epoch from a fresh state; returns its metrics.jsonl record."""
+    tx = train.build_optimizer(self.config, self.steps_per_epoch)
+    step_fn = train.make_train_step(self.config, self.model, tx, self.mesh)
+    if wrap_step is not None:
+      step_fn = wrap_step(step_fn)
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+    state = jax.device_put(train.fresh_state(self.config, self.model, tx), replicated)
+    targets = jax.device_put(self.targets, replicated)
+    os.makedirs(workdir, exist_ok=True)
+    log = train.MetricsLog(str(workdir), tensorboard=False)
+    train.run_epoch(self.config, step_fn, state, targets, self.batches(before_each),
+                    np.arange(self.num_train), mesh=self.mesh, step=0, epoch=0,
+                    steps_per_epoch=self.steps_per_epoch, log=log,
+                    save=save or (lambda step, state: None))
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      (record,) = [json.loads(line) for line in f]
+    return record
+
+
+def _slowed(step_fn, mesh):
+  """`step_fn` whose metrics are ready only after ~0.1 s more of device work, so a
+  loop that waited for a step's metrics would find them ready."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  work = jax.device_put(jnp.full((256, 256), 1 / 256, jnp.float32), replicated)
+
+  @jax.jit
+  def slow(metrics, work):
+    busy = jax.lax.fori_loop(0, 10, lambda _, a: jnp.tanh(a @ a), work).sum()
+    return jax.tree.map(lambda m: m + 0.0 * busy, metrics)  # the same values
+
+  def step(state, batch, targets):
+    state, metrics = step_fn(state, batch, targets)
+    return state, slow(metrics, work)
+
+  return step
+
+
+def test_the_loop_reads_the_device_only_at_log_points_and_saves(tmp_path):
+  # 10 steps; reads at the log points 4 and 8, before the saves at 7 and 10 (the
+  # epoch end). On the host CPU the transfer guard cannot fire (a CPU array is host
+  # memory), so the test also looks at the device from the input pipeline: when the
+  # loop asks for the next batch, the metrics of the step it just dispatched are
+  # ready only where the loop read them. On a GPU or TPU the guard fails any other
+  # device-to-host transfer.
+  loop = _Loop(steps_per_epoch=10, log_every_steps=4, checkpoint_every_steps=7)
+  dispatched, ready, saved = [], {}, []
+
+  def wrap(step_fn):
+    slowed = _slowed(step_fn, loop.mesh)
+
+    def step(state, batch, targets):
+      state, metrics = slowed(state, batch, targets)
+      dispatched.append(metrics)
+      return state, metrics
+
+    return step
+
+  def look(n):
+    # The copy on the first device: the one a read waits for (the metrics are
+    # replicated, and the other devices may still be computing theirs).
+    ready[n] = dispatched[n - 1]["loss"].addressable_data(0).is_ready()
+
+  with jax.transfer_guard_device_to_host("disallow_explicit"):
+    windowed = loop.run(tmp_path / "windowed", wrap_step=wrap, before_each=look,
+                        save=lambda step, state: saved.append(step))
+  assert saved == [7, 10]
+  # From step 2: the first call compiles the step and the slowing, on the host.
+  assert [n for n in sorted(ready) if n > 1 and ready[n]] == [4, 7, 8, 10], ready
+
+  # The epoch's means are the same numbers as when every step is read (the loop
+  # before train.log_every_steps), which the slowing does not change.
+  loop.config.train.log_every_steps = 1
+  every_step = loop.run(tmp_path / "every_step")
+  for record in (windowed, every_step):
+    for name in _TIMING_FIELDS:
+      del record[name]
+  assert windowed == every_step
+  assert windowed["step"] == 10 and np.isfinite(windowed["loss"])
+
+
+def test_a_guard_would_catch_a_read_in_the_loop():
+  # The premise of the test above: the reads it counts on are ones a guard sees
+  # where the device is not the host (jax.device_get is explicit).
+  x = jnp.arange(3.0) + 1
+  if jax.devices()[0].platform == "cpu":
+    pytest.skip("the device-to-host guard does not apply to the host CPU")
+  with jax.transfer_guard_device_to_host("disallow_explicit"):
+    with pytest.raises(Exception, match="[Dd]isallowed"):
+      jax.device_get(x)
+
+
+def _first_non_finite(error: str) -> tuple[int, int, int]:
+  match = re.search(r"non-finite (.*) within steps \[(\d+), (\d+)\], first at step "
+                    r"(\d+): training stopped", error)
+  assert match, error
+  assert "loss" in match.group(1)
+  return int(match.group(2)), int(match.group(3)), int(match.group(4))
+
+
+def test_a_non_finite_loss_names_its_steps_and_nothing_after_it_is_saved(tmp_path):
+  # learning_rate=1e30 (as test_reliability's CLI test): the warmup's first step has
+  # learning rate 0, then the parameters blow up. Saves every 2 steps; no log point.
+  loop = _Loop(steps_per_epoch=10, log_every_steps=100, checkpoint_every_steps=2)
+  loop.config.optim.learning_rate = 1e30
+  saved = []
+
+  def save(step, state):
+    saved.append(step)
+    leaves = jax.tree.leaves(jax.device_get(state["params"]))
+    assert all(np.all(np.isfinite(x)) for x in leaves), f"non-finite state saved at {step}"
+
+  with pytest.raises(FloatingPointError) as error:
+    loop.run(tmp_path / "windowed", save=save)
+  first_step, last_step, bad_step = _first_non_finite(str(error.value))
+  assert (first_step - 1) % 2 == 0 and last_step == first_step + 1
+  assert first_step <= bad_step <= last_step
+  assert saved and max(saved) < bad_step, (saved, bad_step)
+  assert saved == list(range(2, first_step, 2))
+
+  # Reading every step finds the same first bad step.
+  loop.config.train.log_every_steps = 1
+  with pytest.raises(FloatingPointError) as error:
+    loop.run(tmp_path / "every_step")
+  assert _first_non_finite(str(error.value)) == (bad_step, bad_step, bad_step)
+
+
+def test_a_non_finite_state_with_finite_metrics_is_not_saved(tmp_path):
+  # A state can turn non-finite through the update while the metrics, computed
+  # before it, are finite: the read before a save checks the state itself.
+  loop = _Loop(steps_per_epoch=6, log_every_steps=100, checkpoint_every_steps=2)
+  saved, calls = [], []
+
+  def wrap(step_fn):
+    def step(state, batch, targets):
+      state, metrics = step_fn(state, batch, targets)
+      calls.append(1)
+      if len(calls) == 4:  # Step 4 leaves NaN parameters; its metrics are finite.
+        state = dict(state, params=jax.tree.map(lambda p: p * jnp.nan, state["params"]))
+      return state, metrics
+    return step
+
+  with pytest.raises(FloatingPointError, match=r"non-finite parameters or optimizer "
+                     r"state after step 4 \(the metrics of steps \[3, 4\] are finite\)"):
+    loop.run(tmp_path, wrap_step=wrap, save=lambda step, state: saved.append(step))
+  assert saved == [2]
