@@ -46,7 +46,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import functools
-import json
 import os
 import statistics
 import tempfile
@@ -66,6 +65,7 @@ from benchmarks import describe_machine, peak_rss_mib, print_table
 from psch_jax import checkpointing
 from psch_jax import cli
 from psch_jax import encoding
+from psch_jax import io_utils
 from psch_jax import models
 from psch_jax import ranking
 from psch_jax import targets as targets_lib
@@ -676,8 +676,7 @@ def run_phases(config, workdir: str) -> dict[str, Any]:
   finally:
     for restore in undo:
       restore()
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f]
+  records = io_utils.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   epochs = [r for r in records if "images_per_s" in r]
   name = lambda path: "/".join(path[1:]) or "total"
   return {

@@ -129,6 +129,35 @@ def restore_latest(mngr: ocp.CheckpointManager, *, abstract_state: Any,
   return restored.state, restored.targets, meta
 
 
+def saved_signature(workdir: str) -> Optional[dict]:
+  """The `shape_signature` the latest checkpoint in workdir/checkpoints was saved
+  with, or None without a checkpoint (or without a signature in it).
+
+  Raises:
+    UserError: the checkpoint's metadata cannot be read.
+  """
+  directory = _directory(workdir)
+  if not io_utils.isdir(directory):
+    return None
+  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=False), item_names=("meta",))
+  try:
+    step = mngr.latest_step()
+    if step is None:
+      return None
+    try:
+      meta = mngr.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore())).meta
+    except Exception as e:  # Orbax raises many types for unreadable files.
+      raise UserError(
+          f"checkpoint {directory}/{step} cannot be read ({type(e).__name__}: {e}). "
+          "Delete that step directory to use an earlier one, or train again.") from e
+  finally:
+    mngr.close()
+  signature = meta.get("signature") if isinstance(meta, dict) else None
+  return signature if isinstance(signature, dict) else None
+
+
 def restore_params(workdir: str, abstract_params: Any) -> Any:
   """The params of the latest checkpoint in workdir/checkpoints, as numpy arrays.
 

@@ -13,6 +13,11 @@ Every command is absl flags; `--config` is an `ml_collections.config_flags` conf
 the absl `app.run(main, flags_parser=...)` pattern, with flags defined only for the
 command that runs, so the modules import side by side (several define --workdir).
 
+Before `main` runs, `parse_flags` refuses an argument that is not a flag (a work
+directory given without --workdir=) and checks the whole --config
+(`config_schema.check_config`), so a bad value stops the command before it reads or
+writes anything.
+
 `run` is the one error handler: a `UserError` (or a training run's
 `FloatingPointError`, which says the fix) raised while parsing the flags or by the
 command prints "error: <what is wrong and how to fix it>" to stderr and exits with
@@ -116,6 +121,13 @@ def parse_flags(argv: Sequence[str], *, command: str) -> list[str]:
     if has_config and not isinstance(FLAGS.config, ml_collections.ConfigDict):
       raise UserError("the file given to --config could not be loaded; pass a config "
                       "file, e.g. --config=configs/fashion_mnist.py.")
+    check_no_positional_arguments(remaining)
+    if has_config:
+      # The one check of the whole config, before the command reads or writes
+      # anything. The device count is not known yet (a multi-process run starts its
+      # backend after the flags): train.setup_run checks the batch sizes against it.
+      from psch_jax import config_schema  # pylint: disable=g-import-not-at-top
+      config_schema.check_config(FLAGS.config, num_devices=None)
   except UserError as e:
     exit_bad_input(str(e))
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
@@ -124,6 +136,27 @@ def parse_flags(argv: Sequence[str], *, command: str) -> list[str]:
       hint += "; config fields are overridden as --config.<section>.<field>=<value>"
     exit_bad_input(f"{flag_error_message(e)}\n{hint}.")
   return remaining
+
+
+def check_no_positional_arguments(remaining: Sequence[str]) -> None:
+  """Refuses arguments that are not flags: every command takes only flags, and a
+  bare path (`python main.py --config=... /tmp/run`) would otherwise be ignored and
+  the run go to the default work directory.
+
+  Args:
+    remaining: what absl's parsing left, program name first.
+
+  Raises:
+    UserError: naming the first such argument and the flag it was probably meant for.
+  """
+  extra = list(remaining[1:])
+  if not extra:
+    return
+  listed = " ".join(repr(a) for a in extra)
+  raise UserError(
+      f"unexpected argument{'s' if len(extra) > 1 else ''} {listed}: the command takes "
+      f"only flags. For a work directory pass --workdir={extra[0]}; config fields are "
+      "set as --config.<section>.<field>=<value>.")
 
 
 def run(main: Callable[[list[str]], int | None], *,

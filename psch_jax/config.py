@@ -205,76 +205,13 @@ def unknown_variant(name: str, variant: str, variants) -> UserError:
                    f"{list(variants)}, e.g. --config=configs/{name}.py:tiny.")
 
 
-def _require(condition: bool, message: str) -> None:
-  if not condition:
-    raise UserError(message)
-
-
-def _choice(value, choices, field: str) -> None:
-  _require(value in choices,
-           f"config.{field}={value!r} is not one of {list(choices)}; "
-           f"set --config.{field} to one of them.")
-
-
-def _check_pretrained(model: ml_collections.ConfigDict) -> None:
-  if model.pretrained is not None:
-    _choice(model.pretrained, PRETRAINED, "model.pretrained")
-  _require(model.backbone == "vgg16" or model.pretrained != "imagenet",
-           f"config.model.pretrained='imagenet' but the backbone is {model.backbone!r}; "
-           "ImageNet weights exist for 'vgg16' only. Set --config.model.backbone=vgg16 "
-           "or --config.model.pretrained=none.")
-  _require(model.backbone != "vgg16" or model.pretrained is not None
-           or bool(model.pretrained_path),
-           "config.model.backbone='vgg16' needs its starting weights said: "
-           "--config.model.pretrained=imagenet (torchvision's ImageNet VGG-16, "
-           "downloaded once), --config.model.pretrained=none (random initialisation) "
-           "or --config.model.pretrained_path=/path/to/weights.safetensors.")
-
-
 def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
-  """Raises UserError on a config that cannot train, naming the field and the fix."""
-  _choice(config.data.preset, PRESETS, "data.preset")
-  _choice(config.model.backbone, BACKBONES, "model.backbone")
-  _choice(config.pseudo_labels.features, FEATURE_SOURCES, "pseudo_labels.features")
-  _choice(config.similarity.source, SIMILARITY_SOURCES, "similarity.source")
-  _choice(config.optim.name, OPTIMIZERS, "optim.name")
-  _check_pretrained(config.model)
-  _choice(config.model.compute_dtype, COMPUTE_DTYPES, "model.compute_dtype")
-  _require(config.model.num_bits >= 1,
-           f"config.model.num_bits={config.model.num_bits} must be a positive code "
-           "length (the paper uses 16, 32, 64 or 128).")
-  _require(config.model.channels in (1, 3),
-           f"config.model.channels={config.model.channels} must be 1 or 3.")
-  _require(len(config.data.mean) == len(config.data.std) and
-           len(config.data.mean) in (1, config.model.channels),
-           "config.data.mean and config.data.std must have 1 or "
-           f"model.channels={config.model.channels} entries each.")
-  _require(config.pseudo_labels.num_clusters >= 2,
-           "config.pseudo_labels.num_clusters must be at least 2.")
-  _require(0.0 < config.pseudo_labels.keep_quantile <= 1.0,
-           f"config.pseudo_labels.keep_quantile={config.pseudo_labels.keep_quantile} "
-           "must lie in (0, 1]; 1.0 keeps every image (no threshold).")
-  _require(config.attention.num_parts >= 1,
-           "config.attention.num_parts must be at least 1.")
-  _require(config.attention.temperature > 0, "config.attention.temperature must be > 0.")
-  _require(0.0 <= config.similarity.same_class_floor <= 1.0,
-           "config.similarity.same_class_floor (lambda) must lie in [0, 1].")
-  ceiling = config.similarity.cross_cluster_ceiling
-  _require(ceiling is None or -1.0 <= ceiling < config.similarity.same_class_floor,
-           f"config.similarity.cross_cluster_ceiling={ceiling} must lie in [-1, "
-           f"same_class_floor={config.similarity.same_class_floor}) so same-class pairs "
-           "stay above cross-cluster pairs; unset it to keep the paper's -1.")
-  _require(config.similarity.unlabelled_weight >= 0,
-           "config.similarity.unlabelled_weight (mu) must be >= 0.")
-  _require(config.loss.alpha >= 0 and config.loss.beta >= 0,
-           "config.loss.alpha and config.loss.beta must be >= 0.")
-  _require(config.optim.learning_rate > 0, "config.optim.learning_rate must be > 0.")
-  _require(config.train.num_epochs >= 1, "config.train.num_epochs must be >= 1.")
-  batch = config.train.global_batch_size
-  _require(batch >= 2 and batch % num_devices == 0,
-           f"config.train.global_batch_size={batch} must be >= 2 and divisible by the "
-           f"{num_devices} devices of this run; use a multiple of {num_devices}.")
-  _require(config.eval.batch_size % num_devices == 0,
-           f"config.eval.batch_size={config.eval.batch_size} must be divisible by the "
-           f"{num_devices} devices of this run; use a multiple of {num_devices}.")
-  _require(all(k >= 1 for k in config.eval.topk), "config.eval.topk values must be >= 1.")
+  """Raises UserError on a config that cannot train, naming the field and the fix.
+
+  The one check of the whole config, `config_schema.check_config`: every field
+  against its declared type and range, and the combinations knowable before any
+  data is read (all problems at once).
+  """
+  # Imported here: config_schema reads this module's choices (PRESETS, ...).
+  from psch_jax import config_schema  # pylint: disable=g-import-not-at-top
+  config_schema.check_config(config, num_devices=num_devices)

@@ -113,6 +113,8 @@ FIELDS: dict[str, Field] = {
         "a positive code length (the paper uses 16, 32, 64 or 128)")),
     "model.image_size": _int(1, meaning="the side of the network input in pixels"),
     "model.channels": Field(int, choices=(1, 3)),
+    "model.pretrained": Field(str, nullable=True, choices=psch_config.PRETRAINED,
+                              meaning="VGG-16's starting weights (unset for the small CNN)"),
     "model.pretrained_path": _PATH,
     "model.dropout_rate": _float(0.0, 1.0, high_open=True, meaning=(
         "the fraction of VGG-16 classifier units dropped (1 would drop all)")),
@@ -314,7 +316,8 @@ def _raise(problems: list[str]) -> None:
 
 # ---------------------------------------------------------------- entry points
 
-def check_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
+def check_config(config: ml_collections.ConfigDict, *,
+                 num_devices: Optional[int]) -> None:
   """Checks everything about `config` that is knowable before any data is read.
 
   Every field against `FIELDS`; no field outside it; then the combinations: the
@@ -326,7 +329,9 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None
     config: the full config (`config.base_config()` with a dataset's changes and
       the command line's overrides).
     num_devices: the devices of this run (all hosts); the global batches are split
-      evenly over them.
+      evenly over them. None skips that one rule: the command lines check the config
+      before the devices exist (a multi-process run starts its backend after the
+      flags), and `train.setup_run` checks again with the mesh.
 
   Raises:
     UserError: naming each field in error, why, and the fix (all problems at once).
@@ -353,8 +358,8 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None
   _raise(_combination_problems(config, num_devices=num_devices))
 
 
-def _combination_problems(c: ml_collections.ConfigDict, *, num_devices: int
-                          ) -> list[str]:
+def _combination_problems(c: ml_collections.ConfigDict, *,
+                          num_devices: Optional[int]) -> list[str]:
   problems = []
   if (len(c.data.mean) != len(c.data.std)
       or len(c.data.mean) not in (1, c.model.channels)):
@@ -365,11 +370,11 @@ def _combination_problems(c: ml_collections.ConfigDict, *, num_devices: int
         f"{len(c.data.mean)} and {len(c.data.std)}. Set e.g. "
         f"--config.data.mean='{(0.5,) * c.model.channels}'.")
   batch = c.train.global_batch_size
-  if batch % num_devices:
+  if num_devices and batch % num_devices:
     problems.append(
         f"config.train.global_batch_size={batch} must be >= 2 and divisible by the "
         f"{num_devices} devices of this run; use a multiple of {num_devices}.")
-  if c.eval.batch_size % num_devices:
+  if num_devices and c.eval.batch_size % num_devices:
     problems.append(
         f"config.eval.batch_size={c.eval.batch_size} must be divisible by the "
         f"{num_devices} devices of this run; use a multiple of {num_devices}.")
@@ -398,6 +403,19 @@ def _combination_problems(c: ml_collections.ConfigDict, *, num_devices: int
         f"config.model.pretrained_path is set but the backbone is "
         f"{c.model.backbone!r}; pretrained weights exist for 'vgg16' only. "
         "Set --config.model.backbone=vgg16 or drop the path.")
+  if c.model.pretrained == "imagenet" and c.model.backbone != "vgg16":
+    # The wording of config.validate before the schema, which tests quote.
+    problems.append(
+        f"config.model.pretrained='imagenet' but the backbone is {c.model.backbone!r}; "
+        "ImageNet weights exist for 'vgg16' only. Set --config.model.backbone=vgg16 "
+        "or --config.model.pretrained=none.")
+  if (c.model.backbone == "vgg16" and c.model.pretrained is None
+      and not c.model.pretrained_path):
+    problems.append(
+        "config.model.backbone='vgg16' needs its starting weights said: "
+        "--config.model.pretrained=imagenet (torchvision's ImageNet VGG-16, "
+        "downloaded once), --config.model.pretrained=none (random initialisation) "
+        "or --config.model.pretrained_path=/path/to/weights.safetensors.")
   components, features = c.pseudo_labels.spectral_components, c.pseudo_labels.features
   if components is not None and features != "spectral":
     problems.append(

@@ -159,7 +159,6 @@ def target_quality(config, workdir: str, *, query_stride: int = 1) -> dict:
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec
 
-  from psch_jax import checkpointing
   from psch_jax import targets as targets_lib
   from psch_jax import train
   from psch_jax.evaluators import retrieval
@@ -192,7 +191,7 @@ def target_quality(config, workdir: str, *, query_stride: int = 1) -> dict:
     online_parts = targets_lib.online_parts_of(
         config, run.encode, state["params"], run.source, train_indices, mesh=run.mesh)
   finally:
-    checkpointing.close(run.mngr)
+    train.close_run(run)
   seconds["targets"] = time.perf_counter() - tick
 
   tick = time.perf_counter()

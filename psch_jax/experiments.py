@@ -141,8 +141,7 @@ def _check_same_config(run_dir: str, expected: dict) -> None:
   path = os.path.join(run_dir, "config.json")
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    saved = _flatten(json.load(f))
+  saved = _flatten(_read_json(path))
   wanted = _flatten(json.loads(json.dumps(expected)))
   changed = sorted(k for k in saved.keys() | wanted.keys()
                    if saved.get(k, "<absent>") != wanted.get(k, "<absent>"))
@@ -161,8 +160,18 @@ def _run_dir(workdir: str, method: str, num_bits: int, seed: int) -> str:
 
 
 def _read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
+  """The JSON object a run directory's config.json or results.json holds.
+
+  Raises:
+    UserError: the file is truncated, not JSON or not an object (a run killed while
+      an older version wrote it, or an edit), naming it and the fix.
+  """
+  fix = (f"delete its run directory {os.path.dirname(path)} to redo that run (the "
+         "other runs are kept).")
+  value = io_utils.read_json(path, missing_fix=fix, corrupt_fix=fix)
+  if not isinstance(value, dict):
+    raise UserError(f"{path} holds a {type(value).__name__}, not a JSON object; {fix}")
+  return value
 
 
 def _encode_source(params: baselines.HashParams, source, indices: np.ndarray
@@ -289,6 +298,10 @@ def run_experiments(config: ml_collections.ConfigDict, *, workdir: str,
     finished = os.path.exists(results_path)
     if finished:
       results = _read_json(results_path)
+      if not isinstance(results.get("map@all"), (int, float)):
+        raise UserError(f"{results_path} holds no number map@all; delete its run "
+                        f"directory {run_dir} to redo that run (the other runs are "
+                        "kept).")
     elif METHODS[method].baseline:
       source, index_sets = data_of(seed)
       results = run_baseline(run_config, method, source, index_sets, run_dir)

@@ -151,7 +151,15 @@ def plot_pr_curve(results: dict, path: str) -> None:
 
 def _topn_items(results: dict) -> list[tuple[int, float]]:
   # JSON turns the int keys of precision@topn into strings.
-  return sorted((int(n), float(v)) for n, v in results["precision@topn"].items())
+  return sorted((int(n), _metric(f"precision@topn[{n}]", v))
+                for n, v in results["precision@topn"].items())
+
+
+def _metric(name: str, value: Any) -> float:
+  """`value` as a float; UserError unless it is a number (not a string, not a bool)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise UserError(f"{name} is {value!r}, not a number")
+  return float(value)
 
 
 def plot_precision_at_topn(results: dict, path: str) -> None:
@@ -343,15 +351,16 @@ def flatten_results(results: dict) -> dict[str, float]:
   flat = {}
   for name, value in results.items():
     if re.fullmatch(r"map@(\d+|all|all_tie_aware)|precision@radius\d+", name):
-      flat[name] = float(value)
+      flat[name] = _metric(name, value)
   if "precision@topn" in results:
     for n, value in _topn_items(results):
       flat[f"precision@top{n}"] = value
   if "pr_curve" in results:
     curve = results["pr_curve"]
     for r, p, rec in zip(curve["radius"], curve["precision"], curve["recall"]):
-      flat[f"pr_precision@radius{int(r)}"] = float(p)
-      flat[f"pr_recall@radius{int(r)}"] = float(rec)
+      r = int(_metric("pr_curve radius", r))
+      flat[f"pr_precision@radius{r}"] = _metric(f"pr_curve precision@radius{r}", p)
+      flat[f"pr_recall@radius{r}"] = _metric(f"pr_curve recall@radius{r}", rec)
   return flat
 
 
@@ -401,8 +410,21 @@ def compare_results(workdir: str, source: Any) -> list[MetricCheck]:
     One `MetricCheck` per metric, in name order.
   """
   results = load_results(workdir)
-  saved = flatten_results(results)
-  if not saved or "num_bits" not in results:
+  path = os.path.join(workdir, "results.json")
+  fix = "evaluate again with main.py --mode=eval to rewrite it."
+  if not isinstance(results, dict):
+    raise UserError(f"{path} holds a {type(results).__name__}, not the results of a "
+                    f"run; {fix}")
+  try:
+    saved = flatten_results(results)
+  except UserError as e:
+    raise UserError(f"{path}: {e}; {fix}") from None
+  except (TypeError, ValueError, AttributeError, KeyError) as e:
+    # pr_curve or precision@topn of another shape than the evaluation writes.
+    raise UserError(f"{path} holds curves of an unexpected form ({type(e).__name__}: "
+                    f"{e}); {fix}") from e
+  num_bits = results.get("num_bits")
+  if not saved or isinstance(num_bits, bool) or not isinstance(num_bits, int):
     raise UserError(f"{workdir}/results.json holds no retrieval metrics or no "
                     "num_bits; evaluate again with main.py --mode=eval.")
   codes, labels = {}, {}

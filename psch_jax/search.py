@@ -29,6 +29,8 @@ from PIL import Image
 
 from psch_jax import checkpointing
 from psch_jax import cli
+from psch_jax import config as psch_config
+from psch_jax import config_schema
 from psch_jax import encoding
 from psch_jax import io_utils
 from psch_jax import ranking
@@ -60,11 +62,62 @@ class SearchIndex(NamedTuple):
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(io_utils.read_json(
-      os.path.join(workdir, "config.json"),
-      missing_fix=("the run's config; pass the --workdir of a run that main.py "
-                   "trained and evaluated, or finish that run first."),
-      corrupt_fix="train again in a new --workdir."))
+  """The config in workdir/config.json, checked as a config given to main.py is.
+
+  Raises:
+    UserError: config.json is missing, not JSON, not a whole config (a section or
+      field removed by an edit) or holds a value no run can have.
+  """
+  path = os.path.join(workdir, "config.json")
+  saved = io_utils.read_json(
+      path, missing_fix=("the run's config; pass the --workdir of a run that main.py "
+                         "trained and evaluated, or finish that run first."),
+      corrupt_fix="train again in a new --workdir.")
+  if not isinstance(saved, dict):
+    raise UserError(f"{path} holds a {type(saved).__name__}, not a config; restore "
+                    "the config.json that main.py wrote, or train again in a new "
+                    "--workdir.")
+  sections = [name for name, value in psch_config.base_config().items()
+              if isinstance(value, ml_collections.ConfigDict)]
+  missing = [name for name in sections if not isinstance(saved.get(name), dict)]
+  if missing:
+    raise UserError(f"{path} has no {', '.join(missing)} section"
+                    f"{'s' if len(missing) > 1 else ''} (edited?); restore the "
+                    "config.json that main.py wrote for this run, or train again in a "
+                    "new --workdir.")
+  config = ml_collections.ConfigDict(saved)
+  try:
+    config_schema.check_config(config, num_devices=None)
+  except UserError as e:
+    raise UserError(f"{path} is not the config of a run (edited?): {e}\nRestore the "
+                    "config.json that main.py wrote for this run, or train again in a "
+                    "new --workdir.") from None
+  return config
+
+
+def check_config_fits_checkpoint(workdir: str, config: ml_collections.ConfigDict
+                                 ) -> None:
+  """Refuses a config.json whose model fields differ from the latest checkpoint's
+  (`checkpointing.SHAPE_FIELDS`): the params would not fit the network it builds.
+
+  Raises:
+    UserError: naming config.json, each such field, the checkpoint's value and the
+      fix.
+  """
+  saved = checkpointing.saved_signature(workdir)
+  if saved is None:
+    return
+  now = checkpointing.shape_signature(config)
+  changed = [(name, saved[name], now[name]) for name in now
+             if name in saved and saved[name] != now[name]]
+  if changed:
+    listing = ", ".join(f"config.{name}={after!r} but the checkpoint was trained with "
+                        f"{before!r}" for name, before, after in changed)
+    raise UserError(f"{workdir}/config.json does not match the run's checkpoint: "
+                    f"{listing}. config.json was edited after training: set "
+                    + ", ".join(f"{name} back to {before!r}"
+                                for name, before, _ in changed)
+                    + " in it, or train that config in a new --workdir.")
 
 
 def load_index(workdir: str) -> SearchIndex:
@@ -84,9 +137,16 @@ def load_index(workdir: str) -> SearchIndex:
                     f"{database_packed.shape}, expected uint32 ({len(database_indices)}, "
                     f"{num_words}) for the run's database and {config.model.num_bits} "
                     "bits; evaluate again with main.py --mode=eval.")
+  check_config_fits_checkpoint(workdir, config)
   model = train.build_model(config)
-  params = checkpointing.restore_params(
-      workdir, jax.eval_shape(lambda: train.init_params(config, model)))
+  abstract_params = jax.eval_shape(lambda: train.init_params(config, model))
+  params = checkpointing.restore_params(workdir, abstract_params)
+  restored_shapes = jax.tree.map(np.shape, params)
+  if restored_shapes != jax.tree.map(lambda x: x.shape, abstract_params):
+    raise UserError(f"the params of {workdir}/checkpoints do not fit the network "
+                    f"{workdir}/config.json describes (config.json edited after "
+                    "training?); restore the config.json that main.py wrote, or train "
+                    "again in a new --workdir.")
   source = reports.load_run_source(workdir)
   if database_indices.size and database_indices.max() >= len(source):
     raise UserError(f"{workdir}/splits/database.npy indexes past the {len(source)} "

@@ -19,10 +19,9 @@ batches with the same keys and ends with the same codes.
 
 Public API for the other modules: `make_mesh`, `load_data`, `build_model`,
 `init_params`, `build_optimizer`, `fresh_state`, `setup_run` / `Run`,
-`epoch_targets`, `make_train_step`, `restore_checkpoint`, `MetricsLog`,
+`close_run`, `epoch_targets`, `make_train_step`, `restore_checkpoint`, `MetricsLog`,
 `train_and_evaluate`; `make_encoder` and `encode_images` are `psch_jax.encoding`'s.
 """
-import json
 import logging
 import os
 import sys
@@ -38,12 +37,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from psch_jax import checkpointing
-from psch_jax import config as psch_config
+from psch_jax import config_schema
 from psch_jax import encoding
 from psch_jax import io_utils
 from psch_jax import models
 from psch_jax import pretrained
 from psch_jax import targets as targets_lib
+from psch_jax import workdir as workdir_lib
 from psch_jax.attention import GroupedAttention
 from psch_jax.data import pipeline
 from psch_jax.data import sources
@@ -224,6 +224,8 @@ class Run(NamedTuple):
     mngr: the Orbax checkpoint manager of workdir/checkpoints
       (close it with `checkpointing.close`).
     pretrained_backbone: numpy params of the pretrained backbone, or None.
+    lock: the run's hold on the work directory (`workdir.claim`); `close_run`
+      releases it with the checkpoint manager.
   """
   mesh: Mesh
   workdir: str
@@ -236,43 +238,65 @@ class Run(NamedTuple):
   encode: Any
   mngr: Any
   pretrained_backbone: Optional[dict]
+  lock: Any
 
 
 def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Checks the config against the devices, the model and the data, then builds the
-  run (mesh, data and splits, model, optimizer, encoder, checkpoint manager).
+  """Checks the config against the devices and the model, claims the work directory,
+  then builds the run (mesh, data and splits, model, optimizer, encoder, checkpoint
+  manager). Close it with `close_run`.
+
+  The order makes a refused run leave the work directory as it was: the config and
+  the model are checked before the work directory is touched; `workdir.claim` then
+  checks its layout, locks it (a second run on it is refused, naming the holder) and
+  compares the config with its config.json (a changed field that the data, splits,
+  schedule or model depend on is refused); config.json is written before the splits,
+  so a run killed after drawing them is compared on its rerun too; the sizes of the
+  drawn splits are checked before a checkpoint can be written.
 
   Raises:
-    UserError: the config does not fit (devices, model, data) or the work directory
-      is not writable; nothing is written to it then except the splits.
+    UserError: the config does not fit (devices, model, data), the work directory is
+      not writable, has a wrong layout, is in use or holds a run of another config.
   """
   mesh = make_mesh()
-  psch_config.validate(config, num_devices=mesh.size)
+  config_schema.check_config(config, num_devices=mesh.size)
   model = build_model(config)
   attention = encoding.make_attention(config)
   pretrained_backbone = check_model(config, model, attention)
   workdir = os.path.abspath(workdir)
-  _check_writable(workdir)
+  lock = workdir_lib.claim(workdir, config, process_index=jax.process_index())
+  try:
+    _check_writable(workdir)
+    if jax.process_index() == 0:
+      # For tools that rebuild the model from the work directory alone (search), and
+      # for the comparison of the next run on this work directory.
+      io_utils.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    source, index_sets = load_data(config, workdir)
+    config_schema.check_against_data(
+        config, num_train=len(index_sets["train"]),
+        num_database=len(index_sets["database"]), num_query=len(index_sets["query"]),
+        num_validation=len(index_sets["validation"]),
+        image_channels=source.image_shape[-1])
+    steps_per_epoch = len(index_sets["train"]) // config.train.global_batch_size
+    tx = build_optimizer(config, steps_per_epoch)
+    return Run(mesh=mesh, workdir=workdir, source=source, index_sets=index_sets,
+               steps_per_epoch=steps_per_epoch, model=model, attention=attention,
+               tx=tx, encode=encoding.make_encoder(config, model, mesh,
+                                                   attention=attention),
+               mngr=checkpointing.manager(workdir,
+                                          keep=config.train.keep_checkpoints),
+               pretrained_backbone=pretrained_backbone, lock=lock)
+  except BaseException:
+    lock.release()
+    raise
 
-  source, index_sets = load_data(config, workdir)
-  num_train = len(index_sets["train"])
-  batch_size = config.train.global_batch_size
-  steps_per_epoch = num_train // batch_size
-  if steps_per_epoch < 1:
-    raise UserError(
-        f"config.train.global_batch_size={batch_size} is larger than the "
-        f"{num_train} training images; lower it.")
-  targets_lib.check_sizes(config, num_train)
-  if source.image_shape[-1] not in (1, config.model.channels):
-    raise UserError(f"{config.data.name} images have {source.image_shape[-1]} channels "
-                    f"but config.model.channels={config.model.channels}.")
 
-  tx = build_optimizer(config, steps_per_epoch)
-  return Run(mesh=mesh, workdir=workdir, source=source, index_sets=index_sets,
-             steps_per_epoch=steps_per_epoch, model=model, attention=attention, tx=tx,
-             encode=encoding.make_encoder(config, model, mesh, attention=attention),
-             mngr=checkpointing.manager(workdir, keep=config.train.keep_checkpoints),
-             pretrained_backbone=pretrained_backbone)
+def close_run(run: Run) -> None:
+  """Waits for the checkpoint save in flight, closes the manager, releases the lock."""
+  try:
+    checkpointing.close(run.mngr)
+  finally:
+    run.lock.release()
 
 
 def epoch_targets(config: ml_collections.ConfigDict, run: Run, params, *, epoch: int,
@@ -382,7 +406,12 @@ def _checkpoint_meta(config: ml_collections.ConfigDict, step: int,
 # ----------------------------------------------------------------------------- loop
 
 class MetricsLog:
-  """metrics.jsonl in the work directory (process 0), plus TensorBoard on request."""
+  """metrics.jsonl in the work directory (process 0), plus TensorBoard on request.
+
+  Read it back with `io_utils.read_jsonl`, which skips a last line torn by a kill; a
+  resumed run replays the steps after its checkpoint, so keep the last record of a
+  step.
+  """
 
   def __init__(self, workdir: str, tensorboard: bool):
     self._active = jax.process_index() == 0
@@ -397,8 +426,9 @@ class MetricsLog:
     """Appends {"step": step, **record} as one JSON line; scalars to TensorBoard."""
     if not self._active:
       return
-    with open(self._path, "a") as f:
-      f.write(json.dumps({"step": step, **record}, sort_keys=True) + "\n")
+    # One write of the whole line, after cutting off a line torn by a kill: a torn
+    # record is never read (io_utils.read_jsonl) nor runs into the next one.
+    io_utils.append_jsonl(self._path, {"step": step, **record})
     if self._writer is not None:
       with self._writer.as_default(step=step):
         for k, v in record.items():
@@ -462,9 +492,8 @@ class Progress:
 
 
 _NON_FINITE_FIX = (
-    "training stopped; the last good checkpoint is kept. Lower optim.learning_rate or "
-    "check the input normalisation (data.mean / data.std), and start in a new "
-    "--workdir (the kept checkpoint may already be diverging).")
+    "training stopped. Lower optim.learning_rate or check the input normalisation "
+    "(data.mean / data.std), and start in a new --workdir.")
 
 # Steps dispatched beyond the newest one known to be finished: enough to keep the
 # device busy while the host prepares the next batch, few enough that the queued
@@ -537,11 +566,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run = setup_run(config, workdir)
   try:
     return _train_and_evaluate(config, run)
+  except FloatingPointError as e:
+    # Say what is on disk only once the save in flight has completed.
+    run.mngr.wait_until_finished()
+    step = run.mngr.latest_step()
+    kept = (f"The last good checkpoint (step {step}) is kept; it may already be "
+            "diverging." if step is not None else
+            "No checkpoint was saved before it.")
+    raise FloatingPointError(f"{e} {kept}") from None
   finally:
     # On an error (a non-finite loss, a full disk, Ctrl-C) an asynchronous save may
     # still be writing: close() waits for it, so the newest checkpoint is complete
     # rather than a *.orbax-checkpoint-tmp directory the next run deletes.
-    checkpointing.close(run.mngr)
+    close_run(run)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, run: Run) -> dict:
@@ -555,10 +592,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: Run) -> dict:
                                      index_sets=run.index_sets, mesh=mesh)
 
   restored = restore_checkpoint(config, run)
-  if jax.process_index() == 0:
-    # For tools that rebuild the model from the work directory alone (search); after
-    # the restore, which refuses a checkpoint of another config.
-    io_utils.write_json(os.path.join(run.workdir, "config.json"), config.to_dict())
   if restored is None:
     state = jax.device_put(
         fresh_state(config, run.model, run.tx, run.pretrained_backbone), replicated)
@@ -572,6 +605,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: Run) -> dict:
     _info(f"resumed from step {int(state['step'])} (epoch {meta['epoch']})")
 
   def save(step: int, state):
+    run.lock.check()  # on gs://: stop before writing if another run took the lease
     checkpointing.save(mngr, step, state=state, targets=targets,
                        meta=_checkpoint_meta(config, step, steps_per_epoch))
 
@@ -709,5 +743,5 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
                     "selection": "latest checkpoint"})
     retrieval.write_results(run.workdir, results, codes, run.source, run.index_sets)
   finally:
-    checkpointing.close(run.mngr)
+    close_run(run)
   return results

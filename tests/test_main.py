@@ -63,6 +63,10 @@ BAD_INPUT = [
       for command in WITH_CONFIG],
     *[(command, ["--config=configs/fashion_mnist.py:tiny",
                  "--config.model.num_bitz=32"], "num_bitz") for command in WITH_CONFIG],
+    # A value out of range, refused before the command reads or writes anything.
+    *[(command, ["--config=configs/fashion_mnist.py:tiny",
+                 "--config.train.keep_checkpoints=0"],
+       "config.train.keep_checkpoints=0 must be >= 1") for command in WITH_CONFIG],
     ("search", ["--images=a.png"], "does not exist"),   # the bad path is the workdir
     ("search", ["--images=a.png", "--topkk=3"], "topkk"),
     ("reports", [], "config.json is missing"),
@@ -97,3 +101,43 @@ def test_unknown_config_variant_names_the_variants():
   result = run_command("main", "--config=configs/fashion_mnist.py:huge")
   assert result.returncode == 2 and "Traceback" not in result.stderr
   assert "huge" in result.stderr and "'paper', 'tiny'" in result.stderr
+
+
+# What each command needs besides a stray argument, so that only the argument is wrong.
+REQUIRED = {
+    "main": ["--config=configs/fashion_mnist.py:tiny"],
+    "experiments": ["--config=configs/fashion_mnist.py:tiny", "--methods=lsh"],
+    "diagnostics": ["--config=configs/fashion_mnist.py:tiny"],
+    "search": ["--images=a.png"],
+    "reports": [],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_stray_positional_argument_exits_2_naming_it_and_the_workdir_flag(
+    command, tmp_path):
+  stray = str(tmp_path / "run")
+  extra = [] if command == "main" else [f"--workdir={tmp_path}/work"]
+  result = run_command(command, *REQUIRED[command], *extra, stray)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert f"unexpected argument '{stray}'" in result.stderr
+  assert f"--workdir={stray}" in result.stderr and "Traceback" not in result.stderr
+  assert not os.listdir(tmp_path)  # neither the stray path nor a work directory
+
+
+@pytest.mark.parametrize("override,expected", [
+    # Failed at the first encoding step with no field named.
+    ("--config.eval.batch_size=0", "config.eval.batch_size=0 must be >= 1; it is the "
+                                   "images per encoding step"),
+    # Trained to a non-finite loss at step 1 before.
+    ("--config.data.std=(0.0,)", "config.data.std=(0.0,) holds 0.0, but every entry "
+                                 "must be > 0"),
+])
+def test_values_that_used_to_fail_later_are_refused_up_front_naming_the_field(
+    override, expected, tmp_path):
+  workdir = tmp_path / "work"
+  result = run("--config=configs/fashion_mnist.py:tiny", override,
+               f"--workdir={workdir}")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert expected in result.stderr and "Traceback" not in result.stderr
+  assert not workdir.exists()

@@ -132,10 +132,12 @@ def test_killed_three_times_then_rerun_ends_with_the_uninterrupted_codes_and_met
   def entries():
     return os.listdir(checkpoints) if os.path.isdir(checkpoints) else []
 
-  # 1. Before the first checkpoint: splits drawn, pseudo labels being computed.
-  _kill_when(workdir, log(1), lambda: os.path.exists(os.path.join(workdir, "config.json")),
+  # 1. Before the first checkpoint: splits drawn (config.json is written before
+  # them, the last split file last), pseudo labels being computed.
+  last_split = os.path.join(workdir, "splits", f"{splits_lib.SPLIT_NAMES[-1]}.npy")
+  _kill_when(workdir, log(1), lambda: os.path.exists(last_split),
              "before its first checkpoint")
-  assert os.path.exists(os.path.join(workdir, "splits", "validation.npy"))
+  assert os.path.exists(os.path.join(workdir, "config.json"))
   assert not any(name.isdigit() for name in entries())
 
   # 2. During the first checkpoint save (Orbax writes into *.orbax-checkpoint-tmp*
@@ -228,19 +230,26 @@ def test_bad_vgg16_weights_exit_2_before_allocating_vgg16(tmp_path, weights):
 
 
 @pytest.mark.parametrize("override,field", [
-    ("--config.model.num_bits=32", "model.num_bits: checkpoint 16 vs config 32"),
-    ("--config.model.backbone=vgg16", "model.backbone: checkpoint 'small_cnn' vs "
-                                      "config 'vgg16'"),
+    ("--config.model.num_bits=32", "config.model.num_bits: 16 in {}/config.json, 32 now"),
+    ("--config.model.backbone=vgg16", "config.model.backbone: 'small_cnn' in "
+                                      "{}/config.json, 'vgg16' now"),
+    # The two of issue 15 that resumed with the old splits and schedule.
+    ("--config.data.train_per_class=5", "config.data.train_per_class: 8 in "
+                                        "{}/config.json, 5 now"),
+    ("--config.train.global_batch_size=8", "config.train.global_batch_size: 16 in "
+                                           "{}/config.json, 8 now"),
 ])
 def test_checkpoint_of_another_config_exits_2_and_leaves_the_workdir_alone(
     reference, tmp_path, override, field):
   workdir = reference.wait()
   before = snapshot(workdir)
-  extra = ["--config.model.image_size=32"] if "vgg16" in override else []
+  extra = (["--config.model.image_size=32", "--config.model.pretrained=none"]
+           if "vgg16" in override else [])
   code, output, _ = run_main(tmp_path, TINY, override, *extra, f"--workdir={workdir}")
   assert code == 2, output
-  assert "written by another config" in output and field in output
-  assert "new --workdir" in output
+  assert "holds a run started with another config" in output
+  assert field.format(workdir) in output, output
+  assert "new --workdir" in output and "Traceback" not in output
   assert snapshot(workdir) == before  # config.json included
 
 
@@ -288,6 +297,7 @@ def test_non_finite_loss_exits_2_naming_step_and_term_and_keeps_a_finite_checkpo
   try:
     step = mngr.latest_step()
     assert step is not None and step < failed_step
+    assert f"The last good checkpoint (step {step}) is kept" in error.group(0)
     state = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore())).state
   finally:
@@ -295,6 +305,197 @@ def test_non_finite_loss_exits_2_naming_step_and_term_and_keeps_a_finite_checkpo
   leaves = jax.tree.leaves(state["params"])
   assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
   assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+
+@needs_fashion_mnist
+def test_non_finite_loss_before_any_checkpoint_does_not_promise_one(tmp_path):
+  workdir = str(tmp_path / "work")
+  code, output, _ = run_main(tmp_path, TINY, "--config.optim.learning_rate=1e30",
+                             "--config.train.checkpoint_every_steps=1000",
+                             f"--workdir={workdir}")
+  assert code == 2 and "Traceback" not in output, output
+  error = re.search(r"error: non-finite .* at step (\d+)\b.*", output)
+  assert error, output
+  steps_per_epoch = 80 // 16  # the tiny config: the first save is at the epoch end
+  assert int(error.group(1)) < steps_per_epoch, "diverged too late for this test"
+  assert "No checkpoint was saved before it." in error.group(0)
+  assert "checkpoint is kept" not in output
+  checkpoints = os.path.join(workdir, "checkpoints")
+  assert not os.path.isdir(checkpoints) or not os.listdir(checkpoints)
+
+
+# ------------------------------------------- bad input, the work directory
+
+def _wait_for(condition, proc, log_path, what: str, timeout_s: float = 300) -> None:
+  deadline = time.monotonic() + timeout_s
+  while not condition():
+    if proc.poll() is not None or time.monotonic() > deadline:
+      proc.kill()
+      with open(log_path) as f:
+        pytest.fail(f"the run ended before {what}:\n{f.read()}")
+    time.sleep(0.05)
+
+
+@needs_fashion_mnist
+def test_a_second_run_on_a_workdir_in_use_exits_2_naming_the_holder(tmp_path):
+  workdir = str(tmp_path / "work")
+  lock_file = os.path.join(workdir, ".lock-0")
+  first_log = str(tmp_path / "first.log")
+  first = start_main(first_log, TINY, f"--workdir={workdir}")
+  try:
+    _wait_for(lambda: os.path.exists(lock_file) and os.path.getsize(lock_file) > 0,
+              first, first_log, "it took the lock")
+    code, output, _ = run_main(tmp_path, TINY, f"--workdir={workdir}")
+    assert code == 2, output
+    assert f"work directory {workdir} is in use by another run: pid {first.pid} " in output
+    assert "main.py" in output and "Traceback" not in output
+  finally:
+    first.kill()  # SIGKILL: its lock goes with it
+    first.wait()
+  holder = json.loads(open(lock_file).read() or "null")
+  assert holder is None or holder["pid"] == first.pid  # the refused run wrote nothing
+  # The killed run left its lock file, not its lock: a rerun takes it (and is refused
+  # only for the data it lacks here, never for the lock).
+  code, output, _ = run_main(tmp_path, TINY, "--config.model.num_bits=8",
+                             f"--workdir={workdir}")
+  assert code == 2 and "in use by another run" not in output, output
+  assert "config.model.num_bits: 16 in" in output
+
+
+@pytest.mark.parametrize("entry,kind,message", [
+    ("checkpoints", "file", "checkpoints is a file, but the run keeps its checkpoints "
+                            "in a directory of that name"),
+    ("splits", "file", "splits is a file, but the run keeps its split index files"),
+    ("config.json", "directory", "config.json is a directory, but the run writes its "
+                                 "config to a file of that name"),
+])
+def test_a_workdir_entry_of_the_wrong_kind_exits_2_before_writing(tmp_path, entry,
+                                                                  kind, message):
+  workdir = tmp_path / "work"
+  workdir.mkdir()
+  if kind == "file":
+    (workdir / entry).write_text("not a directory")
+  else:
+    (workdir / entry).mkdir()
+  before = snapshot(str(workdir))
+  code, output, _ = run_main(tmp_path, TINY, f"--workdir={workdir}")
+  assert code == 2, output
+  assert message in output and "Move or delete it" in output
+  assert "Traceback" not in output
+  assert snapshot(str(workdir)) == before
+  assert sorted(os.listdir(workdir)) == [entry]  # no lock file either
+
+
+# ------------------------------------------ tools on edited work directories
+
+def _tool(module: str, *args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, text=True,
+                        capture_output=True, timeout=600)
+
+
+def _edit_json(path: str, edit) -> None:
+  with open(path) as f:
+    value = json.load(f)
+  value = edit(value)
+  with open(path, "w") as f:
+    json.dump(value, f)
+
+
+def _set(section, field, value):
+  def edit(config):
+    config[section][field] = value
+    return config
+  return edit
+
+
+def _drop(section):
+  def edit(config):
+    del config[section]
+    return config
+  return edit
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize("edit,expected", [
+    (_set("model", "num_bits", 32),
+     "config.json does not match the run's checkpoint: config.model.num_bits=32 but "
+     "the checkpoint was trained with 16. config.json was edited after training: set "
+     "model.num_bits back to 16 in it"),
+    (_set("pseudo_labels", "num_clusters", 7), "config.pseudo_labels.num_clusters=7 "
+                                               "but the checkpoint was trained with 4"),
+    (_drop("model"), "config.json has no model section (edited?)"),
+    (_set("model", "num_bits", "many"), "config.model.num_bits='many' must be an "
+                                        "integer"),
+])
+def test_search_after_an_edit_of_config_json_exits_2_naming_file_and_field(
+    reference, tmp_path, edit, expected):
+  workdir = str(tmp_path / "work")
+  shutil.copytree(reference.wait(), workdir)
+  _edit_json(os.path.join(workdir, "config.json"), edit)
+  image = os.path.join(ROOT, "docs", "results.png")
+  result = _tool("psch_jax.search", f"--workdir={workdir}", f"--images={image}")
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "error: " + workdir + "/config.json" in result.stderr
+  assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize("edit,code,expected", [
+    (lambda results: [results], 2, "results.json holds a list, not the results of a run"),
+    (lambda results: {**results, "map@all": "high"}, 2, "results.json: map@all is "
+                                                        "'high', not a number"),
+    (lambda results: {**results, "pr_curve": "steep"}, 2, "holds curves of an "
+                                                          "unexpected form"),
+    # An edited number is the one mismatch: exit code 1, no "error:".
+    (lambda results: {**results, "map@all": results["map@all"] + 0.25}, 1,
+     "MISMATCH"),
+])
+def test_reports_on_an_edited_results_json_exits_2_and_1_only_on_a_mismatch(
+    reference, tmp_path, edit, code, expected):
+  workdir = str(tmp_path / "work")
+  shutil.copytree(reference.wait(), workdir)
+  _edit_json(os.path.join(workdir, "results.json"), edit)
+  result = _tool("psch_jax.reports", f"--workdir={workdir}")
+  assert result.returncode == code, result.stderr[-3000:]
+  assert expected in result.stdout + result.stderr
+  assert "Traceback" not in result.stderr
+  assert ("error:" in result.stderr) == (code == 2)
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize("name", ["results.json", "config.json"])
+def test_experiments_on_a_run_with_a_truncated_json_exits_2_and_the_fix_works(
+    tmp_path, name):
+  workdir = str(tmp_path / "experiment")
+  args = [TINY, f"--workdir={workdir}", "--bits=8", "--seeds=0", "--methods=lsh",
+          "--compilation_cache_dir="]
+  assert _tool("psch_jax.experiments", *args).returncode == 0
+  run_dir = os.path.join(workdir, "runs", "lsh", "8bits_seed0")
+  path = os.path.join(run_dir, name)
+  with open(path, "r+") as f:
+    f.truncate(os.path.getsize(path) // 2)
+  result = _tool("psch_jax.experiments", *args)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert f"error: cannot read {path}" in result.stderr
+  assert f"delete its run directory {run_dir} to redo that run" in result.stderr
+  assert "Traceback" not in result.stderr
+  shutil.rmtree(run_dir)  # the advice
+  assert _tool("psch_jax.experiments", *args).returncode == 0
+  with open(path) as f:
+    assert json.load(f)
+
+
+def test_metrics_log_never_reads_nor_extends_a_torn_line(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  log = train.MetricsLog(str(tmp_path), tensorboard=False)
+  log.write(1, {"loss": 0.5})
+  with open(path, "a") as f:
+    f.write('{"step": 2, "loss": 0.')  # a kill in the middle of an append
+  assert io_utils.read_jsonl(path) == [{"step": 1, "loss": 0.5}]
+  log.write(2, {"loss": 0.25})
+  assert io_utils.read_jsonl(path) == [{"step": 1, "loss": 0.5},
+                                       {"step": 2, "loss": 0.25}]
+  assert path.read_text().endswith("\n")
 
 
 # --------------------------------------------------- bad input, library level

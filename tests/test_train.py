@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from psch_jax import io_utils
 from psch_jax import targets as targets_lib
 from psch_jax import train
 from psch_jax.data import sources
@@ -69,8 +70,7 @@ def test_cifar10_tiny_trains_and_evaluates_on_mock_data(tmp_path):
   assert saved == json.loads(json.dumps(results))
   assert codes["query"].shape == (results["num_query"], 1)  # 16 bits -> one word
   assert os.listdir(tmp_path / "checkpoints")
-  with open(tmp_path / "metrics.jsonl") as f:
-    records = [json.loads(line) for line in f]
+  records = io_utils.read_jsonl(tmp_path / "metrics.jsonl")
   epochs = [r for r in records if "epoch" in r and "loss" in r]
   assert epochs and all(np.isfinite(r["loss"]) for r in epochs)
   assert 0.0 <= epochs[-1]["data_wait_fraction"] <= 1.0
@@ -217,17 +217,16 @@ def test_manual_datasets_build_from_generated_files_and_train(
   results = train.train_and_evaluate(config, str(tmp_path / "work"))
   assert results["dataset"] == name and results["steps"] >= 1
   assert 0.0 <= results["map@5"] <= 1.0
-  with open(tmp_path / "work" / "metrics.jsonl") as f:
-    losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
+  losses = [r["loss"] for r in io_utils.read_jsonl(tmp_path / "work" / "metrics.jsonl")
+            if "loss" in r]
   assert losses and all(np.isfinite(losses))
 
 
 def test_metrics_log_writes_jsonl_and_tensorboard_on_request(tmp_path):
   log = train.MetricsLog(str(tmp_path), tensorboard=True)
   log.write(3, {"loss": 0.5, "pseudo_labels": {"kept_fraction": 0.7}})
-  with open(tmp_path / "metrics.jsonl") as f:
-    assert json.loads(f.readline()) == {"step": 3, "loss": 0.5,
-                                        "pseudo_labels": {"kept_fraction": 0.7}}
+  assert io_utils.read_jsonl(tmp_path / "metrics.jsonl") == [
+      {"step": 3, "loss": 0.5, "pseudo_labels": {"kept_fraction": 0.7}}]
   events = os.listdir(tmp_path / "tensorboard")
   assert events and events[0].startswith("events.out.tfevents")
   import tensorflow as tf
@@ -249,7 +248,7 @@ def test_final_validation_from_database_codes_equals_encoding_again(reference_ru
         state["params"], codes_at_hand=(run.index_sets["database"], codes["database"]))
     encoded, _ = evaluators["validation"].run(state["params"])
   finally:
-    run.mngr.close()
+    train.close_run(run)
   assert looked_up and looked_up == encoded
 
 
