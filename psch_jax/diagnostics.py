@@ -42,7 +42,6 @@ anything is written when it is the config.
 """
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -266,7 +265,7 @@ def main(argv: Sequence[str]) -> None:
   del argv
   FLAGS = flags.FLAGS
   report = target_quality(FLAGS.config, FLAGS.workdir, query_stride=FLAGS.query_stride)
-  path = os.path.join(os.path.abspath(FLAGS.workdir), "target_quality.json")
+  path = io_utils.join(io_utils.workdir_path(FLAGS.workdir), "target_quality.json")
   io_utils.write_json(path, report)
   print(format_report(report))
   print(f"wrote {path}")

@@ -138,8 +138,8 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def _check_same_config(run_dir: str, expected: dict) -> None:
   """Refuses a run directory whose config.json differs from `expected`."""
-  path = os.path.join(run_dir, "config.json")
-  if not os.path.exists(path):
+  path = io_utils.join(run_dir, "config.json")
+  if not io_utils.exists(path):
     return
   saved = _flatten(_read_json(path))
   wanted = _flatten(json.loads(json.dumps(expected)))
@@ -155,8 +155,13 @@ def _check_same_config(run_dir: str, expected: dict) -> None:
 
 # --------------------------------------------------------------------------- runs
 
+def _run_name(method: str, num_bits: int, seed: int) -> str:
+  """The run directory of one method x bits x seed, relative to the workdir."""
+  return io_utils.join("runs", method, f"{num_bits}bits_seed{seed}")
+
+
 def _run_dir(workdir: str, method: str, num_bits: int, seed: int) -> str:
-  return os.path.join(workdir, "runs", method, f"{num_bits}bits_seed{seed}")
+  return io_utils.join(workdir, _run_name(method, num_bits, seed))
 
 
 def _read_json(path: str) -> dict:
@@ -217,12 +222,12 @@ def run_baseline(config: ml_collections.ConfigDict, method: str, source,
              "num_train": int(len(index_sets["train"])), "epochs": 0,
              "selection": "closed form (no epochs)",
              "fit_seconds": round(fit_seconds, 3), **metrics}
-  io_utils.write_json(os.path.join(run_dir, "config.json"),
+  io_utils.write_json(io_utils.join(run_dir, "config.json"),
                       _baseline_record(config, method))
   for name, value in codes.items():
-    io_utils.save_npy(os.path.join(run_dir, "codes", f"{name}.npy"),
+    io_utils.save_npy(io_utils.join(run_dir, "codes", f"{name}.npy"),
                       ranking.pack_codes(value))
-  io_utils.write_json(os.path.join(run_dir, "results.json"), results)
+  io_utils.write_json(io_utils.join(run_dir, "results.json"), results)
   return results
 
 
@@ -254,7 +259,7 @@ def run_experiments(config: ml_collections.ConfigDict, *, workdir: str,
   """
   bits, seeds, methods = _check_arguments(bits, seeds, methods, ablation_epochs)
   ablation_bits = _check_ablation_bits(ablation_bits, bits)
-  workdir = os.path.abspath(workdir)
+  workdir = os.fspath(io_utils.workdir_path(workdir))  # absolute; gs:// kept
   baseline_methods = [m for m in methods if METHODS[m].baseline]
   psch_methods = [m for m in methods if not METHODS[m].baseline]
   # Baselines first: seconds each, so the table has its reference rows early.
@@ -267,12 +272,12 @@ def run_experiments(config: ml_collections.ConfigDict, *, workdir: str,
     """(source, index sets) of a seed, drawn as train.train_and_evaluate draws them."""
     if seed not in seed_data:
       seed_config = method_config(config, "psch", num_bits=bits[0], seed=seed)
-      seed_data[seed] = train.load_data(seed_config, os.path.join(workdir, f"seed{seed}"))
+      seed_data[seed] = train.load_data(seed_config, io_utils.join(workdir, f"seed{seed}"))
     return seed_data[seed]
 
   def splits_of(seed: int) -> dict[str, np.ndarray]:
-    saved = os.path.join(workdir, f"seed{seed}", "splits")
-    if seed not in seed_data and os.path.exists(os.path.join(saved, "train.npy")):
+    saved = io_utils.join(workdir, f"seed{seed}", "splits")
+    if seed not in seed_data and io_utils.exists(io_utils.join(saved, "train.npy")):
       return splits_lib.load_splits(saved)  # no need to open the dataset
     return data_of(seed)[1]
 
@@ -288,14 +293,14 @@ def run_experiments(config: ml_collections.ConfigDict, *, workdir: str,
                        if METHODS[method].baseline else run_config.to_dict())
     run_configs[method, num_bits, seed] = run_config
 
-  os.makedirs(workdir, exist_ok=True)
+  io_utils.makedirs(workdir)
   runs = []
   for number, (method, num_bits, seed) in enumerate(plan, 1):
     run_config = run_configs[method, num_bits, seed]
     run_dir = _run_dir(workdir, method, num_bits, seed)
-    results_path = os.path.join(run_dir, "results.json")
+    results_path = io_utils.join(run_dir, "results.json")
     start = time.perf_counter()
-    finished = os.path.exists(results_path)
+    finished = io_utils.exists(results_path)
     if finished:
       results = _read_json(results_path)
       if not isinstance(results.get("map@all"), (int, float)):
@@ -308,14 +313,14 @@ def run_experiments(config: ml_collections.ConfigDict, *, workdir: str,
     else:
       results = train.train_and_evaluate(run_config, run_dir)
     if not METHODS[method].baseline:
-      run_splits = splits_lib.load_splits(os.path.join(run_dir, "splits"))
+      run_splits = splits_lib.load_splits(io_utils.join(run_dir, "splits"))
       if not _same_splits(run_splits, splits_of(seed)):
         raise UserError(f"{run_dir}/splits differ from {workdir}/seed{seed}/splits: "
                         "the run was made with other data options; use a new "
                         "--workdir.")
       results = {**results, "method": method,
                  "num_train": int(len(run_splits["train"]))}
-    runs.append({**results, "run_dir": os.path.relpath(run_dir, workdir)})
+    runs.append({**results, "run_dir": _run_name(method, num_bits, seed)})
     status = "done earlier" if finished else f"{time.perf_counter() - start:.0f} s"
     print(f"[{number}/{len(plan)}] {method} {num_bits} bits seed {seed}: "
           f"mAP@all {results['map@all']:.4f} ({status})", flush=True)
@@ -515,11 +520,11 @@ def write_report(config, runs: Sequence[dict], *, workdir: str, bits: Sequence[i
             "ablation_bits": ablation_bits,
             "std": "sample (n - 1)", "command": command,
             "runs": list(runs), "summary": summary}
-  io_utils.write_json(os.path.join(workdir, "results.json"), report)
-  io_utils.write_text(os.path.join(workdir, "results.md"), results_markdown(
+  io_utils.write_json(io_utils.join(workdir, "results.json"), report)
+  io_utils.write_text(io_utils.join(workdir, "results.md"), results_markdown(
       config, summary, runs, bits=bits, seeds=seeds, methods=methods,
       ablation_epochs=ablation_epochs, ablation_bits=ablation_bits, command=command))
-  _plot(summary, os.path.join(workdir, "results.png"), bits=bits, methods=methods,
+  _plot(summary, io_utils.join(workdir, "results.png"), bits=bits, methods=methods,
         title=f"{config.data.name}, protocol {config.data.preset!r}, "
               f"{len(seeds)} seed(s)")
   return report
@@ -533,16 +538,18 @@ def main(argv: Sequence[str]) -> None:
   FLAGS = flags.FLAGS
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join("experiments", config.data.name)
-  cache_dir = (os.path.join(workdir, "jax_cache") if FLAGS.compilation_cache_dir is None
+  cache_dir = (io_utils.join(workdir, "jax_cache") if FLAGS.compilation_cache_dir is None
                else FLAGS.compilation_cache_dir)
   if cache_dir:
     # Runs that differ only in their seed compile the same programs.
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
+    # JAX's cache writes through etils.epath too: a gs:// directory works.
+    jax.config.update("jax_compilation_cache_dir",
+                      os.fspath(io_utils.workdir_path(cache_dir)))
   run_experiments(config, workdir=workdir, bits=FLAGS.bits, seeds=FLAGS.seeds,
                   methods=FLAGS.methods, ablation_epochs=FLAGS.epochs_ablation,
                   ablation_bits=FLAGS.ablation_bits,
                   command=" ".join(["python -m psch_jax.experiments", *sys.argv[1:]]))
-  print(f"wrote {os.path.join(workdir, 'results.md')}")
+  print(f"wrote {io_utils.join(workdir, 'results.md')}")
 
 
 def define_flags() -> None:

@@ -23,6 +23,7 @@ import contextlib
 import io
 import json
 import os
+import posixpath
 import sys
 import tempfile
 from typing import Any, Iterator, IO, Union
@@ -46,6 +47,13 @@ def workdir_path(path: PathLike) -> epath.Path:
   absolute (so a later chdir cannot move them), gs:// paths kept as they are."""
   text = os.fspath(path)
   return epath.Path(text if is_object_store(text) else os.path.abspath(text))
+
+
+def join(directory: PathLike, *names: str) -> str:
+  """`directory/name/...` as a string, for a local directory or a gs:// one alike
+  (object-store keys use "/" as local POSIX paths do). A relative local directory
+  stays relative: messages show the path the user gave."""
+  return posixpath.join(os.fspath(directory), *names)
 
 
 def io_errors() -> tuple[type[BaseException], ...]:

@@ -23,8 +23,6 @@ without results, codes, splits or config, or a dataset that cannot be opened).
 """
 from __future__ import annotations
 
-import io
-import os
 import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -104,11 +102,8 @@ def unpack_codes(packed: np.ndarray, num_bits: int) -> np.ndarray:
 # --------------------------------------------------------------------- figures
 
 def _save_figure(figure: Any, path: str) -> None:
-  """Renders a matplotlib Figure to PNG and writes it atomically."""
-  buffer = io.BytesIO()
-  figure.savefig(buffer, format="png", dpi=100)
-  with io_utils.atomic_open(path, "wb") as f:
-    f.write(buffer.getvalue())
+  """Renders a matplotlib Figure to PNG and writes it atomically (local or gs://)."""
+  io_utils.save_figure(path, figure, format="png", dpi=100)
 
 
 def _new_figure(width: float, height: float) -> Any:
@@ -328,7 +323,7 @@ def write_reports(workdir: str, *, results: dict, codes: dict[str, np.ndarray],
     raise UserError(f"{len(query_packed)} query / {len(database_packed)} database codes "
                     f"but {len(query_indices)} / {len(database_indices)} indices; pass "
                     "the index sets the codes were computed from.")
-  paths = {name: os.path.join(workdir, name) for name in
+  paths = {name: io_utils.join(workdir, name) for name in
            ("results.md", "pr_curve.png", "precision_at_topn.png", "retrieval_grid.png")}
   io_utils.write_text(paths["results.md"], results_markdown(results))
   plot_pr_curve(results, paths["pr_curve.png"])
@@ -380,19 +375,19 @@ class ResultsMismatchError(RuntimeError):
 
 
 def load_npy(path: str, what: str) -> np.ndarray:
-  if not os.path.isfile(path):
+  if not io_utils.isfile(path):
     raise UserError(f"{path} is missing: {what}. Point --workdir at a finished run, or "
                     "run main.py --mode=eval on it to write the codes and results.")
   try:
-    return np.load(path, allow_pickle=False)
-  except (ValueError, OSError, EOFError) as e:
+    return io_utils.load_npy(path)
+  except (ValueError, EOFError) + io_utils.io_errors() as e:
     raise UserError(f"cannot read {path} ({e}); run main.py --mode=eval on the work "
                     "directory to write it again.") from e
 
 
 def load_results(workdir: str) -> dict:
   return io_utils.read_json(
-      os.path.join(workdir, "results.json"),
+      io_utils.join(workdir, "results.json"),
       missing_fix=(f"train (main.py) or evaluate (main.py --mode=eval) with "
                    f"--workdir={workdir} first."),
       corrupt_fix="evaluate again with main.py --mode=eval.")
@@ -429,9 +424,9 @@ def compare_results(workdir: str, source: Any) -> list[MetricCheck]:
                     "num_bits; evaluate again with main.py --mode=eval.")
   codes, labels = {}, {}
   for split in ("query", "database"):
-    indices = load_npy(os.path.join(workdir, "splits", f"{split}.npy"),
+    indices = load_npy(io_utils.join(workdir, "splits", f"{split}.npy"),
                         f"the {split} split")
-    packed = load_npy(os.path.join(workdir, "codes", f"{split}.npy"),
+    packed = load_npy(io_utils.join(workdir, "codes", f"{split}.npy"),
                        f"the packed {split} codes")
     if len(packed) != len(indices) or (indices.size and indices.max() >= len(source)):
       raise UserError(f"{workdir}: {len(packed)} {split} codes for {len(indices)} "
@@ -472,7 +467,7 @@ def verify_results(workdir: str, source: Any) -> list[MetricCheck]:
 def load_run_source(workdir: str) -> Any:
   """The dataset of a run, opened as its workdir/config.json says."""
   from psch_jax.data import sources  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "config.json")
+  path = io_utils.join(workdir, "config.json")
   config = io_utils.read_json(
       path, missing_fix=("it is written by training (main.py). Point --workdir at a "
                          "run trained with this version."),

@@ -16,7 +16,7 @@ decodable, topk < 1) prints what is wrong and how to fix it, and exits with code
 """
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple
 
@@ -68,7 +68,7 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     UserError: config.json is missing, not JSON, not a whole config (a section or
       field removed by an edit) or holds a value no run can have.
   """
-  path = os.path.join(workdir, "config.json")
+  path = io_utils.join(workdir, "config.json")
   saved = io_utils.read_json(
       path, missing_fix=("the run's config; pass the --workdir of a run that main.py "
                          "trained and evaluated, or finish that run first."),
@@ -122,13 +122,13 @@ def check_config_fits_checkpoint(workdir: str, config: ml_collections.ConfigDict
 
 def load_index(workdir: str) -> SearchIndex:
   """Loads config, checkpoint params, database codes and labels of a trained run."""
-  if not os.path.isdir(workdir):
+  if not io_utils.isdir(workdir):
     raise UserError(f"work directory {workdir} does not exist; pass the --workdir of "
                     "a trained run.")
   config = read_run_config(workdir)
-  database_packed = reports.load_npy(os.path.join(workdir, "codes", "database.npy"),
+  database_packed = reports.load_npy(io_utils.join(workdir, "codes", "database.npy"),
                                       "the database codes written by the evaluation")
-  database_indices = reports.load_npy(os.path.join(workdir, "splits", "database.npy"),
+  database_indices = reports.load_npy(io_utils.join(workdir, "splits", "database.npy"),
                                        "the database split")
   num_words = -(-config.model.num_bits // 32)
   if (database_packed.dtype != np.uint32 or database_packed.ndim != 2
@@ -172,15 +172,15 @@ def read_image(path: str, image_shape: Sequence[int]) -> np.ndarray:
     uint8 (H, W, C).
   """
   height, width, channels = image_shape
-  if not os.path.isfile(path):
+  if not io_utils.isfile(path):
     raise UserError(f"image {path} does not exist; check the path given to --images.")
   try:
-    with Image.open(path) as image:
+    with Image.open(io.BytesIO(io_utils.read_bytes(path))) as image:
       image = image.convert("L" if channels == 1 else "RGB")
       if image.size != (width, height):
         image = image.resize((width, height), Image.BILINEAR)
       pixels = np.asarray(image, np.uint8)
-  except (OSError, ValueError, Image.DecompressionBombError) as e:
+  except (ValueError, Image.DecompressionBombError) + io_utils.io_errors() as e:
     raise UserError(f"cannot decode {path} as an image ({e}); pass a PNG, JPEG or "
                     "another format Pillow reads.") from e
   return pixels.reshape(height, width, channels)

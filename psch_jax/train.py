@@ -78,10 +78,10 @@ def load_data(config: ml_collections.ConfigDict, workdir: str):
     multihost_utils.sync_global_devices("psch_jax: dataset prepared")
   source = sources.load_source(config.data.name, data_dir=config.data.data_dir,
                                manual_dir=config.data.manual_dir)
-  split_dir = os.path.join(workdir, "splits")
+  split_dir = io_utils.join(workdir, "splits")
   # A run killed between two split files left some of them: draw them again (they
   # are a function of the seed), instead of failing on the missing one.
-  if all(os.path.exists(os.path.join(split_dir, f"{name}.npy"))
+  if all(io_utils.exists(io_utils.join(split_dir, f"{name}.npy"))
          for name in splits_lib.SPLIT_NAMES):
     return source, splits_lib.load_splits(split_dir, num_examples=len(source))
   overrides = {k: config.data[k] for k in
@@ -263,14 +263,15 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   model = build_model(config)
   attention = encoding.make_attention(config)
   pretrained_backbone = check_model(config, model, attention)
-  workdir = os.path.abspath(workdir)
+  # Local: absolute (a later chdir cannot move it); gs://: kept as it is.
+  workdir = os.fspath(io_utils.workdir_path(workdir))
   lock = workdir_lib.claim(workdir, config, process_index=jax.process_index())
   try:
-    _check_writable(workdir)
+    io_utils.check_writable(workdir, probe_name=f".write-test-{jax.process_index()}")
     if jax.process_index() == 0:
       # For tools that rebuild the model from the work directory alone (search), and
       # for the comparison of the next run on this work directory.
-      io_utils.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+      io_utils.write_json(io_utils.join(workdir, "config.json"), config.to_dict())
     source, index_sets = load_data(config, workdir)
     config_schema.check_against_data(
         config, num_train=len(index_sets["train"]),
@@ -311,18 +312,6 @@ def epoch_targets(config: ml_collections.ConfigDict, run: Run, params, *, epoch:
   return targets_lib.compute_targets(
       config, key, run.encode, params, run.source, run.index_sets["train"],
       mesh=run.mesh, epoch=epoch, features=features, similarity_from=previous)
-
-
-def _check_writable(workdir: str) -> None:
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write-test-{jax.process_index()}")
-    with open(probe, "w"):
-      pass
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f"work directory {workdir} is not writable ({e.strerror}); "
-                    "pass a --workdir you can write to.") from e
 
 
 # ---------------------------------------------------------------------- update step

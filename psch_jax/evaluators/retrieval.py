@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -154,14 +153,14 @@ def write_results(workdir: str, results: dict, codes: dict[str, np.ndarray], sou
   if jax.process_index() != 0:
     return
   for name, value in codes.items():
-    io_utils.save_npy(os.path.join(workdir, "codes", f"{name}.npy"),
+    io_utils.save_npy(io_utils.join(workdir, "codes", f"{name}.npy"),
                       ranking.pack_codes(value))
   query, database = index_sets["query"], index_sets["database"]
   reports.write_reports(workdir, results=results, codes=codes, query_indices=query,
                         database_indices=database, query_labels=source.labels[query],
                         database_labels=source.labels[database], source=source)
   # Last: a results.json means the run is complete.
-  io_utils.write_json(os.path.join(workdir, "results.json"), results)
+  io_utils.write_json(io_utils.join(workdir, "results.json"), results)
 
 
 def format_results(results: dict) -> str:
