@@ -405,7 +405,7 @@ def compare_results(workdir: str, source: Any) -> list[MetricCheck]:
     One `MetricCheck` per metric, in name order.
   """
   results = load_results(workdir)
-  path = os.path.join(workdir, "results.json")
+  path = io_utils.join(workdir, "results.json")
   fix = "evaluate again with main.py --mode=eval to rewrite it."
   if not isinstance(results, dict):
     raise UserError(f"{path} holds a {type(results).__name__}, not the results of a "

@@ -22,7 +22,6 @@ Public API for the other modules: `make_mesh`, `load_data`, `build_model`,
 `close_run`, `epoch_targets`, `make_train_step`, `restore_checkpoint`, `MetricsLog`,
 `train_and_evaluate`; `make_encoder` and `encode_images` are `psch_jax.encoding`'s.
 """
-import logging
 import os
 import sys
 import time

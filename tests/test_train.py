@@ -313,7 +313,7 @@ class _Loop:
   8-device mesh, `steps_per_epoch` steps of random images and random targets."""
 
   def __init__(self, steps_per_epoch: int = 10, **train_fields):
-    config = load_config("fashion_mnist")
+    config = repo_config("fashion_mnist", "tiny")
     config.unlock()
     config.train.update(train_fields)
     self.config = config
