@@ -456,7 +456,7 @@ def check_against_data(config: ml_collections.ConfigDict, *, num_train: int,
     num_database: images of the retrieval database.
     num_query: images of the query split (None: not checked).
     num_validation: images of the validation split (None: not checked); validation
-      ranks them against the training split.
+      ranks them against the rest of the database.
     image_channels: channels of the dataset's images (None: not checked).
 
   Raises:
@@ -495,11 +495,15 @@ def check_against_data(config: ml_collections.ConfigDict, *, num_train: int,
           f"config.eval.topk holds {k}, more than the {num_database} database "
           f"images: mAP@{k} would be mAP@all under another name; use cut-offs of at "
           f"most {num_database}.")
-    elif num_validation and k > num_train:
+    elif num_validation and k > num_database - num_validation:
+      # Validation ranks its queries against the database minus them
+      # (psch_jax/data/splits.py, validation_database).
+      rest = num_database - num_validation
       problems.append(
-          f"config.eval.topk holds {k}, more than the {num_train} training images "
-          f"validation ranks against: validation/map@{k} would be map@all under "
-          f"another name; use cut-offs of at most {num_train}.")
+          f"config.eval.topk holds {k}, more than the {rest} database images "
+          f"validation ranks against (the {num_database} less the {num_validation} "
+          f"validation queries): validation/map@{k} would be map@all under another "
+          f"name; use cut-offs of at most {rest} or lower data.num_validation.")
   if image_channels is not None and image_channels not in (1, c.model.channels):
     # The wording of train._setup.
     problems.append(

@@ -190,7 +190,8 @@ def _encode_source(params: baselines.HashParams, source, indices: np.ndarray
 
 def run_baseline(config: ml_collections.ConfigDict, method: str, source,
                  index_sets: dict[str, np.ndarray], run_dir: str) -> dict:
-  """Fits one baseline on the train split's pixels and scores query vs database.
+  """Fits one baseline on the train split's pixels and scores query vs database
+  (and the validation split, "validation/" metrics).
 
   Args:
     config: the run's config (model.num_bits, seed, data, eval.topk are read).
@@ -216,6 +217,11 @@ def run_baseline(config: ml_collections.ConfigDict, method: str, source,
   metrics = retrieval.score_codes(
       config, codes["query"], source.labels[query], codes["database"],
       source.labels[database], curves=False)
+  # The validation split PSCH is tuned on, from the database codes (it lies inside
+  # the database), so baselines can be compared there too.
+  metrics.update(retrieval.from_config(
+      config, encode=None, source=source, index_sets=index_sets, mesh=None
+  )["validation"].run(None, codes_at_hand=(database, codes["database"]))[0])
   results = {"dataset": config.data.name, "protocol": config.data.preset,
              "num_bits": num_bits, "seed": seed, "method": method,
              "num_query": int(len(query)), "num_database": int(len(database)),

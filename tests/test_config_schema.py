@@ -257,9 +257,9 @@ def test_shipped_configs_pass_against_their_split_sizes():
      r"training images"),
     ({"eval.topk": (1000, 70000)}, {},
      r"config.eval.topk holds 70000, more than the 69000 database images"),
-    ({"eval.topk": (6000,)}, {},
-     r"config.eval.topk holds 6000, more than the 5000 training images validation "
-     r"ranks against"),
+    ({"eval.topk": (68500,)}, {},
+     r"config.eval.topk holds 68500, more than the 68000 database images validation "
+     r"ranks against \(the 69000 less the 1000 validation queries\)"),
     ({"data.allow_fewer": True}, {"num_query": 0}, r"the query split is empty"),
     ({"data.num_database": 50}, {"num_database": 100, "num_train": 80},
      r"config.data.num_database=50 is below the 100 training and validation images"),
@@ -276,6 +276,6 @@ def test_combinations_with_the_data_name_the_field(changes, data, message):
     config_schema.check_against_data(config, **sizes(**data))
 
 
-def test_topk_beyond_the_training_set_is_fine_without_validation():
-  config = with_field(load(), "eval.topk", (6000,))
+def test_topk_beyond_the_validation_database_is_fine_without_validation():
+  config = with_field(load(), "eval.topk", (68500,))
   config_schema.check_against_data(config, **sizes(num_validation=0))

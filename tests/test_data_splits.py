@@ -28,6 +28,14 @@ def _assert_consistent(s, num_examples):
   assert np.union1d(s["query"], s["database"]).size == num_examples
   assert np.isin(s["train"], s["database"]).all()
   assert np.isin(s["validation"], s["database"]).all()
+  # Validation mirrors the test: its queries are never test queries, and its
+  # database is the test's less exactly its queries.
+  validation_database = splits_lib.validation_database(s)
+  assert not np.intersect1d(s["validation"], s["query"]).size
+  assert not np.intersect1d(s["validation"], validation_database).size
+  assert validation_database.dtype == np.int64
+  assert validation_database.size == s["database"].size - s["validation"].size
+  assert np.isin(validation_database, s["database"]).all()
 
 
 def test_ssdh_single_label_draws_per_class_query_from_test_for_fashion_mnist():
@@ -40,7 +48,19 @@ def test_ssdh_single_label_draws_per_class_query_from_test_for_fashion_mnist():
   assert (official[s["query"]] == "test").all()
   assert np.array_equal(labels[s["train"]].sum(0), [10] * 5)
   assert s["validation"].size == 7
-  assert not np.intersect1d(s["validation"], s["train"]).size
+  # 7 over 5 classes: per class like the query, the first 7 % 5 classes one more.
+  assert np.array_equal(labels[s["validation"]].sum(0), [2, 2, 1, 1, 1])
+  assert not np.intersect1d(s["validation"], s["train"]).size  # never trained on
+
+
+def test_the_validation_draw_never_moves_the_test_splits():
+  labels, official = _single_label()
+  kwargs = dict(dataset="fashion_mnist", preset="ssdh", seed=3, query_per_class=3,
+                train_per_class=10)
+  a = splits_lib.make_splits(labels, official, num_validation=5, **kwargs)
+  b = splits_lib.make_splits(labels, official, num_validation=20, **kwargs)
+  assert all(np.array_equal(a[k], b[k]) for k in ("query", "database", "train"))
+  assert np.array_equal(labels[b["validation"]].sum(0), [4] * 5)
 
 
 def test_ssdh_cifar10_draws_query_from_both_official_splits():
@@ -71,6 +91,8 @@ def test_modern_uses_the_official_split_and_trains_on_the_database():
   assert np.array_equal(s["database"], np.flatnonzero(official == "train"))
   assert np.array_equal(s["train"], s["database"])
   assert s["validation"].size == 9  # drawn from the database, so inside train.
+  assert np.isin(s["validation"], s["train"]).all()
+  assert np.array_equal(labels[s["validation"]].sum(0), [2, 2, 2, 2, 1])
   with pytest.raises(UserError, match="fixes its query set"):
     splits_lib.make_splits(labels, official, dataset="cifar10", preset="modern",
                            seed=0, query_per_class=2)
@@ -87,6 +109,9 @@ def test_nus_wide_draws_per_concept_among_multi_label_images():
   assert (labels[s["query"]].sum(0) >= 3).all()
   assert (labels[s["train"]].sum(0) >= 5).all()
   assert labels[s["query"]].any(1).all()
+  # Validation is drawn per concept like the query: as many, each concept held.
+  assert s["validation"].size == s["query"].size
+  assert (labels[s["validation"]].sum(0) >= 3).all()
 
 
 def test_mirflickr_draws_uniformly_among_labelled_images():
@@ -103,6 +128,8 @@ def test_mirflickr_draws_uniformly_among_labelled_images():
                              preset="ssdh", seed=0, query_per_class=1,
                              train_per_class=2)
   assert t["query"].size == 24 and t["train"].size == 48
+  assert t["validation"].size == 24 and labels[t["validation"]].any(1).all()
+  assert not np.intersect1d(t["validation"], t["train"]).size
 
 
 def test_too_few_images_raise_unless_allowed():
@@ -179,3 +206,10 @@ def test_ssdh_sizes_on_real_fashion_mnist(tmp_path):
   assert np.array_equal(source.labels[s["train"]].sum(0), [500] * 10)
   assert (source.official_split[s["query"]] == "test").all()
   assert not np.intersect1d(s["validation"], s["train"]).size
+  # The validation split mirrors the test: 1,000 queries, 100 per class, against
+  # the other 68,000 database images, 6,800 per class (the test: 6,900).
+  validation_database = splits_lib.validation_database(s)
+  assert np.array_equal(source.labels[s["validation"]].sum(0), [100] * 10)
+  assert validation_database.size == 68_000
+  assert np.array_equal(source.labels[validation_database].sum(0), [6_800] * 10)
+  assert np.array_equal(source.labels[s["database"]].sum(0), [6_900] * 10)

@@ -27,15 +27,26 @@ Sampling rules:
   public hashing code.
 - "uniformly": drawn among the images with at least one label.
 - The query of "modern" CIFAR-10 / Fashion-MNIST is the whole official test split.
-- validation: `num_validation` images (default: as many as the query) drawn
-  uniformly among the labelled images of the database minus the train set, for
-  model selection. When the train set is the whole database ("modern" CIFAR-10
-  / Fashion-MNIST) it is drawn from the database, so it is then a subset of the
-  train set. It never overlaps the query; it is part of the database, so score
-  it against the database minus the validation images.
+- validation (model selection, mirrors the test): `num_validation` queries
+  (default: as many as the query), drawn from the database, never from the query,
+  and ranked against the validation database = the database minus them
+  (`validation_database`), so validation mAP@K measures the same top fraction of
+  a database of (almost) the test's size and class balance as the test's mAP@K.
+  They are drawn like the query: per class (per concept) when the query is drawn
+  per class or is a class-balanced official test split, num_validation spread
+  evenly over the label columns (the first num_validation % num_labels columns
+  get one more); uniformly when the query is drawn uniformly. Their pool is the
+  labelled images of the database minus the train set, as the query is never
+  trained on; when the train set is the whole database ("modern" CIFAR-10 /
+  Fashion-MNIST) it is the whole database, so the validation queries are then
+  training images (optimistic by what the codes memorise). Fashion-MNIST "ssdh":
+  1,000 queries (100 per class) from the 64,000 database images outside train,
+  against the other 68,000 database images (6,800 per class; the test: 6,900).
 
-Everything is drawn by `np.random.default_rng(seed)` in a fixed order, so a
-(dataset, preset, seed, counts) tuple always gives the same splits. Every split
+Query, database and train are drawn by `np.random.default_rng(seed)` in a fixed
+order; validation by its own generator `np.random.default_rng([seed,
+VALIDATION_STREAM])`, so changing how validation is drawn never moves the test
+splits. A (dataset, preset, seed, counts) tuple always gives the same splits. Every split
 is a sorted int64 array of global indices (see `psch_jax.data.sources`).
 """
 from __future__ import annotations
@@ -49,6 +60,9 @@ from psch_jax.errors import UserError
 
 PRESETS = ("ssdh", "modern")
 SPLIT_NAMES = ("query", "database", "train", "validation")
+# Tags the validation draw's generator (the bytes of "validation" as one integer:
+# no dataset size or seed collides with it), like a jax.random.fold_in purpose tag.
+VALIDATION_STREAM = int.from_bytes(b"validation", "big")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,15 +131,15 @@ def _count(scheme: str, default: int, *, per_class: int | None,
 
 
 def _sample_per_class(rng: np.random.Generator, labels: np.ndarray,
-                      candidates: np.ndarray, per_class: int, *, allow_fewer: bool,
-                      what: str, fix: str) -> np.ndarray:
+                      candidates: np.ndarray, per_class: int | np.ndarray, *,
+                      allow_fewer: bool, what: str, fix: str) -> np.ndarray:
   """Draws `per_class` images per label column among `candidates`.
 
   Args:
     rng: the generator, advanced in a fixed order.
     labels: uint8 (N, num_labels).
     candidates: bool (N,), the images that may be drawn.
-    per_class: images per column.
+    per_class: images per column: one int for all, or int (num_labels,).
     allow_fewer: take all remaining members of a column that has fewer.
     what: the split being drawn, for the error message.
     fix: what the user should do when a column has too few images.
@@ -134,12 +148,13 @@ def _sample_per_class(rng: np.random.Generator, labels: np.ndarray,
     bool (N,) mask of the drawn images.
   """
   remaining = candidates.copy()
-  for column in range(labels.shape[1]):
+  counts = np.broadcast_to(np.asarray(per_class, np.int64), labels.shape[1:])
+  for column, count in enumerate(counts.tolist()):
     members = np.flatnonzero(remaining & (labels[:, column] > 0))
-    if members.size < per_class and not allow_fewer:
+    if members.size < count and not allow_fewer:
       raise UserError(f"{what}: class {column} has {members.size} candidate images, "
-                      f"{per_class} asked. {fix}")
-    drawn = rng.choice(members, size=min(per_class, members.size), replace=False)
+                      f"{count} asked. {fix}")
+    drawn = rng.choice(members, size=min(count, members.size), replace=False)
     remaining[drawn] = False
   return candidates & ~remaining
 
@@ -154,6 +169,33 @@ def _sample_uniform(rng: np.random.Generator, candidates: np.ndarray, count: int
   mask = np.zeros_like(candidates)
   mask[drawn] = True
   return mask
+
+
+def _draw_validation(rng: np.random.Generator, labels: np.ndarray,
+                     protocol: Protocol, *, pool: np.ndarray, count: int,
+                     allow_fewer: bool, what: str, fix: str) -> np.ndarray:
+  """The validation queries: `count` of `pool` (bool (N,)), drawn like the query.
+
+  Per class (per concept) unless the protocol draws its query uniformly: `count`
+  spread evenly over the label columns, the first `count % num_labels` columns
+  one more, so they hold the query's class balance. Returns a bool (N,) mask.
+  """
+  if protocol.query == "uniform":
+    return _sample_uniform(rng, pool, count, allow_fewer=allow_fewer, what=what,
+                           fix=fix)
+  num_labels = labels.shape[1]
+  per_class = np.full(num_labels, count // num_labels, np.int64)
+  per_class[:count % num_labels] += 1
+  return _sample_per_class(rng, labels, pool, per_class, allow_fewer=allow_fewer,
+                           what=what, fix=fix)
+
+
+def validation_database(splits: dict[str, np.ndarray]) -> np.ndarray:
+  """The images validation ranks its queries against: the database minus the
+  validation queries (sorted int64 global indices), the validation counterpart
+  of the test's database. Its size is len(database) - len(validation).
+  """
+  return np.setdiff1d(splits["database"], splits["validation"]).astype(np.int64)
 
 
 def make_splits(labels: np.ndarray, official_split: np.ndarray, *, dataset: str,
@@ -171,7 +213,8 @@ def make_splits(labels: np.ndarray, official_split: np.ndarray, *, dataset: str,
       "mirflickr25k").
     preset: one of `PRESETS`.
     seed: seeds `np.random.default_rng`; same arguments, same splits.
-    num_validation: validation size (default: the query size).
+    num_validation: validation queries (default: the query size); see the
+      module docstring for how they are drawn.
     query_per_class, train_per_class: override the per-class (per-concept)
       counts of presets that sample per class; for presets that sample
       uniformly they ask for `count * num_labels` images in all.
@@ -228,17 +271,16 @@ def make_splits(labels: np.ndarray, official_split: np.ndarray, *, dataset: str,
     train = _sample_uniform(rng, database & labelled, train_count,
                             allow_fewer=allow_fewer, what=f"{context}, train", fix=fix)
 
-  # Model selection should not score images the model trained on, unless the
-  # protocol trains on the whole database and leaves nothing else.
-  validation_pool = labelled & (database if protocol.train == "database"
-                                else database & ~train)
   if num_validation is None:
     num_validation = int(query.sum())
   if num_validation < 0:
     raise UserError(f"{context}: num_validation={num_validation} must be >= 0.")
-  validation = _sample_uniform(rng, validation_pool, num_validation,
-                               allow_fewer=allow_fewer,
-                               what=f"{context}, validation", fix=fix)
+  validation = _draw_validation(
+      np.random.default_rng([seed, VALIDATION_STREAM]), labels, protocol,
+      pool=labelled & (database if protocol.train == "database"
+                       else database & ~train),
+      count=num_validation, allow_fewer=allow_fewer,
+      what=f"{context}, validation", fix=fix)
 
   splits = {name: np.flatnonzero(mask).astype(np.int64) for name, mask in
             zip(SPLIT_NAMES, (query, database, train, validation))}

@@ -1,7 +1,7 @@
 """Evaluators: built from the config, each `run(params)` encodes, ranks and scores.
 
 - `retrieval`: Hamming-ranking retrieval (query images against the database, and
-  validation images against the training images for model selection), over the
+  for model selection validation images against the rest of the database), over the
   ranking and metrics of `psch_jax/ranking.py`; also `score_codes` for codes computed
   elsewhere (baselines), and the results.json / results.md writer.
 
