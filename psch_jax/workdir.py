@@ -215,6 +215,22 @@ def _holder(token: str = "") -> dict:
           "command": " ".join(sys.argv), **({"token": token} if token else {})}
 
 
+def _holder_died_here(holder: dict) -> bool:
+  """Whether `holder` ran on this host and its process is gone: a run killed here
+  (SIGKILL, a crash) leaves its lease behind, and its rerun on the same machine must
+  not wait for the lease to expire."""
+  pid = holder.get("pid")
+  if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:  # alive, another user's
+    return False
+  return False
+
+
 def _describe(holder: Optional[dict]) -> str:
   if not holder:
     return "a run that is just starting (it has not written its pid yet)"
@@ -286,8 +302,9 @@ class Lease:
 
   `lock.json` in the work directory names the holder and a heartbeat time, which a
   background thread renews every `heartbeat_s`. A new run refuses a lease whose
-  heartbeat is younger than `stale_after_s` (a run killed without releasing it
-  blocks the next one for at most that long); otherwise it writes its own, waits
+  heartbeat is younger than `stale_after_s` and whose holder is not a dead process
+  of this host (a run killed elsewhere without releasing it blocks the next one for
+  at most that long; one killed on this host does not block its rerun here); otherwise it writes its own, waits
   `settle_s` and reads it back, and refuses if another run's lease replaced it.
 
   Limits: without a write precondition (GCS `if_generation_match=0`, which
@@ -335,7 +352,8 @@ class Lease:
   def _fresh(self, lease: dict) -> bool:
     heartbeat = lease.get("heartbeat")
     return (isinstance(heartbeat, (int, float))
-            and time.time() - heartbeat < self.stale_after_s)
+            and time.time() - heartbeat < self.stale_after_s
+            and not _holder_died_here(lease))
 
   def _in_use_message(self, lease: Optional[dict]) -> str:
     return (f"work directory {self.path.parent} is in use by another run: "

@@ -18,9 +18,9 @@ from psch_jax.data import manual_files
 from psch_jax.data import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION_MNIST = os.path.isdir(sources.DEFAULT_FASHION_MNIST_DIR)
 needs_fashion_mnist = pytest.mark.skipif(
-    not os.path.isdir(sources.DEFAULT_FASHION_MNIST_DIR),
-    reason="apt-get install dataset-fashion-mnist")
+    not FASHION_MNIST, reason="apt-get install dataset-fashion-mnist")
 
 
 # ------------------------------------------------------------------------ configs

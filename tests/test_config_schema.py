@@ -238,7 +238,7 @@ def test_shipped_configs_pass_against_their_split_sizes():
 
 @pytest.mark.parametrize("changes,data,message", [
     ({"train.global_batch_size": 160, "eval.topk": (10,)},
-     {"num_train": 80, "num_database": 200},
+     {"num_train": 80, "num_database": 200, "num_validation": 20},
      r"^config.train.global_batch_size=160 is larger than the 80 training images; "
      r"lower it.$"),
     # Issue 15: blamed on num_clusters, which the user set, not on the unset

@@ -30,9 +30,8 @@ from psch_jax import reports
 from psch_jax import train
 from psch_jax.evaluators import retrieval
 from tests import test_train
+from tests.helpers import FASHION_MNIST, ROOT, needs_fashion_mnist, repo_config
 
-ROOT = test_train.ROOT
-needs_fashion_mnist = test_train.needs_fashion_mnist
 
 # Seconds a tiny run may take on a busy 2-core CPU (as tests/test_train.py allows).
 _RUN_TIMEOUT_S = 600
@@ -73,10 +72,10 @@ def _first_checkpoint_committed(bucket, workdir: str) -> bool:
 @pytest.fixture(scope="module")
 def local_reference(tmp_path_factory):
   """One uninterrupted local run of Fashion-MNIST tiny (the codes to match)."""
-  if not test_train.FASHION_MNIST:
+  if not FASHION_MNIST:
     pytest.skip("apt-get install dataset-fashion-mnist")
   workdir = str(tmp_path_factory.mktemp("local_reference"))
-  train.train_and_evaluate(test_train.load_config("fashion_mnist"), workdir)
+  train.train_and_evaluate(repo_config("fashion_mnist", "tiny"), workdir)
   return workdir
 
 
@@ -84,7 +83,7 @@ def local_reference(tmp_path_factory):
 def resumed_gcs_run(gcs_bucket):
   """A tiny main.py run on gs://, SIGKILLed after its first checkpoint and rerun to
   the end: (work directory, output of the rerun)."""
-  if not test_train.FASHION_MNIST:
+  if not FASHION_MNIST:
     pytest.skip("apt-get install dataset-fashion-mnist")
   workdir = _unique_workdir(gcs_bucket, "run")
   proc = test_train.run_main(workdir)

@@ -298,3 +298,19 @@ def test_a_lease_taken_over_by_another_run_is_detected(tmp_path):
     lease.release()
   # Not ours any more: release leaves the other run's lease in place.
   assert json.loads((tmp_path / workdir_lib.LEASE_NAME).read_text())["pid"] == 7
+
+
+def test_a_fresh_lease_of_a_dead_process_of_this_host_is_taken_over(tmp_path):
+  # A run SIGKILLed on this host leaves a fresh lease; its rerun here must not wait
+  # for it to expire, while a live holder (this process) is still refused.
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  lease = {"pid": dead.pid, "host": socket.gethostname(), "token": "killed",
+           "heartbeat": time.time()}
+  (tmp_path / workdir_lib.LEASE_NAME).write_text(json.dumps(lease))
+  with workdir_lib.Lease(str(tmp_path), settle_s=0.0) as taken:
+    taken.check()
+    assert json.loads((tmp_path / workdir_lib.LEASE_NAME).read_text())["pid"] == \
+        os.getpid()
+    with pytest.raises(UserError, match=rf"in use by another run: pid {os.getpid()}"):
+      workdir_lib.Lease(str(tmp_path), settle_s=0.0)
