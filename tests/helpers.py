@@ -7,6 +7,7 @@
   0/1 label matrices), for the tfds builders in psch_jax/data.
 """
 import os
+import socket
 
 import ml_collections
 import numpy as np
@@ -21,6 +22,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_MNIST = os.path.isdir(sources.DEFAULT_FASHION_MNIST_DIR)
 needs_fashion_mnist = pytest.mark.skipif(
     not FASHION_MNIST, reason="apt-get install dataset-fashion-mnist")
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that is free now (for a jax.distributed coordinator)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------ configs

@@ -15,7 +15,6 @@ module and reused by the eval, search and reports tests.
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from psch_jax import reports
 from psch_jax import train
 from psch_jax.evaluators import retrieval
 from tests import test_train
-from tests.helpers import FASHION_MNIST, ROOT, needs_fashion_mnist, repo_config
+from tests.helpers import free_port, FASHION_MNIST, ROOT, needs_fashion_mnist, repo_config
 
 
 # Seconds a tiny run may take on a busy 2-core CPU (as tests/test_train.py allows).
@@ -177,17 +176,11 @@ def test_reports_on_gcs_recompute_every_metric(resumed_gcs_run):
   assert "metrics agree" in result.stdout and "MISMATCH" not in result.stdout
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @needs_fashion_mnist
 def test_two_processes_train_one_run_into_one_gcs_workdir(gcs_bucket):
   workdir = _unique_workdir(gcs_bucket, "two_processes")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  address = f"127.0.0.1:{_free_port()}"
+  address = f"127.0.0.1:{free_port()}"
   procs = [test_train.run_main(workdir, f"--coordinator_address={address}",
                                "--num_processes=2", f"--process_id={i}", env=env)
            for i in range(2)]

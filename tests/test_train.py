@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from psch_jax import targets as targets_lib
 from psch_jax import train
 from psch_jax.data import sources
 from psch_jax.evaluators import retrieval
-from tests.helpers import (ROOT, needs_fashion_mnist, repo_config, write_image,
+from tests.helpers import (free_port, ROOT, needs_fashion_mnist, repo_config, write_image,
                            write_list, write_matrix)
 
 
@@ -132,16 +131,10 @@ def test_sigkill_mid_training_then_rerun_resumes_to_the_same_codes(reference_run
   assert_same_run(reference_run, workdir)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @needs_fashion_mnist
 def test_two_processes_train_together_and_report_the_same_metrics(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  address = f"127.0.0.1:{_free_port()}"
+  address = f"127.0.0.1:{free_port()}"
   procs = [run_main(str(tmp_path), f"--coordinator_address={address}",
                     "--num_processes=2", f"--process_id={i}", env=env)
            for i in range(2)]
