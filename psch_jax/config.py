@@ -70,6 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
   # size d (None = num_clusters).
   c.pseudo_labels.spectral_neighbors = 10
   c.pseudo_labels.spectral_components = config_dict.placeholder(int)
+  # K_f of Eq. 2b: a second, finer k-means of the same features (None = one level).
+  c.pseudo_labels.fine_clusters = config_dict.placeholder(int)
   c.pseudo_labels.n_init = 3
   c.pseudo_labels.max_iter = 100
   c.pseudo_labels.tol = 1e-4
@@ -87,10 +89,15 @@ def base_config() -> ml_collections.ConfigDict:
   # c of Eq. 7b: pairs of different pseudo classes get -1 + (1 + c) r_kl by how
   # close their clusters are; None keeps the paper's -1 (Eq. 7).
   c.similarity.cross_cluster_ceiling = config_dict.placeholder(float)
+  # t of Eq. 7c: with fine clusters, pairs of one (coarse) pseudo class in two
+  # different fine clusters.
+  c.similarity.sibling_target = 0.2
 
   c.loss = ml_collections.ConfigDict()
   c.loss.alpha = 0.1                                 # L_cls weight; 0 = ablation
   c.loss.beta = 0.01                                 # L_q weight; 0 = ablation
+  c.loss.fine_alpha = 0.1                            # L_cls^f weight (fine clusters)
+  c.loss.fine_within_class = False                   # Eq. 9c: softmax over siblings
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adam"

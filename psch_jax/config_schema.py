@@ -135,6 +135,8 @@ FIELDS: dict[str, Field] = {
         "k of the pixels' k-NN graph (Eq. 1a)")),
     "pseudo_labels.spectral_components": _int(1, nullable=True, meaning=(
         "the spectral embedding size d of Eq. 1a (unset = num_clusters)")),
+    "pseudo_labels.fine_clusters": _int(2, nullable=True, meaning=(
+        "K_f of Eq. 2b, the finer clustering (unset = one level)")),
     "pseudo_labels.n_init": _int(1, meaning="the number of k-means restarts"),
     "pseudo_labels.max_iter": _int(0, meaning="the Lloyd iterations per restart"),
     "pseudo_labels.tol": _float(0.0, meaning="the k-means convergence tolerance"),
@@ -149,9 +151,14 @@ FIELDS: dict[str, Field] = {
     "similarity.unlabelled_weight": _float(0.0, meaning="mu of Eq. 7 (0 masks)"),
     "similarity.cross_cluster_ceiling": _float(-1.0, nullable=True, meaning=(
         "c of Eq. 7b (unset keeps the paper's -1)")),
+    "similarity.sibling_target": _float(-1.0, 1.0, meaning=(
+        "t of Eq. 7c, the target of one pseudo class's pairs in two fine clusters")),
 
     "loss.alpha": _float(0.0, meaning="the L_cls weight (0 = ablation)"),
     "loss.beta": _float(0.0, meaning="the L_q weight (0 = ablation)"),
+    "loss.fine_within_class": _BOOL,
+    "loss.fine_alpha": _float(0.0, meaning=(
+        "alpha_f of Eq. 11b, the weight of the fine clusters' L_cls^f")),
 
     "optim.name": _choice(psch_config.OPTIMIZERS),
     "optim.learning_rate": _float(0.0, low_open=True, meaning="the peak learning rate"),
@@ -384,6 +391,20 @@ def _combination_problems(c: ml_collections.ConfigDict, *,
         f"config.similarity.cross_cluster_ceiling={ceiling} must lie in [-1, "
         f"same_class_floor={floor}) so same-class pairs stay above cross-cluster "
         "pairs; unset it to keep the paper's -1.")
+  fine, sibling = c.pseudo_labels.fine_clusters, c.similarity.sibling_target
+  if fine is not None:
+    if not fine > c.pseudo_labels.num_clusters:
+      problems.append(
+          f"config.pseudo_labels.fine_clusters={fine} must be more than "
+          f"pseudo_labels.num_clusters={c.pseudo_labels.num_clusters} (it splits the "
+          "pseudo classes finer); raise it or unset it.")
+    low = -1.0 if ceiling is None else ceiling
+    if not low < sibling < floor:
+      problems.append(
+          f"config.similarity.sibling_target={sibling} must lie between the "
+          f"cross-cluster targets (at most {low}) and same_class_floor={floor}, so "
+          "pairs of one fine cluster stay above pairs of one pseudo class, and those "
+          "above pairs of two; set it in between.")
   if c.optim.warmup_epochs > c.train.num_epochs:
     problems.append(
         f"config.optim.warmup_epochs={c.optim.warmup_epochs} is longer than "
@@ -478,6 +499,17 @@ def check_against_data(config: ml_collections.ConfigDict, *, num_train: int,
         "(data.train_per_class).")
   elif c.pseudo_labels.features == "spectral":
     problems += _spectral_problems(c, num_train)
+  fine = c.pseudo_labels.fine_clusters
+  if fine is not None and num_clusters <= num_train:
+    if fine > num_train:
+      problems.append(
+          f"config.pseudo_labels.fine_clusters={fine} is more than the {num_train} "
+          "training images; lower it.")
+    elif c.pseudo_labels.features == "spectral" and 5 * fine >= num_train:
+      problems.append(
+          f"config.pseudo_labels.fine_clusters={fine} also sets the size of the fine "
+          f"clustering's spectral embedding, and 5 x it must be below the {num_train} "
+          f"training images; use at most {max((num_train - 1) // 5, 0)}.")
   if num_query is not None and num_query < 1:
     problems.append(
         f"the query split is empty (data.query_per_class={c.data.query_per_class}, "

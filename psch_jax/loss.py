@@ -20,7 +20,9 @@ _MIN_TOTAL_PAIR_WEIGHT = 1e-12
 def psch_loss(
     relaxed_codes: jax.Array, class_logits: jax.Array, pseudo_labels: jax.Array,
     target: jax.Array, pair_weight: jax.Array, *, alpha: float = 0.1,
-    beta: float = 0.01) -> tuple[jax.Array, dict[str, jax.Array]]:
+    beta: float = 0.01, fine_logits: jax.Array | None = None,
+    fine_labels: jax.Array | None = None, fine_alpha: float = 0.1,
+    fine_parents: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total PSCH loss of a batch and its unweighted terms.
 
   - L_sim = sum_ij m_ij (u_i . u_j / L - S_ij)^2 / max(sum_ij m_ij, eps)  (Eq. 8);
@@ -38,6 +40,13 @@ def psch_loss(
     target: (B, B) target similarity S (Eq. 7).
     pair_weight: (B, B) pair weights m >= 0 (Eq. 7).
     alpha: weight of L_cls; 0 is the ablation "no L_cls".
+    fine_logits, fine_labels: (B, K_f) logits of the fine classifier and (B,) fine
+      pseudo labels (Eq. 2b), -1 = unlabelled; with them the loss adds
+      fine_alpha times their cross-entropy L_cls^f (Eq. 9b). None for one level.
+    fine_alpha: alpha_f of Eq. 11b, the weight of L_cls^f.
+    fine_parents: (K_f,) int, the pseudo class each fine cluster lies in; with it the
+      softmax of Eq. 9b runs over the fine clusters of the image's own pseudo class
+      only (Eq. 9c). None: over all K_f.
     beta: weight of L_q; 0 is the ablation "no L_q".
 
   Returns:
@@ -71,18 +80,40 @@ def psch_loss(
   sim = jnp.sum(pair_weight * residual**2) / jnp.maximum(
       jnp.sum(pair_weight), _MIN_TOTAL_PAIR_WEIGHT)  # (Eq. 8)
 
-  labelled = pseudo_labels >= 0
-  # Unlabelled rows get a dummy class 0 so the cross-entropy stays finite; the
-  # mask then removes them (and their gradient) from the mean.
-  safe_labels = jnp.where(labelled, pseudo_labels, 0)
-  cross_entropy = optax.softmax_cross_entropy_with_integer_labels(
-      class_logits.astype(dtype), safe_labels)
-  num_labelled = jnp.sum(labelled)
-  cls = jnp.sum(jnp.where(labelled, cross_entropy, 0.0)) / jnp.maximum(
-      num_labelled, 1).astype(dtype)  # (Eq. 9)
+  cls = _masked_cross_entropy(class_logits.astype(dtype), pseudo_labels)  # (Eq. 9)
+  terms = {}
+  if fine_logits is not None:
+    if fine_logits.shape[0] != batch or fine_labels.shape != (batch,):
+      raise UserError(
+          f"psch_loss needs fine_logits (B, K_f) and fine_labels (B,) for the batch "
+          f"of {batch}; got {fine_logits.shape} and {fine_labels.shape}.")
+    fine_logits = fine_logits.astype(dtype)
+    if fine_parents is not None:
+      # Siblings only (Eq. 9c): the other pseudo classes are told apart by L_cls.
+      own_parent = fine_parents[jnp.maximum(fine_labels, 0)]
+      siblings = fine_parents[None, :] == own_parent[:, None]
+      fine_logits = jnp.where(siblings, fine_logits, _EXCLUDED_LOGIT)
+    terms["cls_fine"] = _masked_cross_entropy(fine_logits, fine_labels)  # (Eq. 9b)
 
   signs = jax.lax.stop_gradient(jnp.where(codes >= 0, 1.0, -1.0).astype(dtype))
   quant = jnp.mean(jnp.sum((codes - signs)**2, axis=-1)) / code_length  # (Eq. 10)
 
   total = sim + alpha * cls + beta * quant  # (Eq. 11)
-  return total, {"sim": sim, "cls": cls, "quant": quant}
+  if "cls_fine" in terms:
+    total = total + fine_alpha * terms["cls_fine"]  # (Eq. 11b)
+  return total, {"sim": sim, "cls": cls, "quant": quant, **terms}
+
+
+# A logit no class can win against, finite so that its softmax has no NaN gradient.
+_EXCLUDED_LOGIT = -1e9
+
+
+def _masked_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean cross-entropy over the rows with a label >= 0; 0 when there is none."""
+  labelled = labels >= 0
+  # Unlabelled rows get a dummy class 0 so the cross-entropy stays finite; the
+  # mask then removes them (and their gradient) from the mean.
+  cross_entropy = optax.softmax_cross_entropy_with_integer_labels(
+      logits, jnp.where(labelled, labels, 0))
+  return jnp.sum(jnp.where(labelled, cross_entropy, 0.0)) / jnp.maximum(
+      jnp.sum(labelled), 1).astype(logits.dtype)

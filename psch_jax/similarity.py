@@ -103,12 +103,13 @@ def pixel_similarity(unit_pixels: jax.Array) -> jax.Array:
 
 @functools.partial(
     jax.jit, static_argnames=("same_class_floor", "unlabelled_weight", "hard",
-                              "cross_cluster_ceiling"))
+                              "cross_cluster_ceiling", "sibling_target"))
 def target_similarity(
     soft_sim: jax.Array, pseudo_labels: jax.Array, *,
     same_class_floor: float = 0.5, unlabelled_weight: float = 0.1,
     hard: bool = False, cross_cluster_ceiling: float | None = None,
-    cluster_affinity: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    cluster_affinity: jax.Array | None = None, fine_labels: jax.Array | None = None,
+    sibling_target: float = 0.2) -> tuple[jax.Array, jax.Array]:
   """Target similarity S and pair weights m of a batch (Eq. 7).
 
   Soft mode (default), with lam = `same_class_floor`, mu = `unlabelled_weight`:
@@ -132,7 +133,14 @@ def target_similarity(
   -1, so codes keep which clusters are neighbours (an over-split class stays
   together) while every same-class pair stays above when c < lam.
 
-  Hard mode (`hard=True`, the SSDH-like ablation) ignores s: S_ij = +1 for the
+  Two levels (Eq. 7c): with `fine_labels` y^f (a finer clustering, -1 =
+  unlabelled), only a pair of one fine cluster gets lam + (1 - lam) s_ij; a pair of
+  one pseudo class in two fine clusters (or unlabelled at the fine level) gets
+  t = `sibling_target`, and the rows above apply to the rest. A pair of one fine
+  cluster has m_ij = 1 even when a coarse label is missing. With c < t < lam the
+  targets nest: one fine cluster > one pseudo class > two pseudo classes.
+
+  Hard mode (`hard=True`, the SSDH-like ablation) ignores s and `fine_labels`: S_ij = +1 for the
   same pseudo class, -1 for different ones, m_ij = 1 for off-diagonal pairs of
   two labelled images and 0 for any pair with an unlabelled image.
 
@@ -146,6 +154,9 @@ def target_similarity(
       (Eq. 7b); None keeps -1 for every pair of different pseudo classes (Eq. 7).
     cluster_affinity: (K, K) r of `psch_jax.pseudo_labels.cluster_affinity`,
       needed when `cross_cluster_ceiling` is set.
+    fine_labels: (B,) int fine pseudo labels y^f (Eq. 2b), -1 = unlabelled; None
+      for one level.
+    sibling_target: t of Eq. 7c, used with `fine_labels` only.
 
   Returns:
     (target, pair_weight): two (B, B) float32 matrices, S and m.
@@ -181,6 +192,13 @@ def target_similarity(
   same_class = both_labelled & (pseudo_labels[:, None] == pseudo_labels[None, :])
   off_diagonal = ~jnp.eye(num, dtype=bool)
 
+  if fine_labels is not None and (fine_labels.shape != pseudo_labels.shape
+                                  or not -1.0 <= sibling_target < same_class_floor):
+    raise UserError(
+        f"fine_labels need the shape {pseudo_labels.shape} of the pseudo labels (got "
+        f"{fine_labels.shape}) and a sibling_target={sibling_target} in "
+        f"[-1, same_class_floor={same_class_floor}).")
+
   if hard:
     target = jnp.where(same_class, 1.0, -1.0).astype(dtype)
     pair_weight = both_labelled & off_diagonal
@@ -191,8 +209,14 @@ def target_similarity(
       clusters = jnp.maximum(pseudo_labels, 0)
       cross = -1.0 + (1.0 + cross_cluster_ceiling) * cluster_affinity.astype(dtype)[
           clusters[:, None], clusters[None, :]]
-    target = jnp.where(
-        same_class, same_class_floor + (1.0 - same_class_floor) * soft_sim,
-        jnp.where(both_labelled, cross, 2.0 * soft_sim - 1.0))
+    soft_target = same_class_floor + (1.0 - same_class_floor) * soft_sim
+    target = jnp.where(same_class, soft_target,
+                       jnp.where(both_labelled, cross, 2.0 * soft_sim - 1.0))
+    if fine_labels is not None:  # Eq. 7c
+      same_fine = ((fine_labels[:, None] == fine_labels[None, :])
+                   & (fine_labels >= 0)[:, None] & (fine_labels >= 0)[None, :])
+      target = jnp.where(same_fine, soft_target,
+                         jnp.where(same_class, sibling_target, target))
+      both_labelled = both_labelled | same_fine
     pair_weight = jnp.where(both_labelled, 1.0, unlabelled_weight) * off_diagonal
   return target.astype(dtype), pair_weight.astype(dtype)

@@ -8,6 +8,8 @@ checkpoint holds it, so a resumed run never recomputes k-means differently):
 |---------------------|-------------------|-----------------------------------------------|
 | "pseudo_labels"     | int32 (N,)        | y of Eq. 2, -1 = unlabelled                   |
 | "cluster_affinity"  | f32 (K_c, K_c)    | r of Eq. 7b                                   |
+| "fine_labels"       | int32 (N,)        | y^f of Eq. 2b, `pseudo_labels.fine_clusters` set |
+| "fine_parents"      | int32 (K_f,)      | the pseudo class of each fine cluster (Eq. 9c) |
 | "part_descriptors"  | f32 (N, P, C/P)   | v of Eq. 4, `similarity.source = "initial"`   |
 | "part_weights"      | f32 (N, P)        | omega of Eq. 5, `similarity.source = "initial"` |
 | "pixel_features"    | f32 (N, H W C)    | unit pixels of Eq. 6b, `similarity.source = "pixels"` |
@@ -101,19 +103,12 @@ def compute_targets(config: ml_collections.ConfigDict, key: jax.Array, encode, p
   if features in _PIXEL_FEATURES or source_kind == "pixels":
     pixels = source.read(train_indices).reshape(len(train_indices), -1)
     pixels = pixels.astype(np.float32) / 255.0
-  z = pixels if features in _PIXEL_FEATURES else encoded[keys[0]]
+  features_of_images = pixels if features in _PIXEL_FEATURES else encoded[keys[0]]
   p = config.pseudo_labels
-  if features == "spectral":
-    # The sizes were checked against the training split by `check_sizes`.
-    embedding_key, key = jax.random.split(key)
-    embedding = spectral.spectral_embedding(embedding_key, jnp.asarray(z),
-                                            num_components=spectral_components(config),
-                                            num_neighbors=p.spectral_neighbors)
-    z = embedding.embedding
-  labels, stats = make_pseudo_labels(
-      key, jnp.asarray(z), num_clusters=p.num_clusters, keep_quantile=p.keep_quantile,
-      absolute_threshold=p.absolute_threshold, n_init=p.n_init, max_iter=p.max_iter,
-      tol=p.tol, mesh=mesh.local_mesh)
+  labels, stats, embedding = _cluster(
+      config, key, features_of_images, features=features,
+      num_clusters=p.num_clusters, num_components=spectral_components(config),
+      mesh=mesh)
   labels = np.asarray(labels, np.int32)
   targets = {"pseudo_labels": labels,
              "cluster_affinity": np.asarray(cluster_affinity(stats.centroids))}
@@ -131,9 +126,64 @@ def compute_targets(config: ml_collections.ConfigDict, key: jax.Array, encode, p
              "kmeans_iterations": int(stats.num_iterations),
              "purity": float(purity(labels, source.labels[train_indices])),
              **stats.sanity()}
-  if features == "spectral":
+  if embedding is not None:
     summary["spectral"] = embedding.stats()
+  if p.fine_clusters is not None:
+    # A key of its own, so that the coarse labels are those of a one-level run.
+    fine_labels, fine_stats, fine_embedding = _cluster(
+        config, jax.random.fold_in(key, 1), features_of_images, features=features,
+        num_clusters=p.fine_clusters, num_components=p.fine_clusters, mesh=mesh)
+    targets["fine_labels"] = np.asarray(fine_labels, np.int32)
+    targets["fine_parents"] = fine_parents(targets["fine_labels"], labels,
+                                           num_fine=p.fine_clusters,
+                                           num_coarse=p.num_clusters)
+    summary["fine"] = {
+        "num_clusters": p.fine_clusters,
+        "kept_fraction": float(fine_stats.kept_fraction),
+        "cluster_sizes": np.asarray(fine_stats.cluster_sizes).tolist(),
+        "purity": float(purity(targets["fine_labels"],
+                               source.labels[train_indices])),
+        **fine_stats.sanity()}
+    if fine_embedding is not None:
+      summary["fine"]["spectral"] = fine_embedding.stats()
   return targets, summary
+
+
+def fine_parents(fine_labels: np.ndarray, labels: np.ndarray, *, num_fine: int,
+                 num_coarse: int) -> np.ndarray:
+  """int32 (K_f,): the pseudo class (Eq. 2) most of each fine cluster's (Eq. 2b)
+  images have, among the images labelled at both levels; 0 for a fine cluster
+  without such an image. The two k-means are independent, so a fine cluster can
+  straddle two pseudo classes; it belongs to the larger share."""
+  both = (fine_labels >= 0) & (labels >= 0)
+  counts = np.zeros((num_fine, num_coarse), np.int64)
+  np.add.at(counts, (fine_labels[both], labels[both]), 1)
+  return np.argmax(counts, axis=1).astype(np.int32)
+
+
+def _cluster(config, key, features_of_images, *, features: str, num_clusters: int,
+             num_components: int, mesh: Mesh):
+  """k-means labels (Eqs. 1, 2) of one level, on the spectral embedding (Eq. 1a)
+  of `features_of_images` when `features` is "spectral", else on them directly.
+
+  Returns:
+    (labels (N,) int32 with -1 for rejected images, PseudoLabelStats, the
+    SpectralEmbedding or None).
+  """
+  p = config.pseudo_labels
+  z, embedding = features_of_images, None
+  if features == "spectral":
+    # The sizes were checked against the training split by `check_sizes`.
+    embedding_key, key = jax.random.split(key)
+    embedding = spectral.spectral_embedding(embedding_key, jnp.asarray(z),
+                                            num_components=num_components,
+                                            num_neighbors=p.spectral_neighbors)
+    z = embedding.embedding
+  labels, stats = make_pseudo_labels(
+      key, jnp.asarray(z), num_clusters=num_clusters, keep_quantile=p.keep_quantile,
+      absolute_threshold=p.absolute_threshold, n_init=p.n_init, max_iter=p.max_iter,
+      tol=p.tol, mesh=mesh.local_mesh)
+  return labels, stats, embedding
 
 
 def abstract_targets(config: ml_collections.ConfigDict, num_train: int,
@@ -151,6 +201,9 @@ def abstract_targets(config: ml_collections.ConfigDict, num_train: int,
   struct = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
   targets = {"pseudo_labels": struct((num_train,), jnp.int32),
              "cluster_affinity": struct((num_clusters, num_clusters), jnp.float32)}
+  if config.pseudo_labels.fine_clusters is not None:
+    targets["fine_labels"] = struct((num_train,), jnp.int32)
+    targets["fine_parents"] = struct((config.pseudo_labels.fine_clusters,), jnp.int32)
   if config.similarity.source == "initial":
     shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
     attention = encoding.make_attention(config) if attention is None else attention
@@ -174,11 +227,13 @@ class BatchTargets(NamedTuple):
     similarity: f32 (B, B) soft similarity s (Eq. 6, or 6b for pixels).
     target: f32 (B, B) target similarity S (Eq. 7, 7b with a cross-cluster ceiling).
     pair_weight: f32 (B, B) pair weights m (Eq. 7).
+    fine_labels: int32 (B,) y^f of the batch (Eq. 2b), or None for one level.
   """
   pseudo_labels: jax.Array
   similarity: jax.Array
   target: jax.Array
   pair_weight: jax.Array
+  fine_labels: Optional[jax.Array] = None
 
 
 def batch_targets(config: ml_collections.ConfigDict, targets: dict,
@@ -200,6 +255,7 @@ def batch_targets(config: ml_collections.ConfigDict, targets: dict,
   take = (lambda x: x) if rows is None else (lambda x: x[rows])
   sim = config.similarity
   labels = take(targets["pseudo_labels"])
+  fine_labels = take(targets["fine_labels"]) if "fine_labels" in targets else None
   if sim.source == "pixels":
     soft = pixel_similarity(take(targets["pixel_features"]))
   elif sim.source == "online":
@@ -211,9 +267,10 @@ def batch_targets(config: ml_collections.ConfigDict, targets: dict,
       soft, labels, same_class_floor=sim.same_class_floor,
       unlabelled_weight=sim.unlabelled_weight, hard=sim.hard,
       cross_cluster_ceiling=sim.cross_cluster_ceiling,
-      cluster_affinity=targets["cluster_affinity"])
+      cluster_affinity=targets["cluster_affinity"],
+      fine_labels=fine_labels, sibling_target=sim.sibling_target)
   return BatchTargets(pseudo_labels=labels, similarity=soft, target=target,
-                      pair_weight=pair_weight)
+                      pair_weight=pair_weight, fine_labels=fine_labels)
 
 
 def online_parts_of(config: ml_collections.ConfigDict, encode, params, source,

@@ -113,8 +113,15 @@ def build_model(config: ml_collections.ConfigDict) -> models.PSCHNet:
   # .get: a work directory written before the field existed was float32 (search).
   dtype = models.compute_dtype(config.model.get("compute_dtype", "float32"))
   return models.create_model(config.model.backbone, num_bits=config.model.num_bits,
-                             num_classes=config.pseudo_labels.num_clusters,
+                             num_classes=num_classifier_outputs(config),
                              dtype=dtype, **backbone_kwargs)
+
+
+def num_classifier_outputs(config: ml_collections.ConfigDict) -> int:
+  """K_c, or K_c + K_f with fine clusters: one linear layer holds both classifiers
+  of Eq. 9b, the first K_c logits the pseudo classes', the rest the fine clusters'."""
+  p = config.pseudo_labels
+  return p.num_clusters + (p.fine_clusters or 0)
 
 
 def init_params(config: ml_collections.ConfigDict, model: models.PSCHNet,
@@ -126,8 +133,8 @@ def init_params(config: ml_collections.ConfigDict, model: models.PSCHNet,
   # One compiled program instead of one per initializer op: eager init compiles
   # dozens of tiny programs, which dominates the start-up of small runs. It runs
   # once, so it is compiled without backend optimisation: on CPU XLA otherwise spends
-  # ~8 s optimising the unrolled threefry kernels of the random initialisers for a
-  # program that runs in 0.2 s (docs/benchmarks.md). Still deterministic for the seed.
+  # far longer optimising the unrolled threefry kernels of the random initialisers
+  # than the program runs (docs/benchmarks.md). Still deterministic for the seed.
   init = jax.jit(lambda k: model.init(k, jnp.zeros(shape, jnp.float32),
                                       train=False)["params"])
   if isinstance(key, jax.core.Tracer):
@@ -347,10 +354,17 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.PSCHNet,
           {}, jax.lax.stop_gradient(out["feature_map"]))[:2]
       batch_target = targets_lib.batch_targets(config, targets, position,
                                                online_parts=online_parts)
-      return psch_loss(out["relaxed_codes"], out["class_logits"],
-                       batch_target.pseudo_labels, batch_target.target,
+      logits, fine_logits = out["class_logits"], None
+      if batch_target.fine_labels is not None:
+        num_coarse = config.pseudo_labels.num_clusters
+        logits, fine_logits = logits[:, :num_coarse], logits[:, num_coarse:]
+      return psch_loss(out["relaxed_codes"], logits, batch_target.pseudo_labels, batch_target.target,
                        batch_target.pair_weight, alpha=config.loss.alpha,
-                       beta=config.loss.beta)
+                       beta=config.loss.beta, fine_logits=fine_logits,
+                       fine_labels=batch_target.fine_labels,
+                       fine_alpha=config.loss.fine_alpha,
+                       fine_parents=(targets["fine_parents"]
+                                     if config.loss.fine_within_class else None))
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

@@ -167,6 +167,13 @@ def test_the_checks_of_config_validate_are_kept(name, value, message):
      r"backbone is 'small_cnn'; pretrained weights exist for 'vgg16' only"),
     ({"pseudo_labels.features": "pixels", "pseudo_labels.spectral_components": 8},
      r"spectral_components=8 is set but pseudo_labels.features='pixels'"),
+    ({"pseudo_labels.fine_clusters": 10},
+     r"fine_clusters=10 must be more than pseudo_labels.num_clusters=10"),
+    ({"pseudo_labels.fine_clusters": 50, "similarity.sibling_target": 0.5},
+     r"sibling_target=0.5 must lie between the cross-cluster targets \(at most 0.0\) "
+     r"and same_class_floor=0.5"),
+    ({"pseudo_labels.fine_clusters": 50, "similarity.sibling_target": -0.5},
+     r"sibling_target=-0.5 must lie between"),
     ({"data.preset": "modern", "data.query_per_class": 5},
      r"config.data.query_per_class=5 cannot be used with data.preset='modern'"),
     ({"data.preset": "modern", "data.train_per_class": 5},

@@ -32,7 +32,7 @@ def test_ablation_configs_are_the_overrides_of_method_md():
   documented = {field: ast.literal_eval(value) for field, value in
                 re.findall(r"`--config\.([\w.]+)=([^`]+)`", section)}
   overridden = [m for m in experiments.ABLATIONS if experiments.METHODS[m].overrides]
-  assert len(documented) == len(overridden) == 8
+  assert len(documented) == len(overridden) == 10
   config = cli.load_config(f"{CONFIG}:tiny")
   before = config.to_dict()
   reference = experiments.method_config(config, "psch_short", num_bits=8, seed=3,

@@ -211,6 +211,49 @@ def test_cross_cluster_ceiling_needs_affinity_and_a_value_below_the_floor():
                       cluster_affinity=_affinity())
 
 
+def test_fine_labels_nest_the_targets_of_eq7c():
+  lam, mu, ceiling, sibling = 0.5, 0.1, 0.0, 0.2
+  soft_sim, affinity = _soft_sim(), _affinity()
+  # Fine clusters split the coarse ones; -1 marks images rejected at that level.
+  fine = np.where(LABELS >= 0, 2 * LABELS + np.arange(len(LABELS)) % 2, -1)
+  fine[0] = -1 if LABELS[0] >= 0 else 0
+  kwargs = dict(same_class_floor=lam, unlabelled_weight=mu,
+                cross_cluster_ceiling=ceiling, cluster_affinity=affinity)
+  target, weight = target_similarity(soft_sim, LABELS, fine_labels=fine,
+                                     sibling_target=sibling, **kwargs)
+  one_level, one_level_weight = target_similarity(soft_sim, LABELS, **kwargs)
+  target, weight = np.asarray(target), np.asarray(weight)
+  labelled, fine_labelled = LABELS >= 0, fine >= 0
+  same_fine = (fine[:, None] == fine[None, :]) & fine_labelled[:, None]
+  same_class = (LABELS[:, None] == LABELS[None, :]) & labelled[:, None]
+  siblings = same_class & ~same_fine
+  off_diagonal = ~np.eye(len(LABELS), dtype=bool)
+  assert (same_fine & off_diagonal).any() and siblings.any()
+  np.testing.assert_allclose(target[same_fine], lam + (1 - lam) * soft_sim[same_fine],
+                             rtol=1e-6)
+  np.testing.assert_array_equal(target[siblings], np.float32(sibling))
+  rest = ~same_fine & ~same_class
+  np.testing.assert_array_equal(target[rest], np.asarray(one_level)[rest])
+  np.testing.assert_array_equal(weight[same_fine & off_diagonal], 1.0)
+  np.testing.assert_array_equal(weight[~same_fine], np.asarray(one_level_weight)[~same_fine])
+  both = labelled[:, None] & labelled[None, :]
+  assert (target[same_fine].min() >= lam > sibling
+          > target[both & ~same_class].max())
+
+
+def test_fine_labels_need_a_sibling_target_below_the_floor_and_hard_mode_ignores_them():
+  fine = np.arange(len(LABELS))
+  with pytest.raises(UserError, match="sibling_target=0.6"):
+    target_similarity(_soft_sim(), LABELS, fine_labels=fine, sibling_target=0.6)
+  with pytest.raises(UserError, match=r"shape \(7,\)"):
+    target_similarity(_soft_sim(), LABELS, fine_labels=fine[:3])
+  hard = [np.asarray(m) for m in target_similarity(_soft_sim(), LABELS, hard=True)]
+  hard_fine = [np.asarray(m) for m in target_similarity(
+      _soft_sim(), LABELS, fine_labels=fine, hard=True)]
+  for one_level, two_levels in zip(hard, hard_fine):
+    np.testing.assert_array_equal(one_level, two_levels)
+
+
 def test_pixel_similarity_is_the_cosine_of_non_negative_pixels():
   rng = np.random.default_rng(11)
   pixels = rng.uniform(size=(6, 20)).astype(np.float32)
