@@ -97,7 +97,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.alpha = 0.1                                 # L_cls weight; 0 = ablation
   c.loss.beta = 0.01                                 # L_q weight; 0 = ablation
   c.loss.fine_alpha = 0.1                            # L_cls^f weight (fine clusters)
-  c.loss.fine_within_class = False                   # Eq. 9c: softmax over siblings
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adam"

@@ -156,7 +156,6 @@ FIELDS: dict[str, Field] = {
 
     "loss.alpha": _float(0.0, meaning="the L_cls weight (0 = ablation)"),
     "loss.beta": _float(0.0, meaning="the L_q weight (0 = ablation)"),
-    "loss.fine_within_class": _BOOL,
     "loss.fine_alpha": _float(0.0, meaning=(
         "alpha_f of Eq. 11b, the weight of the fine clusters' L_cls^f")),
 

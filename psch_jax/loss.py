@@ -21,8 +21,7 @@ def psch_loss(
     relaxed_codes: jax.Array, class_logits: jax.Array, pseudo_labels: jax.Array,
     target: jax.Array, pair_weight: jax.Array, *, alpha: float = 0.1,
     beta: float = 0.01, fine_logits: jax.Array | None = None,
-    fine_labels: jax.Array | None = None, fine_alpha: float = 0.1,
-    fine_parents: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    fine_labels: jax.Array | None = None, fine_alpha: float = 0.1) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total PSCH loss of a batch and its unweighted terms.
 
   - L_sim = sum_ij m_ij (u_i . u_j / L - S_ij)^2 / max(sum_ij m_ij, eps)  (Eq. 8);
@@ -44,9 +43,6 @@ def psch_loss(
       pseudo labels (Eq. 2b), -1 = unlabelled; with them the loss adds
       fine_alpha times their cross-entropy L_cls^f (Eq. 9b). None for one level.
     fine_alpha: alpha_f of Eq. 11b, the weight of L_cls^f.
-    fine_parents: (K_f,) int, the pseudo class each fine cluster lies in; with it the
-      softmax of Eq. 9b runs over the fine clusters of the image's own pseudo class
-      only (Eq. 9c). None: over all K_f.
     beta: weight of L_q; 0 is the ablation "no L_q".
 
   Returns:
@@ -87,13 +83,8 @@ def psch_loss(
       raise UserError(
           f"psch_loss needs fine_logits (B, K_f) and fine_labels (B,) for the batch "
           f"of {batch}; got {fine_logits.shape} and {fine_labels.shape}.")
-    fine_logits = fine_logits.astype(dtype)
-    if fine_parents is not None:
-      # Siblings only (Eq. 9c): the other pseudo classes are told apart by L_cls.
-      own_parent = fine_parents[jnp.maximum(fine_labels, 0)]
-      siblings = fine_parents[None, :] == own_parent[:, None]
-      fine_logits = jnp.where(siblings, fine_logits, _EXCLUDED_LOGIT)
-    terms["cls_fine"] = _masked_cross_entropy(fine_logits, fine_labels)  # (Eq. 9b)
+    terms["cls_fine"] = _masked_cross_entropy(fine_logits.astype(dtype),
+                                              fine_labels)  # (Eq. 9b)
 
   signs = jax.lax.stop_gradient(jnp.where(codes >= 0, 1.0, -1.0).astype(dtype))
   quant = jnp.mean(jnp.sum((codes - signs)**2, axis=-1)) / code_length  # (Eq. 10)
@@ -102,10 +93,6 @@ def psch_loss(
   if "cls_fine" in terms:
     total = total + fine_alpha * terms["cls_fine"]  # (Eq. 11b)
   return total, {"sim": sim, "cls": cls, "quant": quant, **terms}
-
-
-# A logit no class can win against, finite so that its softmax has no NaN gradient.
-_EXCLUDED_LOGIT = -1e9
 
 
 def _masked_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

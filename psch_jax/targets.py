@@ -9,7 +9,6 @@ checkpoint holds it, so a resumed run never recomputes k-means differently):
 | "pseudo_labels"     | int32 (N,)        | y of Eq. 2, -1 = unlabelled                   |
 | "cluster_affinity"  | f32 (K_c, K_c)    | r of Eq. 7b                                   |
 | "fine_labels"       | int32 (N,)        | y^f of Eq. 2b, `pseudo_labels.fine_clusters` set |
-| "fine_parents"      | int32 (K_f,)      | the pseudo class of each fine cluster (Eq. 9c) |
 | "part_descriptors"  | f32 (N, P, C/P)   | v of Eq. 4, `similarity.source = "initial"`   |
 | "part_weights"      | f32 (N, P)        | omega of Eq. 5, `similarity.source = "initial"` |
 | "pixel_features"    | f32 (N, H W C)    | unit pixels of Eq. 6b, `similarity.source = "pixels"` |
@@ -134,9 +133,6 @@ def compute_targets(config: ml_collections.ConfigDict, key: jax.Array, encode, p
         config, jax.random.fold_in(key, 1), features_of_images, features=features,
         num_clusters=p.fine_clusters, num_components=p.fine_clusters, mesh=mesh)
     targets["fine_labels"] = np.asarray(fine_labels, np.int32)
-    targets["fine_parents"] = fine_parents(targets["fine_labels"], labels,
-                                           num_fine=p.fine_clusters,
-                                           num_coarse=p.num_clusters)
     summary["fine"] = {
         "num_clusters": p.fine_clusters,
         "kept_fraction": float(fine_stats.kept_fraction),
@@ -147,18 +143,6 @@ def compute_targets(config: ml_collections.ConfigDict, key: jax.Array, encode, p
     if fine_embedding is not None:
       summary["fine"]["spectral"] = fine_embedding.stats()
   return targets, summary
-
-
-def fine_parents(fine_labels: np.ndarray, labels: np.ndarray, *, num_fine: int,
-                 num_coarse: int) -> np.ndarray:
-  """int32 (K_f,): the pseudo class (Eq. 2) most of each fine cluster's (Eq. 2b)
-  images have, among the images labelled at both levels; 0 for a fine cluster
-  without such an image. The two k-means are independent, so a fine cluster can
-  straddle two pseudo classes; it belongs to the larger share."""
-  both = (fine_labels >= 0) & (labels >= 0)
-  counts = np.zeros((num_fine, num_coarse), np.int64)
-  np.add.at(counts, (fine_labels[both], labels[both]), 1)
-  return np.argmax(counts, axis=1).astype(np.int32)
 
 
 def _cluster(config, key, features_of_images, *, features: str, num_clusters: int,
@@ -203,7 +187,6 @@ def abstract_targets(config: ml_collections.ConfigDict, num_train: int,
              "cluster_affinity": struct((num_clusters, num_clusters), jnp.float32)}
   if config.pseudo_labels.fine_clusters is not None:
     targets["fine_labels"] = struct((num_train,), jnp.int32)
-    targets["fine_parents"] = struct((config.pseudo_labels.fine_clusters,), jnp.int32)
   if config.similarity.source == "initial":
     shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
     attention = encoding.make_attention(config) if attention is None else attention

@@ -362,9 +362,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.PSCHNet,
                        batch_target.pair_weight, alpha=config.loss.alpha,
                        beta=config.loss.beta, fine_logits=fine_logits,
                        fine_labels=batch_target.fine_labels,
-                       fine_alpha=config.loss.fine_alpha,
-                       fine_parents=(targets["fine_parents"]
-                                     if config.loss.fine_within_class else None))
+                       fine_alpha=config.loss.fine_alpha)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

@@ -1,6 +1,5 @@
 """Classical hashing baselines: ITQ's optimisation, PCA, codes, and retrieval on blobs."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -39,8 +39,10 @@ def test_fashion_mnist_paper_variant_undoes_only_the_tuned_choices():
   changed = {(section, field) for section, fields in tuned.items()
              if isinstance(fields, dict) for field in fields
              if fields[field] != paper[section][field]}
-  assert changed == {("pseudo_labels", "features"),
+  assert changed == {("pseudo_labels", "features"), ("pseudo_labels", "fine_clusters"),
+                     ("loss", "fine_alpha"),
                      ("similarity", "cross_cluster_ceiling"), ("train", "num_epochs")}
+  assert paper["pseudo_labels"]["fine_clusters"] is None
   assert paper["pseudo_labels"]["features"] == "pixels"
   assert paper["similarity"]["cross_cluster_ceiling"] is None
   psch_config.validate(load("fashion_mnist", "paper"), num_devices=8)

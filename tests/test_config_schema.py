@@ -244,17 +244,18 @@ def test_shipped_configs_pass_against_their_split_sizes():
 
 
 @pytest.mark.parametrize("changes,data,message", [
-    ({"train.global_batch_size": 160, "eval.topk": (10,)},
+    ({"train.global_batch_size": 160, "eval.topk": (10,), "pseudo_labels.fine_clusters": None},
      {"num_train": 80, "num_database": 200, "num_validation": 20},
      r"^config.train.global_batch_size=160 is larger than the 80 training images; "
      r"lower it.$"),
     # Issue 15: blamed on num_clusters, which the user set, not on the unset
     # spectral_components that defaults to it.
-    ({"pseudo_labels.num_clusters": 1000}, {},
+    ({"pseudo_labels.num_clusters": 1000, "pseudo_labels.fine_clusters": None}, {},
      r"config.pseudo_labels.num_clusters=1000 also sets the spectral embedding size "
      r"\(pseudo_labels.spectral_components is unset\).*5000 training images; lower "
      r"num_clusters to at most 999"),
-    ({"pseudo_labels.num_clusters": 6000, "pseudo_labels.features": "pixels"}, {},
+    ({"pseudo_labels.num_clusters": 6000, "pseudo_labels.features": "pixels",
+      "pseudo_labels.fine_clusters": None}, {},
      r"config.pseudo_labels.num_clusters=6000 is more than the 5000 training images"),
     ({"pseudo_labels.spectral_components": 1000}, {},
      r"config.pseudo_labels.spectral_components=1000 must be >= 1 and 5 x components "
@@ -262,6 +263,12 @@ def test_shipped_configs_pass_against_their_split_sizes():
     ({"pseudo_labels.spectral_neighbors": 80}, {"num_train": 80, "num_database": 200},
      r"config.pseudo_labels.spectral_neighbors=80 must lie in \[1, 79\] for 80 "
      r"training images"),
+    ({"pseudo_labels.fine_clusters": 1000}, {},
+     r"^config.pseudo_labels.fine_clusters=1000 also sets the size of the fine "
+     r"clustering's spectral embedding, and 5 x it must be below the 5000 training "
+     r"images; use at most 999.$"),
+    ({"pseudo_labels.fine_clusters": 6000, "pseudo_labels.features": "pixels"}, {},
+     r"^config.pseudo_labels.fine_clusters=6000 is more than the 5000 training images"),
     ({"eval.topk": (1000, 70000)}, {},
      r"config.eval.topk holds 70000, more than the 69000 database images"),
     ({"eval.topk": (68500,)}, {},

@@ -143,29 +143,6 @@ def test_fine_classifier_adds_its_own_cross_entropy_over_its_labelled_images():
               fine_labels=fine_labels)
 
 
-def test_fine_classifier_within_class_competes_with_siblings_only():
-  codes, logits, labels, target, weight = _inputs(7)
-  rng = np.random.default_rng(8)
-  fine_logits = rng.normal(size=(BATCH, 6)).astype(np.float32)
-  fine_labels = np.array([0, 3, 4, -1, 1, -1, 5, 2], np.int32)
-  parents = np.array([0, 0, 1, 1, 2, 2], np.int32)
-  _, terms = jitted_loss(codes, logits, labels, target, weight, fine_logits=fine_logits,
-                         fine_labels=fine_labels, fine_parents=parents)
-  kept = np.flatnonzero(fine_labels >= 0)
-  expected = np.mean([
-      optax.softmax_cross_entropy_with_integer_labels(
-          fine_logits[i, parents == parents[fine_labels[i]]][None],
-          np.array([np.flatnonzero(parents == parents[fine_labels[i]]).tolist()
-                    .index(fine_labels[i])]))[0] for i in kept])
-  np.testing.assert_allclose(terms["cls_fine"], expected, rtol=1e-5)
-  # Logits of another pseudo class's fine clusters do not matter, nor get gradient.
-  grad = jax.grad(lambda f: jitted_loss(codes, logits, labels, target, weight,
-                                        fine_logits=f, fine_labels=fine_labels,
-                                        fine_parents=parents)[0])(fine_logits)
-  assert np.all(np.isfinite(grad))
-  assert grad[0, 2:].tolist() == [0.0] * 4 and np.abs(grad[0, :2]).min() > 0
-
-
 def test_loss_on_a_batch_sharded_across_devices_matches_one_device():
   assert jax.device_count() == 8, "tests/conftest.py sets 8 CPU devices"
   inputs = _inputs(5)
