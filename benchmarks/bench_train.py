@@ -785,7 +785,9 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.override is None:
       overrides = ["train.num_epochs=1", "data.train_per_class=50",
                    "data.num_database=2000", "data.num_validation=100",
-                   "pseudo_labels.n_init=1"]
+                   "pseudo_labels.n_init=1",
+                   # 500 training images allow at most 99 fine clusters (Eq. 2b).
+                   "pseudo_labels.fine_clusters=20"]
   print(describe_machine(("jax", "jaxlib", "flax", "optax", "torch", "numpy")))
   if FLAGS.loop:
     loop_steps, loop_configs = FLAGS["loop-steps"].value, FLAGS["loop-configs"].value
