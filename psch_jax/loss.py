@@ -21,7 +21,8 @@ def psch_loss(
     relaxed_codes: jax.Array, class_logits: jax.Array, pseudo_labels: jax.Array,
     target: jax.Array, pair_weight: jax.Array, *, alpha: float = 0.1,
     beta: float = 0.01, fine_logits: jax.Array | None = None,
-    fine_labels: jax.Array | None = None, fine_alpha: float = 0.1) -> tuple[jax.Array, dict[str, jax.Array]]:
+    fine_labels: jax.Array | None = None, fine_alpha: float = 0.1
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total PSCH loss of a batch and its unweighted terms.
 
   - L_sim = sum_ij m_ij (u_i . u_j / L - S_ij)^2 / max(sum_ij m_ij, eps)  (Eq. 8);

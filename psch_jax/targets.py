@@ -102,12 +102,16 @@ def compute_targets(config: ml_collections.ConfigDict, key: jax.Array, encode, p
   if features in _PIXEL_FEATURES or source_kind == "pixels":
     pixels = source.read(train_indices).reshape(len(train_indices), -1)
     pixels = pixels.astype(np.float32) / 255.0
-  features_of_images = pixels if features in _PIXEL_FEATURES else encoded[keys[0]]
+  z = pixels if features in _PIXEL_FEATURES else encoded[keys[0]]
   p = config.pseudo_labels
+  # The k-NN graph of Eq. 1a, built once for both levels; None clusters z itself.
+  # (The sizes were checked against the training split by `check_sizes`.)
+  neighbors = (np.asarray(spectral.knn_graph(jnp.asarray(z),
+                                             num_neighbors=p.spectral_neighbors))
+               if features == "spectral" else None)
   labels, stats, embedding = _cluster(
-      config, key, features_of_images, features=features,
-      num_clusters=p.num_clusters, num_components=spectral_components(config),
-      mesh=mesh)
+      config, key, z, neighbors, num_clusters=p.num_clusters,
+      num_components=spectral_components(config), mesh=mesh)
   labels = np.asarray(labels, np.int32)
   targets = {"pseudo_labels": labels,
              "cluster_affinity": np.asarray(cluster_affinity(stats.centroids))}
@@ -130,7 +134,7 @@ def compute_targets(config: ml_collections.ConfigDict, key: jax.Array, encode, p
   if p.fine_clusters is not None:
     # A key of its own, so that the coarse labels are those of a one-level run.
     fine_labels, fine_stats, fine_embedding = _cluster(
-        config, jax.random.fold_in(key, 1), features_of_images, features=features,
+        config, jax.random.fold_in(key, 1), z, neighbors,
         num_clusters=p.fine_clusters, num_components=p.fine_clusters, mesh=mesh)
     targets["fine_labels"] = np.asarray(fine_labels, np.int32)
     summary["fine"] = {
@@ -145,23 +149,22 @@ def compute_targets(config: ml_collections.ConfigDict, key: jax.Array, encode, p
   return targets, summary
 
 
-def _cluster(config, key, features_of_images, *, features: str, num_clusters: int,
+def _cluster(config, key, z, neighbors: Optional[np.ndarray], *, num_clusters: int,
              num_components: int, mesh: Mesh):
-  """k-means labels (Eqs. 1, 2) of one level, on the spectral embedding (Eq. 1a)
-  of `features_of_images` when `features` is "spectral", else on them directly.
+  """k-means labels (Eqs. 1, 2) of one level: on the spectral embedding (Eq. 1a) of
+  the k-NN graph `neighbors` (int (N, k), `spectral.knn_graph` of z) when given,
+  else on the features z (N, D) directly.
 
   Returns:
     (labels (N,) int32 with -1 for rejected images, PseudoLabelStats, the
     SpectralEmbedding or None).
   """
   p = config.pseudo_labels
-  z, embedding = features_of_images, None
-  if features == "spectral":
-    # The sizes were checked against the training split by `check_sizes`.
+  embedding = None
+  if neighbors is not None:
     embedding_key, key = jax.random.split(key)
-    embedding = spectral.spectral_embedding(embedding_key, jnp.asarray(z),
-                                            num_components=num_components,
-                                            num_neighbors=p.spectral_neighbors)
+    embedding = spectral.graph_embedding(embedding_key, neighbors,
+                                         num_components=num_components)
     z = embedding.embedding
   labels, stats = make_pseudo_labels(
       key, jnp.asarray(z), num_clusters=num_clusters, keep_quantile=p.keep_quantile,
