@@ -42,7 +42,10 @@ from absl import flags
 from benchmarks import describe_machine, print_table
 from psch_jax import cli
 from psch_jax import config as psch_config
+from psch_jax import config_schema
 from psch_jax import encoding
+from psch_jax import run_setup
+from psch_jax import sharding
 from psch_jax import targets as targets_lib
 from psch_jax import train
 
@@ -113,7 +116,7 @@ def network_config(network: str, dtype: str, *, image_size: int,
   config.model.compute_dtype = dtype
   config.train.global_batch_size = batch_size
   config.eval.batch_size = batch_size
-  psch_config.validate(config, num_devices=1)
+  config_schema.check_config(config, num_devices=1)
   return config
 
 
@@ -153,10 +156,10 @@ def benchmark_row(network: str, dtype: str, *, image_size: int, batch_size: int,
                   steps: int) -> dict[str, float]:
   """Compiles and times one (network, dtype): the figures of the module docstring."""
   config = network_config(network, dtype, image_size=image_size, batch_size=batch_size)
-  mesh = train.make_mesh(jax.devices()[:1])
-  model = train.build_model(config)
-  tx = train.build_optimizer(config, steps_per_epoch=1000)
-  state = train.fresh_state(config, model, tx)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  model = run_setup.build_model(config)
+  tx = run_setup.build_optimizer(config, steps_per_epoch=1000)
+  state = run_setup.fresh_state(config, model, tx)
   num_train = 2 * batch_size
   targets = jax.device_put(_targets(config, model, num_train))
   rng = np.random.default_rng(1)

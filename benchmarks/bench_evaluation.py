@@ -35,11 +35,11 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 from jax import lax  # pylint: disable=wrong-import-position
 from absl import flags  # pylint: disable=wrong-import-position
-from jax.sharding import Mesh  # pylint: disable=wrong-import-position
 
 from psch_jax import cli  # pylint: disable=wrong-import-position
 from psch_jax import ranking  # pylint: disable=wrong-import-position
 from psch_jax import reference  # pylint: disable=wrong-import-position
+from psch_jax import sharding  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -131,7 +131,7 @@ def per_pair_costs(query_codes, query_labels, db_codes, db_labels, *, k: int,
          lambda: ranking.retrieval_metrics_per_query(
              query_codes[:num_queries], query_labels, db_codes, db_labels, topk=(k,),
              topn=(), query_chunk=num_queries, db_chunk=block_size,
-             mesh=Mesh(np.array(jax.devices()[:1]), ("data",))))
+             mesh=sharding.make_mesh(jax.devices()[:1])))
   print("alternatives:")
 
   def distances_only(queries, db_blocks):

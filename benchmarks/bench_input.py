@@ -43,6 +43,8 @@ from PIL import Image
 from benchmarks import describe_machine, print_table
 from benchmarks.bench_accelerator import network_config, table_peak
 from psch_jax import cli
+from psch_jax import run_setup
+from psch_jax import sharding
 from psch_jax import targets as targets_lib
 from psch_jax import train
 from psch_jax.data import manual_files
@@ -128,10 +130,10 @@ def vgg16_flops_per_image(image_size: int, batch_size: int) -> float:
   """XLA FLOPs of one bfloat16 VGG-16 train step per image (uncompiled HLO)."""
   config = network_config("vgg16", "bfloat16", image_size=image_size,
                           batch_size=batch_size)
-  mesh = train.make_mesh(jax.devices()[:1])
-  model = train.build_model(config)
-  tx = train.build_optimizer(config, steps_per_epoch=1000)
-  params = jax.eval_shape(lambda: train.init_params(config, model))
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  model = run_setup.build_model(config)
+  tx = run_setup.build_optimizer(config, steps_per_epoch=1000)
+  params = jax.eval_shape(lambda: run_setup.init_params(config, model))
   state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
            "step": jax.ShapeDtypeStruct((), jnp.int32)}
   targets = targets_lib.abstract_targets(config, batch_size, model, None)

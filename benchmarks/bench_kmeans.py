@@ -50,6 +50,7 @@ from jax.sharding import Mesh  # pylint: disable=wrong-import-position
 from benchmarks import blas_threads, describe_machine, interleaved_best_of, print_table  # pylint: disable=wrong-import-position
 from psch_jax import cli  # pylint: disable=wrong-import-position
 from psch_jax import kmeans as kmeans_lib  # pylint: disable=wrong-import-position
+from psch_jax import sharding  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 ITERATIONS = 20
@@ -286,7 +287,7 @@ def main(argv: Sequence[str]) -> None:
   meshes = {"1 device": None}
   if len(jax.devices()) > 1:
     meshes[f"mesh of {len(jax.devices())} devices"] = kmeans_lib.data_mesh(
-        Mesh(np.array(jax.devices()), (kmeans_lib.DATA_AXIS,)))
+        sharding.make_mesh())
   for case in cases.split(","):
     compare(*parse_case(case), repeats=repeats, meshes=meshes,
             with_faiss=not FLAGS["no-faiss"].value, candidate=candidate)

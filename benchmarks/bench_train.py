@@ -59,15 +59,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import flags
-from jax.sharding import NamedSharding, PartitionSpec
 
 from benchmarks import describe_machine, peak_rss_mib, print_table
 from psch_jax import checkpointing
 from psch_jax import cli
+from psch_jax import config as psch_config
 from psch_jax import encoding
 from psch_jax import io_utils
 from psch_jax import models
+from psch_jax import monitoring
 from psch_jax import ranking
+from psch_jax import run_setup
+from psch_jax import sharding
 from psch_jax import targets as targets_lib
 from psch_jax import train
 from psch_jax.evaluators import retrieval
@@ -81,7 +84,7 @@ UNLABELLED_FRACTION = 0.3
 
 def repo_config(name: str):
   """The config file `configs/<name>.py` as `get_config()` returns it."""
-  return cli.load_config(os.path.join(REPO_ROOT, "configs", f"{name}.py"))
+  return psch_config.load_config(os.path.join(REPO_ROOT, "configs", f"{name}.py"))
 
 
 def step_config(model_name: str):
@@ -137,13 +140,13 @@ def part_shape_of(config, model) -> tuple[int, int]:
 
 def jax_step_runner(config, inputs: dict[str, np.ndarray]) -> Callable[[], None]:
   """One call = one `train.make_train_step` step on a 1-device mesh, synchronised."""
-  mesh = train.make_mesh(jax.devices()[:1])
-  model = train.build_model(config)
-  tx = train.build_optimizer(config, steps_per_epoch=100)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  model = run_setup.build_model(config)
+  tx = run_setup.build_optimizer(config, steps_per_epoch=100)
   step_fn = train.make_train_step(config, model, tx, mesh)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  sharded = NamedSharding(mesh, PartitionSpec("data"))
-  state = jax.device_put(train.fresh_state(config, model, tx), replicated)
+  replicated = sharding.replicated(mesh)
+  sharded = sharding.batch_sharding(mesh)
+  state = jax.device_put(run_setup.fresh_state(config, model, tx), replicated)
   targets = jax.device_put({k: inputs[k] for k in
                             ("pseudo_labels", "cluster_affinity", "part_descriptors",
                              "part_weights")}, replicated)
@@ -359,8 +362,8 @@ def jax_part_runners(config, images: np.ndarray) -> dict[str, Callable[[], None]
   """The train step's parts, each jitted alone: conv stack forward, and forward +
   backward (gradients of the conv weights), dense layers forward + backward,
   clipping + AdamW update of every parameter."""
-  model = train.build_model(config)
-  params = train.init_params(config, model)
+  model = run_setup.build_model(config)
+  params = run_setup.init_params(config, model)
   backbone = params["backbone"]
   plan = _conv_plan(config)
   conv_params = {name: backbone[name] for name in plan if name}
@@ -390,7 +393,7 @@ def jax_part_runners(config, images: np.ndarray) -> dict[str, Callable[[], None]
   conv_forward = jax.jit(conv_loss)
   conv_grad = jax.jit(jax.grad(conv_loss))
   dense_grad = jax.jit(jax.grad(dense_loss))
-  tx = train.build_optimizer(config, steps_per_epoch=100)
+  tx = run_setup.build_optimizer(config, steps_per_epoch=100)
   grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
   holder = {"params": params, "opt_state": jax.jit(tx.init)(params)}
 
@@ -505,7 +508,7 @@ def step_benchmark(model_names: list[str], *, steps: dict[str, int], rounds: int
   rows = []
   for name in model_names:
     config = step_config(name)
-    model = train.build_model(config)
+    model = run_setup.build_model(config)
     num_train = max(4 * config.train.global_batch_size, 1000)
     inputs = make_inputs(config, num_train, part_shape_of(config, model))
     runners = {"torch": torch_step_runner(config, inputs),
@@ -542,18 +545,18 @@ def loop_runner(config, steps: int) -> Callable[[int], float]:
   random batches on a 1-device mesh (no checkpoint is written: `save` does nothing)."""
   config = config.copy_and_resolve_references()
   config.train.checkpoint_every_steps = 10 * steps
-  mesh = train.make_mesh(jax.devices()[:1])
-  model = train.build_model(config)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  model = run_setup.build_model(config)
   batch = config.train.global_batch_size
   num_train = steps * batch
   inputs = make_inputs(config, num_train, part_shape_of(config, model))
   rng = np.random.default_rng(1)
   images = rng.integers(0, 256, (num_train,) + inputs["images"].shape[1:], np.uint8)
   order = [rng.permutation(num_train)[:batch] for _ in range(steps)]
-  tx = train.build_optimizer(config, steps_per_epoch=steps)
+  tx = run_setup.build_optimizer(config, steps_per_epoch=steps)
   step_fn = train.make_train_step(config, model, tx, mesh)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  holder = {"state": jax.device_put(train.fresh_state(config, model, tx), replicated)}
+  replicated = sharding.replicated(mesh)
+  holder = {"state": jax.device_put(run_setup.fresh_state(config, model, tx), replicated)}
   targets = jax.device_put({k: inputs[k] for k in
                             ("pseudo_labels", "cluster_affinity", "part_descriptors",
                              "part_weights")}, replicated)
@@ -566,7 +569,7 @@ def loop_runner(config, steps: int) -> Callable[[int], float]:
     holder["state"], _ = train.run_epoch(
         config, step_fn, holder["state"], targets, batches, np.arange(num_train),
         mesh=mesh, step=0, epoch=0, steps_per_epoch=steps,
-        log=train.MetricsLog(workdir, tensorboard=False),
+        log=monitoring.MetricsLog(workdir, tensorboard=False),
         save=lambda step, state: None)
     jax.block_until_ready(holder["state"])
     return time.perf_counter() - start
@@ -603,9 +606,8 @@ def loop_benchmark(names: list[str], *, steps: int, rounds: int) -> list[tuple]:
 
 def _loop_config(name: str):
   module, variant = LOOP_CONFIGS[name]
-  from psch_jax import cli  # pylint: disable=import-outside-toplevel
   suffix = f":{variant}" if variant else ""
-  return cli.load_config(os.path.join(REPO_ROOT, "configs", f"{module}.py{suffix}"))
+  return psch_config.load_config(os.path.join(REPO_ROOT, "configs", f"{module}.py{suffix}"))
 
 
 # --------------------------------------------------------------------- phases

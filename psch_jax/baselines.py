@@ -358,4 +358,3 @@ def encode(params: HashParams, features: Any, *, chunk_size: int = 8192) -> np.n
 
 FitFn = Callable[[jax.Array, Any, int], HashParams]
 FIT: dict[str, FitFn] = {"lsh": fit_lsh, "pcah": fit_pcah, "itq": fit_itq, "sh": fit_sh}
-NAMES = {"lsh": "LSH", "pcah": "PCAH", "itq": "ITQ", "sh": "SH"}

@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from psch_jax import io_utils
+from psch_jax import workdir as workdir_lib
 from psch_jax.errors import UserError
 
 # Config fields that decide the shapes and meaning of the saved arrays: a checkpoint
@@ -45,7 +46,7 @@ def shape_signature(config: ml_collections.ConfigDict) -> dict:
 
 
 def _directory(workdir: str):
-  return io_utils.workdir_path(workdir) / "checkpoints"
+  return io_utils.workdir_path(workdir) / workdir_lib.CHECKPOINTS_DIR
 
 
 def remove_unfinished(directory) -> None:

@@ -7,9 +7,12 @@ VGG-16 setting), `multi_label_config` (NUS-WIDE and MIRFlickr-25K, which differ 
 in their name), `small_cnn_from_scratch` and `make_tiny` (the `:cpu` and `:tiny`
 variants). The pieces live in the package rather than in `configs/` because
 `config_flags` loads a config file by path, where a sibling module is not importable.
-`validate` turns a config a user could have mistyped into a `UserError` that names the
-field and the fix, before anything is trained or written.
+`load_config` reads a config file as `--config` does, for tests, benchmarks and
+notebooks. The rules every config must follow are `config_schema`'s.
 """
+import importlib.util
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -211,13 +214,23 @@ def unknown_variant(name: str, variant: str, variants) -> UserError:
                    f"{list(variants)}, e.g. --config=configs/{name}.py:tiny.")
 
 
-def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
-  """Raises UserError on a config that cannot train, naming the field and the fix.
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """The config of "path/to/config.py" or "path/to/config.py:variant".
 
-  The one check of the whole config, `config_schema.check_config`: every field
-  against its declared type and range, and the combinations knowable before any
-  data is read (all problems at once).
+  What --config=`spec` gives before any --config.* override, unlocked: the file's
+  `get_config(variant)` (`get_config()` without a variant).
+
+  Raises:
+    UserError: the file does not exist, or (from the config file) the variant is
+      unknown.
   """
-  # Imported here: config_schema reads this module's choices (PRESETS, ...).
-  from psch_jax import config_schema  # pylint: disable=g-import-not-at-top
-  config_schema.check_config(config, num_devices=num_devices)
+  path, _, variant = spec.partition(":")
+  if not os.path.isfile(path):
+    problem = "is not a file" if os.path.exists(path) else "does not exist"
+    raise UserError(f"config file {path!r} {problem}; pass e.g. "
+                    "--config=configs/fashion_mnist.py (a path from the current "
+                    "directory, :tiny for the smoke variant).")
+  module_spec = importlib.util.spec_from_file_location("psch_config_file", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()

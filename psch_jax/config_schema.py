@@ -256,7 +256,7 @@ def field_problem(name: str, value: Any) -> Optional[str]:
     if value in field.choices and _is_kind(value, field.kind):
       return None
     if field.kind is str:
-      # The wording of config.validate, which tests and docs quote.
+      # The wording tests and docs quote.
       return (f"{shown} is not one of {list(field.choices)}; "
               f"set --config.{name} to one of them.")
     return (f"{shown} must be {' or '.join(map(str, field.choices))}; "
@@ -271,7 +271,7 @@ def field_problem(name: str, value: Any) -> Optional[str]:
       return f"{shown} must be a finite number{meaning}. Set --config.{name} to one."
     if not _in_range(value, field):
       requirement = _range_text(field)
-      if name == "model.num_bits":  # The wording of config.validate.
+      if name == "model.num_bits":  # The wording tests and docs quote.
         return f"{shown} must be {field.meaning}."
       return (f"{shown} must be {requirement}{meaning}. "
               f"Set --config.{name} to a value {requirement}.")
@@ -337,7 +337,7 @@ def check_config(config: ml_collections.ConfigDict, *,
     num_devices: the devices of this run (all hosts); the global batches are split
       evenly over them. None skips that one rule: the command lines check the config
       before the devices exist (a multi-process run starts its backend after the
-      flags), and `train.setup_run` checks again with the mesh.
+      flags), and `run_setup.setup_run` checks again with the mesh.
 
   Raises:
     UserError: naming each field in error, why, and the fix (all problems at once).
@@ -369,7 +369,7 @@ def _combination_problems(c: ml_collections.ConfigDict, *,
   problems = []
   if (len(c.data.mean) != len(c.data.std)
       or len(c.data.mean) not in (1, c.model.channels)):
-    # The first sentence is config.validate's.
+    # The first sentence is the one tests quote.
     problems.append(
         "config.data.mean and config.data.std must have 1 or "
         f"model.channels={c.model.channels} entries each; they have "
@@ -418,13 +418,13 @@ def _combination_problems(c: ml_collections.ConfigDict, *,
           f"so it would never happen; set --config.{name}=0 (never during training) "
           f"or at most {c.train.num_epochs}.")
   if c.model.pretrained_path and c.model.backbone != "vgg16":
-    # The wording of train._check_model, which tests quote.
+    # The wording of run_setup.check_model, which tests quote.
     problems.append(
         f"config.model.pretrained_path is set but the backbone is "
         f"{c.model.backbone!r}; pretrained weights exist for 'vgg16' only. "
         "Set --config.model.backbone=vgg16 or drop the path.")
   if c.model.pretrained == "imagenet" and c.model.backbone != "vgg16":
-    # The wording of config.validate before the schema, which tests quote.
+    # The wording tests quote.
     problems.append(
         f"config.model.pretrained='imagenet' but the backbone is {c.model.backbone!r}; "
         "ImageNet weights exist for 'vgg16' only. Set --config.model.backbone=vgg16 "
@@ -536,7 +536,7 @@ def check_against_data(config: ml_collections.ConfigDict, *, num_train: int,
           f"validation queries): validation/map@{k} would be map@all under another "
           f"name; use cut-offs of at most {rest} or lower data.num_validation.")
   if image_channels is not None and image_channels not in (1, c.model.channels):
-    # The wording of train._setup.
+    # The wording of run_setup.setup_run.
     problems.append(
         f"{c.data.name} images have {image_channels} channels "
         f"but config.model.channels={c.model.channels}.")
@@ -544,7 +544,8 @@ def check_against_data(config: ml_collections.ConfigDict, *, num_train: int,
 
 
 def _spectral_problems(c: ml_collections.ConfigDict, num_train: int) -> list[str]:
-  """spectral.check_arguments's rules, blamed on the field the user set."""
+  """The sizes the k-NN graph and the spectral embedding of Eq. 1a need (the one
+  place of these rules), blamed on the field the user set."""
   p = c.pseudo_labels
   problems = []
   if not p.spectral_neighbors < num_train:

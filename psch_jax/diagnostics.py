@@ -1,6 +1,6 @@
 r"""How good are the training targets? Measured before any training step.
 
-  python -m psch_jax.diagnostics --config=configs/fashion_mnist.py --workdir=/tmp/diag \
+  python -m psch_jax.commands.diagnostics --config=configs/fashion_mnist.py --workdir=/tmp/diag \
       [--query_stride=1] [--config.<section>.<field>=<value> ...]
 
 PSCH regresses code inner products onto a target matrix S (docs/method.md, Eqs. 7
@@ -43,12 +43,10 @@ anything is written when it is the config.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-from absl import flags
 import numpy as np
 
-from psch_jax import cli
 from psch_jax import reference
 from psch_jax.errors import UserError
 
@@ -156,9 +154,10 @@ def target_quality(config, workdir: str, *, query_stride: int = 1) -> dict:
   labels of the training split; the report that `target_quality.json` holds."""
   import jax
   import jax.numpy as jnp
-  from jax.sharding import NamedSharding, PartitionSpec
 
   from psch_jax import targets as targets_lib
+  from psch_jax import run_setup
+  from psch_jax import sharding
   from psch_jax import train
   from psch_jax.evaluators import retrieval
 
@@ -167,7 +166,7 @@ def target_quality(config, workdir: str, *, query_stride: int = 1) -> dict:
                     "training image is a query).")
   seconds = {}
   tick = time.perf_counter()
-  run = train.setup_run(config, workdir)
+  run = run_setup.setup_run(config, workdir)
   try:
     train_indices = run.index_sets["train"]
     num_train = len(train_indices)
@@ -178,9 +177,9 @@ def target_quality(config, workdir: str, *, query_stride: int = 1) -> dict:
           f"that size), so it takes at most {MAX_TRAIN_IMAGES}. Draw a smaller "
           "training split, e.g. --config.data.train_per_class=500 (with a new "
           "--workdir: the splits are saved there).")
-    replicated = NamedSharding(run.mesh, PartitionSpec())
+    replicated = sharding.replicated(run.mesh)
     state = jax.device_put(
-        train.fresh_state(config, run.model, run.tx, run.pretrained_backbone),
+        run_setup.fresh_state(config, run.model, run.tx, run.pretrained_backbone),
         replicated)
     targets, stats = train.epoch_targets(config, run, state["params"], epoch=0)
     targets = jax.tree.map(jnp.asarray, targets)
@@ -190,7 +189,7 @@ def target_quality(config, workdir: str, *, query_stride: int = 1) -> dict:
     online_parts = targets_lib.online_parts_of(
         config, run.encode, state["params"], run.source, train_indices, mesh=run.mesh)
   finally:
-    train.close_run(run)
+    run_setup.close_run(run)
   seconds["targets"] = time.perf_counter() - tick
 
   tick = time.perf_counter()
@@ -254,33 +253,3 @@ def format_report(report: dict) -> str:
       "  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()),
   ]
   return "\n".join(lines)
-
-
-# -------------------------------------------------------------------- command line
-
-def main(argv: Sequence[str]) -> None:
-  """The command line (module docstring); flags from `define_flags`."""
-  from psch_jax import io_utils
-
-  del argv
-  FLAGS = flags.FLAGS
-  report = target_quality(FLAGS.config, FLAGS.workdir, query_stride=FLAGS.query_stride)
-  path = io_utils.join(io_utils.workdir_path(FLAGS.workdir), "target_quality.json")
-  io_utils.write_json(path, report)
-  print(format_report(report))
-  print(f"wrote {path}")
-
-
-def define_flags() -> None:
-  cli.define_config_flag("PSCH config file, e.g. configs/fashion_mnist.py (:tiny for "
-                         "the smoke variant).")
-  flags.DEFINE_string("workdir", None, "Directory for the splits and "
-                      "target_quality.json (a training run's directory reuses its "
-                      "splits).")
-  flags.DEFINE_integer("query_stride", 1, "Rank every query_stride-th training image "
-                       "as a query (1 = all of them).")
-  flags.mark_flags_as_required(["workdir"])
-
-
-if __name__ == "__main__":
-  cli.run(main, define_flags=define_flags, command="python -m psch_jax.diagnostics")

@@ -23,9 +23,10 @@ from typing import Any, Callable, Iterable, Optional
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from psch_jax import models
+from psch_jax import sharding
 from psch_jax.attention import GroupedAttention
 from psch_jax.data import pipeline
 from psch_jax.preprocess import preprocess
@@ -75,12 +76,12 @@ def make_encoder(config: ml_collections.ConfigDict, model: models.PSCHNet, mesh:
 
   Args:
     batch: {"images": uint8 (B, H, W, C), "index": int (B,), "mask": (B,)} global
-      arrays sharded on the mesh's "data" axis (`global_batch`).
+      arrays split over the mesh (`sharding.global_batch`).
     attention: the run's `make_attention(config)`; built from the config when None.
   """
   forward = make_forward(config, model,
                          make_attention(config) if attention is None else attention)
-  replicated = NamedSharding(mesh, PartitionSpec())
+  replicated = sharding.replicated(mesh)
 
   @functools.partial(jax.jit, out_shardings=replicated)
   def encode(params, batch):
@@ -103,12 +104,6 @@ def make_code_encoder(config: ml_collections.ConfigDict, model: models.PSCHNet
   return encode
 
 
-def global_batch(local: dict, sharding: NamedSharding) -> dict:
-  """This host's rows of a batch -> global arrays sharded as `sharding` says."""
-  return {k: jax.make_array_from_process_local_data(sharding, v)
-          for k, v in local.items()}
-
-
 def to_host(x: jax.Array) -> np.ndarray:
   """Host copy of a replicated global array (works on every process)."""
   return np.asarray(x.addressable_data(0))
@@ -126,12 +121,12 @@ def encode_images(encode, params, source, indices: np.ndarray, *, batch_size: in
     numpy arrays in the order of `indices`, one per requested key.
   """
   keys = tuple(keys)
-  sharding = NamedSharding(mesh, PartitionSpec("data"))
+  batch_sharding = sharding.batch_sharding(mesh)
   chunks = {k: [] for k in keys}
   for local in pipeline.eval_batches(source, indices, batch_size=batch_size,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count()):
-    out = encode(params, global_batch(local, sharding))
+    out = encode(params, sharding.global_batch(local, batch_sharding))
     mask = to_host(out["mask"]).astype(bool)
     for k in keys:
       chunks[k].append(to_host(out[k])[mask])

@@ -1,7 +1,7 @@
 r"""The results table: PSCH, its ablations and the classical baselines, over code
 lengths and seeds.
 
-  python -m psch_jax.experiments --config=configs/fashion_mnist.py \
+  python -m psch_jax.commands.experiments --config=configs/fashion_mnist.py \
       --bits=16,32,64 --seeds=0,1,2 --workdir=experiments/fashion_mnist \
       [--methods=psch,no_lq,itq] [--epochs_ablation=10] [--ablation_bits=32] \
       [--config.train.num_epochs=20]
@@ -14,7 +14,7 @@ with one override each: the paper's six, and the two tuned choices undone; plus
 lengths, both stated in the table), and the
 baselines of `psch_jax.baselines` on the raw pixels in [0, 1] of the same training
 split (fitted on the train split, encoding query and database). The splits of a seed
-come from `train.load_data`, exactly as the PSCH runs of that seed draw them, and the
+come from `run_setup.load_data`, exactly as the PSCH runs of that seed draw them, and the
 harness checks that they agree.
 
 Work directory:
@@ -38,23 +38,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 import zlib
 from collections.abc import Sequence
 from typing import Any
 
-from absl import flags
 import jax
 import ml_collections
 import numpy as np
 
 from psch_jax import baselines
-from psch_jax import cli
-from psch_jax import config as psch_config
+from psch_jax import config_schema
 from psch_jax import io_utils
 from psch_jax import ranking
+from psch_jax import run_setup
 from psch_jax import train
+from psch_jax import workdir as workdir_lib
 from psch_jax.data import splits as splits_lib
 from psch_jax.evaluators import retrieval
 from psch_jax.errors import UserError
@@ -142,7 +141,7 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def _check_same_config(run_dir: str, expected: dict) -> None:
   """Refuses a run directory whose config.json differs from `expected`."""
-  path = io_utils.join(run_dir, "config.json")
+  path = io_utils.join(run_dir, workdir_lib.CONFIG_FILE)
   if not io_utils.exists(path):
     return
   saved = _flatten(_read_json(path))
@@ -232,12 +231,12 @@ def run_baseline(config: ml_collections.ConfigDict, method: str, source,
              "num_train": int(len(index_sets["train"])), "epochs": 0,
              "selection": "closed form (no epochs)",
              "fit_seconds": round(fit_seconds, 3), **metrics}
-  io_utils.write_json(io_utils.join(run_dir, "config.json"),
+  io_utils.write_json(io_utils.join(run_dir, workdir_lib.CONFIG_FILE),
                       _baseline_record(config, method))
   for name, value in codes.items():
-    io_utils.save_npy(io_utils.join(run_dir, "codes", f"{name}.npy"),
+    io_utils.save_npy(io_utils.join(run_dir, workdir_lib.CODES_DIR, f"{name}.npy"),
                       ranking.pack_codes(value))
-  io_utils.write_json(io_utils.join(run_dir, "results.json"), results)
+  io_utils.write_json(io_utils.join(run_dir, workdir_lib.RESULTS_FILE), results)
   return results
 
 
@@ -282,11 +281,11 @@ def run_experiments(config: ml_collections.ConfigDict, *, workdir: str,
     """(source, index sets) of a seed, drawn as train.train_and_evaluate draws them."""
     if seed not in seed_data:
       seed_config = method_config(config, "psch", num_bits=bits[0], seed=seed)
-      seed_data[seed] = train.load_data(seed_config, io_utils.join(workdir, f"seed{seed}"))
+      seed_data[seed] = run_setup.load_data(seed_config, io_utils.join(workdir, f"seed{seed}"))
     return seed_data[seed]
 
   def splits_of(seed: int) -> dict[str, np.ndarray]:
-    saved = io_utils.join(workdir, f"seed{seed}", "splits")
+    saved = io_utils.join(workdir, f"seed{seed}", workdir_lib.SPLITS_DIR)
     if seed not in seed_data and io_utils.exists(io_utils.join(saved, "train.npy")):
       return splits_lib.load_splits(saved)  # no need to open the dataset
     return data_of(seed)[1]
@@ -297,7 +296,7 @@ def run_experiments(config: ml_collections.ConfigDict, *, workdir: str,
     run_config = method_config(config, method, num_bits=num_bits, seed=seed,
                                ablation_epochs=ablation_epochs)
     if not METHODS[method].baseline:
-      psch_config.validate(run_config, num_devices=len(jax.devices()))
+      config_schema.check_config(run_config, num_devices=len(jax.devices()))
     _check_same_config(_run_dir(workdir, method, num_bits, seed),
                        _baseline_record(run_config, method)
                        if METHODS[method].baseline else run_config.to_dict())
@@ -308,7 +307,7 @@ def run_experiments(config: ml_collections.ConfigDict, *, workdir: str,
   for number, (method, num_bits, seed) in enumerate(plan, 1):
     run_config = run_configs[method, num_bits, seed]
     run_dir = _run_dir(workdir, method, num_bits, seed)
-    results_path = io_utils.join(run_dir, "results.json")
+    results_path = io_utils.join(run_dir, workdir_lib.RESULTS_FILE)
     start = time.perf_counter()
     finished = io_utils.exists(results_path)
     if finished:
@@ -323,7 +322,8 @@ def run_experiments(config: ml_collections.ConfigDict, *, workdir: str,
     else:
       results = train.train_and_evaluate(run_config, run_dir)
     if not METHODS[method].baseline:
-      run_splits = splits_lib.load_splits(io_utils.join(run_dir, "splits"))
+      run_splits = splits_lib.load_splits(
+          io_utils.join(run_dir, workdir_lib.SPLITS_DIR))
       if not _same_splits(run_splits, splits_of(seed)):
         raise UserError(f"{run_dir}/splits differ from {workdir}/seed{seed}/splits: "
                         "the run was made with other data options; use a new "
@@ -530,55 +530,12 @@ def write_report(config, runs: Sequence[dict], *, workdir: str, bits: Sequence[i
             "ablation_bits": ablation_bits,
             "std": "sample (n - 1)", "command": command,
             "runs": list(runs), "summary": summary}
-  io_utils.write_json(io_utils.join(workdir, "results.json"), report)
-  io_utils.write_text(io_utils.join(workdir, "results.md"), results_markdown(
+  io_utils.write_json(io_utils.join(workdir, workdir_lib.RESULTS_FILE), report)
+  markdown = results_markdown(
       config, summary, runs, bits=bits, seeds=seeds, methods=methods,
-      ablation_epochs=ablation_epochs, ablation_bits=ablation_bits, command=command))
+      ablation_epochs=ablation_epochs, ablation_bits=ablation_bits, command=command)
+  io_utils.write_text(io_utils.join(workdir, workdir_lib.RESULTS_REPORT), markdown)
   _plot(summary, io_utils.join(workdir, "results.png"), bits=bits, methods=methods,
         title=f"{config.data.name}, protocol {config.data.preset!r}, "
               f"{len(seeds)} seed(s)")
   return report
-
-
-# -------------------------------------------------------------------- command line
-
-def main(argv: Sequence[str]) -> None:
-  """The command line (module docstring); flags from `define_flags`."""
-  del argv
-  FLAGS = flags.FLAGS
-  config = FLAGS.config
-  workdir = FLAGS.workdir or os.path.join("experiments", config.data.name)
-  cache_dir = (io_utils.join(workdir, "jax_cache") if FLAGS.compilation_cache_dir is None
-               else FLAGS.compilation_cache_dir)
-  if cache_dir:
-    # Runs that differ only in their seed compile the same programs.
-    # JAX's cache writes through etils.epath too: a gs:// directory works.
-    jax.config.update("jax_compilation_cache_dir",
-                      os.fspath(io_utils.workdir_path(cache_dir)))
-  run_experiments(config, workdir=workdir, bits=FLAGS.bits, seeds=FLAGS.seeds,
-                  methods=FLAGS.methods, ablation_epochs=FLAGS.epochs_ablation,
-                  ablation_bits=FLAGS.ablation_bits,
-                  command=" ".join(["python -m psch_jax.experiments", *sys.argv[1:]]))
-  print(f"wrote {io_utils.join(workdir, 'results.md')}")
-
-
-def define_flags() -> None:
-  cli.define_config_flag(
-      "PSCH config file, e.g. configs/fashion_mnist.py (:tiny for the smoke variant); "
-      "--config.<field>=<value> overrides apply to every PSCH run.")
-  flags.DEFINE_list("bits", ["16", "32", "64"], "Code lengths (table columns).")
-  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (mean ± std over them).")
-  flags.DEFINE_list("methods", list(METHODS), f"Table rows, from {list(METHODS)}.")
-  flags.DEFINE_string("workdir", None, "Experiment directory; default "
-                      "experiments/<dataset>.")
-  flags.DEFINE_integer("epochs_ablation", None, "train.num_epochs of the ablations "
-                       "(default: the config's, as PSCH).")
-  flags.DEFINE_list("ablation_bits", None, "Code lengths, among --bits, the ablations "
-                    "run at (default: all of --bits); the table marks the others.")
-  flags.DEFINE_string("compilation_cache_dir", None, "XLA's persistent compilation "
-                      "cache (default <workdir>/jax_cache; '' turns it off). Experiments "
-                      "may share one.")
-
-
-if __name__ == "__main__":
-  cli.run(main, define_flags=define_flags, command="python -m psch_jax.experiments")

@@ -50,9 +50,10 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from psch_jax import sharding
 from psch_jax.errors import UserError
 
-DATA_AXIS = "data"
+DATA_AXIS = sharding.AXIS
 # The distance expansion subtracts large terms; TF32 or bf16 passes on accelerators
 # would change assignments and break the 1-vs-8-device equality.
 _PRECISION = lax.Precision.HIGHEST
@@ -452,13 +453,14 @@ def _assign_jit(points, centroids, *, chunk_size, mesh):
 
 
 def data_mesh(mesh: Mesh | None) -> Mesh:
-  """The mesh to shard rows over: `mesh` checked for a "data" axis, or one device."""
+  """The mesh to shard rows over: `mesh` checked for the `sharding.AXIS` axis, or one
+  device."""
   if mesh is None:
-    return Mesh(np.array(jax.devices()[:1]), (DATA_AXIS,))
+    return sharding.make_mesh(jax.devices()[:1])
   if not isinstance(mesh, Mesh) or DATA_AXIS not in mesh.axis_names:
     raise UserError(
         f"mesh must be a jax.sharding.Mesh with a {DATA_AXIS!r} axis, got {mesh!r}; "
-        f"build one with Mesh(np.array(jax.devices()), ({DATA_AXIS!r},)) or pass None.")
+        f"build one with psch_jax.sharding.make_mesh() or pass None.")
   return mesh
 
 

@@ -330,15 +330,6 @@ def _backbone_class(name: str, backbone_kwargs: Mapping[str, Any]) -> type[nn.Mo
   return cls
 
 
-def build_backbone(name: str, **backbone_kwargs: Any) -> nn.Module:
-  """Builds a standalone backbone by name ('small_cnn' | 'vgg16') with its fields.
-
-  Raises:
-    UserError: unknown name or a keyword the backbone does not have.
-  """
-  return _backbone_class(name, backbone_kwargs)(**backbone_kwargs)
-
-
 class PSCHNet(nn.Module):
   """Backbone + hash head (Eq. 12) + linear pseudo-label classifier on u (Eq. 9).
 

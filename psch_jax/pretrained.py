@@ -384,43 +384,6 @@ def resolve_vgg16_weights(pretrained: Optional[str], pretrained_path: Optional[s
       "--config.model.pretrained_path set to a weight file.")
 
 
-def save_vgg16_torchvision(params: Mapping[str, Any],
-                           path: str | os.PathLike[str]) -> None:
-  """Writes `models.VGG16` params as a torchvision-layout `.safetensors` or `.npz`.
-
-  The inverse of `load_vgg16_torchvision` (no `classifier.6`, which `VGG16` lacks).
-
-  Args:
-    params: the VGG16 `'params'` collection (`{'conv1_1': ..., 'fc7': ...}`); a
-      `{'params': ...}` variables dict is accepted too.
-    path: output file ending in `.safetensors` or `.npz`.
-
-  Raises:
-    UserError: unsupported extension or params that are not VGG16's.
-  """
-  path = os.fspath(path)
-  if "params" in params and "conv1_1" not in params:
-    params = params["params"]
-  suffix = os.path.splitext(path)[1].lower()
-  if suffix not in (".safetensors", ".npz"):
-    raise UserError(
-        f"cannot save VGG-16 weights to {path!r}: use a .safetensors or .npz path.")
-  state = {}
-  for key, (name, kind) in torchvision_key_map().items():
-    if name not in params or kind not in params[name]:
-      raise UserError(
-          f"params have no {name}/{kind}; pass the params of models.VGG16 "
-          "(or params['backbone'] of a vgg16 PSCHNet).")
-    value = np.asarray(params[name][kind], np.float32)
-    if kind == "kernel":
-      value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-    state[key] = np.ascontiguousarray(value)
-  if suffix == ".safetensors":
-    safetensors.numpy.save_file(state, path)
-  else:
-    np.savez(path, **state)
-
-
 def replace_backbone_params(params: Mapping[str, Any],
                             backbone_params: Mapping[str, Any]) -> dict[str, Any]:
   """Returns `params` with `params['backbone']` replaced, after checking every shape.

@@ -37,6 +37,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from psch_jax import sharding
 from psch_jax.errors import UserError
 
 # Printed and saved with every result (docs/evaluation.md states them in full).
@@ -46,9 +47,8 @@ METRIC_CONVENTIONS = (
     "docs/evaluation.md")
 DEFAULT_TOPN = tuple(range(100, 1001, 100))
 _WORD_BITS = 32
-# The axis of the default mesh: the name train.make_mesh gives the run's mesh, so a
+# The axis of the default mesh: the name sharding.make_mesh gives the run's mesh, so a
 # stand-alone call compiles as the run's evaluation does.
-_DEFAULT_AXIS = "data"
 # Ranks and counts of relevant items pass through float32: exact below 2^24.
 _MAX_DATABASE = 2**24
 _EULER_GAMMA = 0.57721566490153286061
@@ -339,7 +339,8 @@ def _chunk_statistics(query_packed: jax.Array, query_labels: jax.Array,
 
 
 def _query_spec(mesh: Mesh) -> P:
-  """Query rows split over every axis of `mesh` (one axis, "data", in a run)."""
+  """Query rows split over every axis of `mesh` (one axis, `sharding.AXIS`, in a
+  run)."""
   return P(mesh.axis_names)
 
 
@@ -493,7 +494,7 @@ def _sweep_segments(states: list, query_steps: list, update, read_segment, *,
   Returns:
     The states after the last segment.
   """
-  replicated = NamedSharding(mesh, P())
+  replicated = sharding.replicated(mesh)
   in_flight = None
   for start in range(0, num_database, segment_size):
     segment = jax.device_put(
@@ -650,12 +651,10 @@ def _checked_inputs(query_codes: Any, query_labels: Any, db_codes: Any, db_label
 def _local_mesh(mesh: Mesh | None) -> Mesh:
   """This process's devices of `mesh` (the ranking reads host arrays and returns
   host arrays), or a mesh of every local device."""
-  if mesh is None:
-    return Mesh(np.array(jax.local_devices()), (_DEFAULT_AXIS,))
-  if not isinstance(mesh, Mesh):
+  if mesh is not None and not isinstance(mesh, Mesh):
     raise UserError(f"mesh must be a jax.sharding.Mesh (e.g. the run's, "
-                    f"train.make_mesh()) or None for every local device, got {mesh!r}.")
-  return mesh.local_mesh
+                    f"sharding.make_mesh()) or None for every local device, got {mesh!r}.")
+  return sharding.local_mesh(mesh)
 
 
 def _query_steps(query_packed: np.ndarray, query_labels: np.ndarray, *, mesh: Mesh,
@@ -711,7 +710,7 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
     code_length: L, needed only when query and database codes are both packed and
       L is not a multiple of 32 (default: 32 W).
     mesh: the devices that share the queries: this process's devices of `mesh` (a
-      run passes its one mesh, `train.make_mesh`); None: every local device (on CPU
+      run passes its one mesh, `sharding.make_mesh`); None: every local device (on CPU
       the threads of --xla_force_host_platform_device_count).
 
   Returns:
@@ -738,7 +737,7 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
   mesh = _local_mesh(mesh)
   query_steps = _query_steps(query_packed, query_labels, mesh=mesh,
                              query_chunk=query_chunk)
-  replicated = NamedSharding(mesh, P())
+  replicated = sharding.replicated(mesh)
   bucket_of_rank = jax.device_put(_bucket_table(breakpoints), replicated)
   db_chunk = min(db_chunk, num_database)
 

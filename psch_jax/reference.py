@@ -2,7 +2,7 @@
 
 It shares no code with `psch_jax/ranking.py` (the package's one fast implementation)
 and is written the way the metrics are defined in docs/evaluation.md, so the tests,
-`python -m psch_jax.reports` (which recomputes a run's results.json from its saved
+`python -m psch_jax.commands.reports` (which recomputes a run's results.json from its saved
 codes) and `psch_jax/diagnostics.py` (which ranks training images by target scores)
 check against it. Queries are ranked in blocks, so at most a (block x database)
 matrix exists at a time.

@@ -16,7 +16,7 @@ dataset labels) with `psch_jax.reference`, the NumPy implementation that shares 
 code with `psch_jax.ranking`: a stable `np.argsort` per query and the metric
 definitions as written. From the command line it prints each metric beside its recomputed value:
 
-  python -m psch_jax.reports --workdir=workdirs/fmnist
+  python -m psch_jax.commands.reports --workdir=workdirs/fmnist
 
 Exit codes: 0 all metrics agree to 1e-6; 1 some do not; 2 bad input (a work directory
 without results, codes, splits or config, or a dataset that cannot be opened).
@@ -24,16 +24,14 @@ without results, codes, splits or config, or a dataset that cannot be opened).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from absl import flags
 import numpy as np
 
-from psch_jax import cli
 from psch_jax import io_utils
 from psch_jax import ranking
 from psch_jax import reference
+from psch_jax import workdir as workdir_lib
 from psch_jax.errors import UserError
 
 # results.json fields that describe the run rather than measure it.
@@ -324,12 +322,13 @@ def write_reports(workdir: str, *, results: dict, codes: dict[str, np.ndarray],
                     f"but {len(query_indices)} / {len(database_indices)} indices; pass "
                     "the index sets the codes were computed from.")
   paths = {name: io_utils.join(workdir, name) for name in
-           ("results.md", "pr_curve.png", "precision_at_topn.png", "retrieval_grid.png")}
-  io_utils.write_text(paths["results.md"], results_markdown(results))
-  plot_pr_curve(results, paths["pr_curve.png"])
-  plot_precision_at_topn(results, paths["precision_at_topn.png"])
+           (workdir_lib.RESULTS_REPORT, workdir_lib.PR_PLOT, workdir_lib.TOPN_PLOT,
+            workdir_lib.GRID_PLOT)}
+  io_utils.write_text(paths[workdir_lib.RESULTS_REPORT], results_markdown(results))
+  plot_pr_curve(results, paths[workdir_lib.PR_PLOT])
+  plot_precision_at_topn(results, paths[workdir_lib.TOPN_PLOT])
   plot_retrieval_grid(
-      paths["retrieval_grid.png"], query_packed=query_packed,
+      paths[workdir_lib.GRID_PLOT], query_packed=query_packed,
       database_packed=database_packed, query_indices=np.asarray(query_indices),
       database_indices=np.asarray(database_indices),
       query_labels=np.asarray(query_labels), database_labels=np.asarray(database_labels),
@@ -387,7 +386,7 @@ def load_npy(path: str, what: str) -> np.ndarray:
 
 def load_results(workdir: str) -> dict:
   return io_utils.read_json(
-      io_utils.join(workdir, "results.json"),
+      io_utils.join(workdir, workdir_lib.RESULTS_FILE),
       missing_fix=(f"train (main.py) or evaluate (main.py --mode=eval) with "
                    f"--workdir={workdir} first."),
       corrupt_fix="evaluate again with main.py --mode=eval.")
@@ -405,7 +404,7 @@ def compare_results(workdir: str, source: Any) -> list[MetricCheck]:
     One `MetricCheck` per metric, in name order.
   """
   results = load_results(workdir)
-  path = io_utils.join(workdir, "results.json")
+  path = io_utils.join(workdir, workdir_lib.RESULTS_FILE)
   fix = "evaluate again with main.py --mode=eval to rewrite it."
   if not isinstance(results, dict):
     raise UserError(f"{path} holds a {type(results).__name__}, not the results of a "
@@ -424,9 +423,9 @@ def compare_results(workdir: str, source: Any) -> list[MetricCheck]:
                     "num_bits; evaluate again with main.py --mode=eval.")
   codes, labels = {}, {}
   for split in ("query", "database"):
-    indices = load_npy(io_utils.join(workdir, "splits", f"{split}.npy"),
+    indices = load_npy(io_utils.join(workdir, workdir_lib.SPLITS_DIR, f"{split}.npy"),
                         f"the {split} split")
-    packed = load_npy(io_utils.join(workdir, "codes", f"{split}.npy"),
+    packed = load_npy(io_utils.join(workdir, workdir_lib.CODES_DIR, f"{split}.npy"),
                        f"the packed {split} codes")
     if len(packed) != len(indices) or (indices.size and indices.max() >= len(source)):
       raise UserError(f"{workdir}: {len(packed)} {split} codes for {len(indices)} "
@@ -462,12 +461,12 @@ def verify_results(workdir: str, source: Any) -> list[MetricCheck]:
   return checks
 
 
-# ------------------------------------------------------------------ command line
+# --------------------------------------------------------------- reading a run
 
 def load_run_source(workdir: str) -> Any:
   """The dataset of a run, opened as its workdir/config.json says."""
   from psch_jax.data import sources  # pylint: disable=g-import-not-at-top
-  path = io_utils.join(workdir, "config.json")
+  path = io_utils.join(workdir, workdir_lib.CONFIG_FILE)
   config = io_utils.read_json(
       path, missing_fix=("it is written by training (main.py). Point --workdir at a "
                          "run trained with this version."),
@@ -501,18 +500,3 @@ def print_comparison(workdir: str) -> int:
     return EXIT_MISMATCH
   print(f"all {len(checks)} metrics agree to {TOLERANCE}.")
   return 0
-
-
-def main(argv: Sequence[str]) -> int:
-  """The command line (module docstring); flags from `define_flags`."""
-  del argv
-  return print_comparison(flags.FLAGS.workdir)
-
-
-def define_flags() -> None:
-  flags.DEFINE_string("workdir", None, "The run's work directory.")
-  flags.mark_flags_as_required(["workdir"])
-
-
-if __name__ == "__main__":
-  cli.run(main, define_flags=define_flags, command="python -m psch_jax.reports")

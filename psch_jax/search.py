@@ -1,6 +1,6 @@
 r"""Search a trained run's database with your own images.
 
-  python -m psch_jax.search --workdir=workdirs/fmnist --images=a.png,b.jpg --topk=10
+  python -m psch_jax.commands.search --workdir=workdirs/fmnist --images=a.png,b.jpg --topk=10
 
 Each image is encoded by the run's latest checkpoint exactly as the training images
 were (decoded with PIL, converted to the dataset's stored channels and size, then the
@@ -20,7 +20,6 @@ import io
 from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple
 
-from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -28,14 +27,14 @@ import numpy as np
 from PIL import Image
 
 from psch_jax import checkpointing
-from psch_jax import cli
 from psch_jax import config as psch_config
 from psch_jax import config_schema
 from psch_jax import encoding
 from psch_jax import io_utils
 from psch_jax import ranking
 from psch_jax import reports
-from psch_jax import train
+from psch_jax import run_setup
+from psch_jax import workdir as workdir_lib
 from psch_jax.errors import UserError
 
 
@@ -68,7 +67,7 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     UserError: config.json is missing, not JSON, not a whole config (a section or
       field removed by an edit) or holds a value no run can have.
   """
-  path = io_utils.join(workdir, "config.json")
+  path = io_utils.join(workdir, workdir_lib.CONFIG_FILE)
   saved = io_utils.read_json(
       path, missing_fix=("the run's config; pass the --workdir of a run that main.py "
                          "trained and evaluated, or finish that run first."),
@@ -126,10 +125,12 @@ def load_index(workdir: str) -> SearchIndex:
     raise UserError(f"work directory {workdir} does not exist; pass the --workdir of "
                     "a trained run.")
   config = read_run_config(workdir)
-  database_packed = reports.load_npy(io_utils.join(workdir, "codes", "database.npy"),
-                                      "the database codes written by the evaluation")
-  database_indices = reports.load_npy(io_utils.join(workdir, "splits", "database.npy"),
-                                       "the database split")
+  database_packed = reports.load_npy(
+      io_utils.join(workdir, workdir_lib.CODES_DIR, "database.npy"),
+      "the database codes written by the evaluation")
+  database_indices = reports.load_npy(
+      io_utils.join(workdir, workdir_lib.SPLITS_DIR, "database.npy"),
+      "the database split")
   num_words = -(-config.model.num_bits // 32)
   if (database_packed.dtype != np.uint32 or database_packed.ndim != 2
       or database_packed.shape != (len(database_indices), num_words)):
@@ -138,8 +139,8 @@ def load_index(workdir: str) -> SearchIndex:
                     f"{num_words}) for the run's database and {config.model.num_bits} "
                     "bits; evaluate again with main.py --mode=eval.")
   check_config_fits_checkpoint(workdir, config)
-  model = train.build_model(config)
-  abstract_params = jax.eval_shape(lambda: train.init_params(config, model))
+  model = run_setup.build_model(config)
+  abstract_params = jax.eval_shape(lambda: run_setup.init_params(config, model))
   params = checkpointing.restore_params(workdir, abstract_params)
   restored_shapes = jax.tree.map(np.shape, params)
   if restored_shapes != jax.tree.map(lambda x: x.shape, abstract_params):
@@ -234,23 +235,3 @@ def format_matches(image_path: str, matches: list[dict]) -> str:
     lines.append(f"  {m['rank']:>4}  {m['database_row']:>7}  {m['index']:>8}  "
                  f"{m['distance']:>8}  {m['labels']}")
   return "\n".join(lines)
-
-
-def main(argv: Sequence[str]) -> None:
-  """The command line (module docstring); flags from `define_flags`."""
-  del argv
-  paths = [p for p in flags.FLAGS.images.split(",") if p]
-  results = search(flags.FLAGS.workdir, paths, topk=flags.FLAGS.topk)
-  print("\n\n".join(format_matches(p, m) for p, m in zip(paths, results)))
-
-
-def define_flags() -> None:
-  flags.DEFINE_string("workdir", None, "The run's work directory (trained and "
-                      "evaluated by main.py).")
-  flags.DEFINE_string("images", None, "Comma-separated image files, e.g. a.png,b.jpg.")
-  flags.DEFINE_integer("topk", 10, "Results per image.")
-  flags.mark_flags_as_required(["workdir", "images"])
-
-
-if __name__ == "__main__":
-  cli.run(main, define_flags=define_flags, command="python -m psch_jax.search")

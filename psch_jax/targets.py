@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from psch_jax import config_schema
 from psch_jax import encoding
 from psch_jax import models
 from psch_jax import spectral
@@ -45,20 +46,6 @@ from psch_jax.similarity import pixel_similarity, soft_similarity, target_simila
 _ENCODED_FEATURES = {"global": "global_feature", "pooled": "pooled_feature"}
 _PIXEL_FEATURES = ("pixels", "spectral")
 _PART_KEYS = ("part_descriptors", "part_weights")
-
-
-def spectral_components(config: ml_collections.ConfigDict) -> int:
-  """d of Eq. 1a: `pseudo_labels.spectral_components`, by default K_c."""
-  p = config.pseudo_labels
-  return p.spectral_components or p.num_clusters
-
-
-def check_sizes(config: ml_collections.ConfigDict, num_train: int) -> None:
-  """Raises the UserError of a spectral embedding the training split cannot give."""
-  if config.pseudo_labels.features == "spectral":
-    spectral.check_arguments(
-        num_train, num_neighbors=config.pseudo_labels.spectral_neighbors,
-        num_components=spectral_components(config))
 
 
 def _unit_rows(pixels: np.ndarray) -> np.ndarray:
@@ -105,13 +92,14 @@ def compute_targets(config: ml_collections.ConfigDict, key: jax.Array, encode, p
   z = pixels if features in _PIXEL_FEATURES else encoded[keys[0]]
   p = config.pseudo_labels
   # The k-NN graph of Eq. 1a, built once for both levels; None clusters z itself.
-  # (The sizes were checked against the training split by `check_sizes`.)
+  # (The sizes were checked against the training split by
+  # `config_schema.check_against_data`.)
   neighbors = (np.asarray(spectral.knn_graph(jnp.asarray(z),
                                              num_neighbors=p.spectral_neighbors))
                if features == "spectral" else None)
   labels, stats, embedding = _cluster(
       config, key, z, neighbors, num_clusters=p.num_clusters,
-      num_components=spectral_components(config), mesh=mesh)
+      num_components=config_schema.spectral_components(config), mesh=mesh)
   labels = np.asarray(labels, np.int32)
   targets = {"pseudo_labels": labels,
              "cluster_affinity": np.asarray(cluster_affinity(stats.centroids))}

@@ -41,22 +41,36 @@ from psch_jax.errors import UserError
 
 DIRECTORY, FILE = "directory", "file"
 
+# The names of a run's entries; every module that reads or writes one uses these.
+CHECKPOINTS_DIR = "checkpoints"
+SPLITS_DIR = "splits"
+CODES_DIR = "codes"
+TENSORBOARD_DIR = "tensorboard"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+RESULTS_REPORT = "results.md"
+PR_PLOT = "pr_curve.png"
+TOPN_PLOT = "precision_at_topn.png"
+GRID_PLOT = "retrieval_grid.png"
+CODE_SETS = ("query", "database")
+
 # Every entry a run creates in its work directory: (kind, what it holds).
 LAYOUT: dict[str, tuple[str, str]] = {
-    "checkpoints": (DIRECTORY, "checkpoints"),
-    "splits": (DIRECTORY, "split index files"),
-    "codes": (DIRECTORY, "hash codes"),
-    "tensorboard": (DIRECTORY, "TensorBoard summaries"),
-    "config.json": (FILE, "config"),
-    "metrics.jsonl": (FILE, "training metrics"),
-    "results.json": (FILE, "results"),
-    "results.md": (FILE, "results report"),
-    "pr_curve.png": (FILE, "precision-recall plot"),
-    "precision_at_topn.png": (FILE, "precision@N plot"),
-    "retrieval_grid.png": (FILE, "retrieval grid"),
-    **{f"splits/{name}.npy": (FILE, f"{name} split")
+    CHECKPOINTS_DIR: (DIRECTORY, "checkpoints"),
+    SPLITS_DIR: (DIRECTORY, "split index files"),
+    CODES_DIR: (DIRECTORY, "hash codes"),
+    TENSORBOARD_DIR: (DIRECTORY, "TensorBoard summaries"),
+    CONFIG_FILE: (FILE, "config"),
+    METRICS_FILE: (FILE, "training metrics"),
+    RESULTS_FILE: (FILE, "results"),
+    RESULTS_REPORT: (FILE, "results report"),
+    PR_PLOT: (FILE, "precision-recall plot"),
+    TOPN_PLOT: (FILE, "precision@N plot"),
+    GRID_PLOT: (FILE, "retrieval grid"),
+    **{f"{SPLITS_DIR}/{name}.npy": (FILE, f"{name} split")
        for name in splits_lib.SPLIT_NAMES},
-    **{f"codes/{name}.npy": (FILE, f"{name} codes") for name in ("query", "database")},
+    **{f"{CODES_DIR}/{name}.npy": (FILE, f"{name} codes") for name in CODE_SETS},
 }
 
 _FIX = "Move or delete it, or pass another --workdir."
@@ -162,7 +176,7 @@ def check_config_unchanged(config: ml_collections.ConfigDict, workdir: str) -> N
     UserError: config.json cannot be read, or names each changed field with its
       old and new value, and the fix.
   """
-  path = os.path.join(workdir, "config.json")
+  path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return
   saved = io_utils.read_json(
@@ -414,7 +428,7 @@ def lock(workdir: str, *, process_index: int = 0):
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
-    # The wording of train._check_writable, which tests quote.
+    # The wording of io_utils.check_writable, which tests quote.
     raise UserError(f"work directory {workdir} is not writable ({e.strerror}); pass a "
                     "--workdir you can write to.") from e
   return LocalLock(os.path.join(workdir, f"{LOCAL_LOCK_PREFIX}{process_index}"))

@@ -20,7 +20,50 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 
+import fcntl  # pylint: disable=g-import-not-at-top,wrong-import-position
+import shutil  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+# Fixtures whose tests are end-to-end by nature: a trained run, a storage server.
+_SLOW_FIXTURES = ("tiny_run", "gcs_bucket")
+
+
+def pytest_collection_modifyitems(items):
+  """Marks `slow` every test that needs a trained run or the Cloud Storage emulator
+  (directly or through another fixture), beside the tests marked by hand."""
+  for item in items:
+    if any(name in getattr(item, "fixturenames", ()) for name in _SLOW_FIXTURES):
+      item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> str:
+  """The work directory of one finished Fashion-MNIST `:tiny` run (trained, evaluated,
+  results.json and codes written), trained once per test session and shared by every
+  xdist worker.
+
+  Read only: a test that runs a command on it (which locks the directory) or changes
+  it copies it first (`tests.helpers.copy_run`).
+  """
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  if not helpers.FASHION_MNIST:
+    pytest.skip("apt-get install dataset-fashion-mnist")
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the directory the workers' own temporary roots share
+  workdir = root / "tiny_run"
+  with open(root / "tiny_run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # one worker trains, the others wait for it
+    if not (workdir / "results.json").exists():
+      from psch_jax import train  # pylint: disable=g-import-not-at-top
+      partial = root / "tiny_run.partial"
+      shutil.rmtree(partial, ignore_errors=True)
+      train.train_and_evaluate(helpers.repo_config("fashion_mnist", "tiny"),
+                               str(partial))
+      partial.rename(workdir)
+  return str(workdir)
 
 
 class GcsBucket:

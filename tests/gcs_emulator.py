@@ -79,6 +79,10 @@ class _TLSRelay(socketserver.BaseRequestHandler):
       self.request.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
       return
     upstream = socket.create_connection(("127.0.0.1", self.server.http_port))
+    # The relay forwards small writes (headers, then body) as they come: without
+    # TCP_NODELAY, Nagle's algorithm holds each one for the peer's delayed ACK.
+    for sock in (self.request, upstream):
+      sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
       if method == b"CONNECT":
         self.request.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
@@ -172,6 +176,28 @@ def _fix_emulator(server_module, objects_module) -> None:
         methods[method] = download
 
 
+def _continuing(handler_class):
+  """`handler_class` that answers "Expect: 100-continue" as GCS does.
+
+  libcurl (tf.io.gfile's uploads) sends that header with a chunked body and waits up
+  to 1 s for the interim "100 Continue" before sending the body anyway. The emulator
+  speaks HTTP/1.0, where http.server never sends it, so every upload waited the full
+  second: a tiny training run on gs:// took 165 s instead of about 30 s.
+  """
+
+  class Continuing(handler_class):
+
+    def parse_request(self):
+      if not super().parse_request():
+        return False
+      if self.headers.get("Expect", "").lower() == "100-continue":
+        self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.wfile.flush()
+      return True
+
+  return Continuing
+
+
 def serve(ready_file: str, bucket: str, cert: str, key: str) -> None:
   """Serves the emulator (in memory) and the TLS proxy until the process is killed."""
   # pylint: disable=g-import-not-at-top
@@ -183,7 +209,8 @@ def serve(ready_file: str, bucket: str, cert: str, key: str) -> None:
   _fix_emulator(server_module, objects)
   storage = Storage(use_memory_fs=True)
   buckets.create_bucket(bucket, storage)
-  httpd = _EmulatorHTTPServer(("127.0.0.1", 0), functools.partial(RequestHandler, storage))
+  httpd = _EmulatorHTTPServer(("127.0.0.1", 0),
+                              functools.partial(_continuing(RequestHandler), storage))
   proxy = _ProxyServer(httpd.server_address[1], cert, key)
   threading.Thread(target=proxy.serve_forever, daemon=True).start()
   ports = {"http_port": httpd.server_address[1], "proxy_port": proxy.server_address[1]}

@@ -1,27 +1,41 @@
 """What several test modules share: the repository's configs and generated manual files.
 
 - `ROOT`, `repo_config`, `needs_fashion_mnist`: the repository, its config files, and
-  the mark for tests that read the installed Fashion-MNIST.
+  the mark for tests that read the installed Fashion-MNIST; `copy_run`, a private
+  copy of the shared trained run (fixture `tiny_run` in conftest.py).
 - `write_image`, `write_list`, `write_matrix`, `nus_split_lists`: the public
   hashing-code format of NUS-WIDE and MIRFlickr-25K (small random JPEGs, image lists,
   0/1 label matrices), for the tfds builders in psch_jax/data.
 """
 import os
+import shutil
 import socket
+from typing import Any, Mapping
 
 import ml_collections
 import numpy as np
 import pytest
+import safetensors.numpy
 from PIL import Image
 
-from psch_jax import cli
+from psch_jax import config as psch_config
+from psch_jax import pretrained
 from psch_jax.data import manual_files
+from psch_jax.errors import UserError
 from psch_jax.data import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_MNIST = os.path.isdir(sources.DEFAULT_FASHION_MNIST_DIR)
 needs_fashion_mnist = pytest.mark.skipif(
     not FASHION_MNIST, reason="apt-get install dataset-fashion-mnist")
+
+
+def copy_run(workdir: str, destination) -> str:
+  """A private copy of the shared `tiny_run` work directory (conftest.py), for a test
+  that runs a command on it or changes it; returns its path."""
+  destination = os.fspath(destination)
+  shutil.copytree(workdir, destination)
+  return destination
 
 
 def free_port() -> int:
@@ -35,9 +49,9 @@ def free_port() -> int:
 
 def repo_config(name: str, variant: str = "") -> ml_collections.ConfigDict:
   """configs/<name>.py, its `variant` (e.g. "tiny"; "" is `get_config()`), read by
-  `cli.load_config` as --config reads it."""
+  `config.load_config` as --config reads it."""
   spec = os.path.join(ROOT, "configs", f"{name}.py")
-  return cli.load_config(f"{spec}:{variant}" if variant else spec)
+  return psch_config.load_config(f"{spec}:{variant}" if variant else spec)
 
 
 # ------------------------------------------------------------ manual files on disk
@@ -100,3 +114,42 @@ def nus_split_lists(root: str, num_database: int = 9, num_test: int = 3
   write_matrix(os.path.join(root, "test_label_onehot.txt"), labels[num_database:])
   keep = [i for i in range(len(paths)) if i != 4]
   return np.stack(images)[keep], labels[keep]
+
+
+# ------------------------------------------------------------- VGG-16 weight files
+
+def save_vgg16_torchvision(params: Mapping[str, Any],
+                           path: str | os.PathLike[str]) -> None:
+  """Writes `models.VGG16` params as a torchvision-layout `.safetensors` or `.npz`.
+
+  The inverse of `load_vgg16_torchvision` (no `classifier.6`, which `VGG16` lacks).
+
+  Args:
+    params: the VGG16 `'params'` collection (`{'conv1_1': ..., 'fc7': ...}`); a
+      `{'params': ...}` variables dict is accepted too.
+    path: output file ending in `.safetensors` or `.npz`.
+
+  Raises:
+    UserError: unsupported extension or params that are not VGG16's.
+  """
+  path = os.fspath(path)
+  if "params" in params and "conv1_1" not in params:
+    params = params["params"]
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix not in (".safetensors", ".npz"):
+    raise UserError(
+        f"cannot save VGG-16 weights to {path!r}: use a .safetensors or .npz path.")
+  state = {}
+  for key, (name, kind) in pretrained.torchvision_key_map().items():
+    if name not in params or kind not in params[name]:
+      raise UserError(
+          f"params have no {name}/{kind}; pass the params of models.VGG16 "
+          "(or params['backbone'] of a vgg16 PSCHNet).")
+    value = np.asarray(params[name][kind], np.float32)
+    if kind == "kernel":
+      value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+    state[key] = np.ascontiguousarray(value)
+  if suffix == ".safetensors":
+    safetensors.numpy.save_file(state, path)
+  else:
+    np.savez(path, **state)

@@ -91,6 +91,7 @@ def test_random_methods_depend_on_the_key():
     assert not np.array_equal(*codes), method
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_every_baseline_separates_two_far_apart_blobs(method):
   train, _ = two_blobs(0)

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from psch_jax import cli
 from psch_jax import config as psch_config
+from psch_jax import config_schema
 from psch_jax.errors import UserError
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
@@ -14,7 +14,7 @@ CONFIGS = ("fashion_mnist", "cifar10", "nus_wide", "mirflickr25k")
 
 
 def load(name, variant=""):
-  return cli.load_config(os.path.join(CONFIG_DIR, f"{name}.py:{variant}"))
+  return psch_config.load_config(os.path.join(CONFIG_DIR, f"{name}.py:{variant}"))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -29,7 +29,7 @@ def test_config_docstring_states_its_command(name):
 def test_configs_validate(name, variant):
   c = load(name, variant)
   assert c.data.name == name
-  psch_config.validate(c, num_devices=8)
+  config_schema.check_config(c, num_devices=8)
 
 
 def test_fashion_mnist_paper_variant_undoes_only_the_tuned_choices():
@@ -45,7 +45,7 @@ def test_fashion_mnist_paper_variant_undoes_only_the_tuned_choices():
   assert paper["pseudo_labels"]["fine_clusters"] is None
   assert paper["pseudo_labels"]["features"] == "pixels"
   assert paper["similarity"]["cross_cluster_ceiling"] is None
-  psch_config.validate(load("fashion_mnist", "paper"), num_devices=8)
+  config_schema.check_config(load("fashion_mnist", "paper"), num_devices=8)
 
 
 @pytest.mark.parametrize("variant", ["", "tiny"])
@@ -66,7 +66,7 @@ def test_the_vgg16_configs_share_the_pretrained_setting():
 
 
 def test_load_config_without_a_variant_is_get_config():
-  assert (cli.load_config(os.path.join(CONFIG_DIR, "cifar10.py")).to_dict()
+  assert (psch_config.load_config(os.path.join(CONFIG_DIR, "cifar10.py")).to_dict()
           == load("cifar10", "").to_dict())
   assert load("cifar10", "cpu").model.backbone == "small_cnn"
 
@@ -80,7 +80,7 @@ def test_unknown_variant_is_an_error():
 
 def test_missing_config_file_is_an_error():
   with pytest.raises(UserError, match="does not exist"):
-    cli.load_config(os.path.join(CONFIG_DIR, "no_such_config.py:tiny"))
+    psch_config.load_config(os.path.join(CONFIG_DIR, "no_such_config.py:tiny"))
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -97,4 +97,4 @@ def test_bad_values_name_the_field(field, value, message):
   section, name = field.split(".")
   c[section][name] = value
   with pytest.raises(UserError, match=message):
-    psch_config.validate(c, num_devices=8)
+    config_schema.check_config(c, num_devices=8)

@@ -116,7 +116,7 @@ def test_bad_values_typed_on_the_command_line_name_the_field_and_the_fix(overrid
 
 
 @pytest.mark.parametrize("name,value,message", [
-    # The checks and messages config.validate has today (tests/test_config.py,
+    # The checks and messages config.validate had (tests/test_config.py,
     # docs/reliability.md quote them).
     ("model.num_bits", 0, r"^config.model.num_bits=0 must be a positive code length "
                           r"\(the paper uses 16, 32, 64 or 128\).$"),

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from psch_jax import cli
+from psch_jax import config as psch_config
 from psch_jax import diagnostics
 from psch_jax import reference
 from psch_jax.errors import UserError
@@ -104,11 +104,12 @@ def test_non_finite_scores_are_refused():
 
 def run_command(workdir, *extra):
   return subprocess.run(
-      [sys.executable, "-m", "psch_jax.diagnostics", f"--config={CONFIG}:tiny",
+      [sys.executable, "-m", "psch_jax.commands.diagnostics", f"--config={CONFIG}:tiny",
        f"--workdir={workdir}", *extra],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_command_writes_target_quality_json(tmp_path):
   workdir = tmp_path / "diag"
@@ -128,6 +129,7 @@ def test_command_writes_target_quality_json(tmp_path):
   assert sum(report["pseudo_labels"]["cluster_sizes"]) == report["num_train"]
 
 
+@pytest.mark.slow
 def test_command_line_exits_2_on_bad_input_before_writing(tmp_path):
   workdir = tmp_path / "diag"
   for flag, message in (("--config.pseudo_labels.keep_quantile=1.5", "keep_quantile"),
@@ -144,4 +146,4 @@ def test_a_training_split_too_large_for_the_target_matrix_is_refused(tmp_path,
                                                                      monkeypatch):
   monkeypatch.setattr(diagnostics, "MAX_TRAIN_IMAGES", 10)
   with pytest.raises(UserError, match="train_per_class"):
-    diagnostics.target_quality(cli.load_config(f"{CONFIG}:tiny"), str(tmp_path / "diag"))
+    diagnostics.target_quality(psch_config.load_config(f"{CONFIG}:tiny"), str(tmp_path / "diag"))

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from psch_jax import baselines, cli, experiments, train
+from psch_jax import baselines, experiments, train
+from psch_jax import config as psch_config
 from psch_jax.data import sources, splits
 from psch_jax.errors import UserError
 
@@ -33,7 +34,7 @@ def test_ablation_configs_are_the_overrides_of_method_md():
                 re.findall(r"`--config\.([\w.]+)=([^`]+)`", section)}
   overridden = [m for m in experiments.ABLATIONS if experiments.METHODS[m].overrides]
   assert len(documented) == len(overridden) == 10
-  config = cli.load_config(f"{CONFIG}:tiny")
+  config = psch_config.load_config(f"{CONFIG}:tiny")
   before = config.to_dict()
   reference = experiments.method_config(config, "psch_short", num_bits=8, seed=3,
                                         ablation_epochs=1)
@@ -67,7 +68,7 @@ def fake_runs():
 
 
 def test_table_cells_are_mean_and_sample_std_over_seeds():
-  config = cli.load_config(f"{CONFIG}:tiny")
+  config = psch_config.load_config(f"{CONFIG}:tiny")
   runs = fake_runs()
   summary = experiments.summarise(runs, metrics=("map@all", "map@10"))
   cell = summary["psch"]["16"]["map@all"]
@@ -85,7 +86,7 @@ def test_table_cells_are_mean_and_sample_std_over_seeds():
 
 
 def test_ablations_left_out_by_ablation_bits_are_marked_and_stated():
-  config = cli.load_config(f"{CONFIG}:tiny")
+  config = psch_config.load_config(f"{CONFIG}:tiny")
   runs = [{**run, "method": "no_lq"} for run in fake_runs() if run["method"] == "psch"
           and run["num_bits"] == 16]
   summary = experiments.summarise(runs, metrics=("map@all", "map@10"))
@@ -98,7 +99,7 @@ def test_ablations_left_out_by_ablation_bits_are_marked_and_stated():
 
 
 def test_bad_arguments_raise_user_errors(tmp_path):
-  config = cli.load_config(f"{CONFIG}:tiny")
+  config = psch_config.load_config(f"{CONFIG}:tiny")
   for kwargs, message in (({"methods": ["psch", "itqq"]}, "--methods"),
                           ({"bits": [0]}, "--bits"), ({"seeds": ["a"]}, "--seeds"),
                           ({"ablation_epochs": 0}, "--epochs_ablation"),
@@ -107,15 +108,16 @@ def test_bad_arguments_raise_user_errors(tmp_path):
     with pytest.raises(UserError, match=message):
       experiments.run_experiments(config, workdir=str(tmp_path), **arguments)
   with pytest.raises(UserError, match="does not exist"):
-    cli.load_config("configs/no_such_config.py")
+    psch_config.load_config("configs/no_such_config.py")
 
 
+@pytest.mark.slow
 def test_command_line_exits_2_on_bad_input_before_writing(tmp_path):
   workdir = tmp_path / "experiment"
   for flag, message in (("--methods=psch,itqq", "--methods"),
                         ("--config.pseudo_labels.keep_quantile=1.5", "keep_quantile")):
     result = subprocess.run(
-        [sys.executable, "-m", "psch_jax.experiments", f"--config={CONFIG}:tiny",
+        [sys.executable, "-m", "psch_jax.commands.experiments", f"--config={CONFIG}:tiny",
          f"--workdir={workdir}", "--bits=8", "--seeds=0", flag],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -128,7 +130,7 @@ def experiment(tmp_path_factory):
   """The CLI run the table tests read: real PSCH runs on the tiny config."""
   workdir = str(tmp_path_factory.mktemp("experiment"))
   result = subprocess.run(
-      [sys.executable, "-m", "psch_jax.experiments", f"--config={CONFIG}:tiny",
+      [sys.executable, "-m", "psch_jax.commands.experiments", f"--config={CONFIG}:tiny",
        f"--workdir={workdir}", "--bits=" + ",".join(map(str, BITS)),
        "--seeds=" + ",".join(map(str, SEEDS)), "--methods=" + ",".join(METHODS),
        "--epochs_ablation=1"],
@@ -143,6 +145,7 @@ def run_results(workdir, method, bits, seed):
     return json.load(f)
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_table_has_every_row_and_column_with_the_per_run_statistics(experiment):
   with open(os.path.join(experiment, "results.md")) as f:
@@ -203,7 +206,7 @@ def test_rerun_skips_finished_runs_and_refuses_a_changed_config(experiment,
   mtimes = {path: os.stat(path).st_mtime_ns for path in results}
   with open(os.path.join(experiment, "results.json")) as f:
     before = json.load(f)["summary"]
-  config = cli.load_config(f"{CONFIG}:tiny")
+  config = psch_config.load_config(f"{CONFIG}:tiny")
   report = experiments.run_experiments(config, workdir=experiment, bits=BITS,
                                        seeds=SEEDS, methods=METHODS, ablation_epochs=1)
   assert report["summary"] == before

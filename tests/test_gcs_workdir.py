@@ -3,7 +3,7 @@
 What a Cloud TPU user relies on (issue 11): `--workdir=gs://bucket/run` writes the
 run to Cloud Storage (not to a local folder named "gs:"), a run SIGKILLed after its
 first checkpoint resumes from that bucket to the codes of an uninterrupted run, and
-`--mode=eval`, `python -m psch_jax.search` and `python -m psch_jax.reports` work on
+`--mode=eval`, `python -m psch_jax.commands.search` and `python -m psch_jax.commands.reports` work on
 the bucket alone; two processes (jax.distributed on localhost, gloo) train one run
 into one gs:// work directory.
 
@@ -15,8 +15,6 @@ module and reused by the eval, search and reports tests.
 import io
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 
@@ -26,6 +24,7 @@ import pytest
 
 from psch_jax import io_utils
 from psch_jax import reports
+from psch_jax import search
 from psch_jax import train
 from psch_jax.evaluators import retrieval
 from tests import test_train
@@ -69,16 +68,6 @@ def _first_checkpoint_committed(bucket, workdir: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def local_reference(tmp_path_factory):
-  """One uninterrupted local run of Fashion-MNIST tiny (the codes to match)."""
-  if not FASHION_MNIST:
-    pytest.skip("apt-get install dataset-fashion-mnist")
-  workdir = str(tmp_path_factory.mktemp("local_reference"))
-  train.train_and_evaluate(repo_config("fashion_mnist", "tiny"), workdir)
-  return workdir
-
-
-@pytest.fixture(scope="module")
 def resumed_gcs_run(gcs_bucket):
   """A tiny main.py run on gs://, SIGKILLed after its first checkpoint and rerun to
   the end: (work directory, output of the rerun)."""
@@ -104,11 +93,11 @@ def resumed_gcs_run(gcs_bucket):
 
 @needs_fashion_mnist
 def test_killed_run_on_gcs_resumes_to_the_codes_of_an_uninterrupted_local_run(
-    resumed_gcs_run, local_reference, gcs_bucket):
+    resumed_gcs_run, tiny_run, gcs_bucket):
   workdir, output = resumed_gcs_run
   assert "resumed from step" in output
   results, codes = read_gcs_outputs(workdir)
-  local_results, local_codes = test_train.read_outputs(local_reference)
+  local_results, local_codes = test_train.read_outputs(tiny_run)
   for name in codes:
     np.testing.assert_array_equal(codes[name], local_codes[name])
   metrics = [k for k, v in local_results.items()
@@ -128,9 +117,8 @@ def test_eval_mode_on_gcs_reproduces_the_final_metrics(resumed_gcs_run):
   workdir, _ = resumed_gcs_run
   results, codes = read_gcs_outputs(workdir)
   io_utils.remove(io_utils.join(workdir, "results.json"))
-  proc = test_train.run_main(workdir, "--mode=eval")
-  output, _ = proc.communicate(timeout=_RUN_TIMEOUT_S)
-  assert proc.returncode == 0, output
+  # In-process: what `main.py --mode=eval` calls (the command line is test_main's).
+  train.evaluate_checkpoint(repo_config("fashion_mnist", "tiny"), workdir)
   again, codes_again = read_gcs_outputs(workdir)
   assert again["selection"] == "latest checkpoint"
   metrics = [k for k, v in results.items()
@@ -138,11 +126,6 @@ def test_eval_mode_on_gcs_reproduces_the_final_metrics(resumed_gcs_run):
   assert metrics and all(again[k] == results[k] for k in metrics)
   for name in codes:
     np.testing.assert_array_equal(codes[name], codes_again[name])
-
-
-def _module_command(module: str, *flags: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", module, *flags], cwd=ROOT,
-                        capture_output=True, text=True, timeout=_RUN_TIMEOUT_S)
 
 
 @needs_fashion_mnist
@@ -157,23 +140,20 @@ def test_search_on_gcs_finds_a_database_image_stored_on_gcs(resumed_gcs_run):
       buffer, format="PNG")
   image = workdir.rsplit("/", 1)[0] + "/query.png"  # an image on gs:// too
   io_utils.write_bytes(image, buffer.getvalue())
-  result = _module_command("psch_jax.search", f"--workdir={workdir}",
-                           f"--images={image}", f"--topk={len(database)}")
-  assert result.returncode == 0, result.stdout + result.stderr
-  # Rows "rank row index distance labels" after the image name and the header.
-  distance = {int(row[2]): int(row[3])
-              for row in (line.split() for line in result.stdout.splitlines()[2:])}
+  # In-process: what `python -m psch_jax.commands.search` calls.
+  (matches,) = search.search(workdir, [image], topk=len(database))
+  distance = {m["index"]: m["distance"] for m in matches}
   assert len(distance) == len(database)
   # Its own code is in the database (the image was encoded as training encodes).
-  assert distance[index] == 0, result.stdout
+  assert distance[index] == 0, matches[:5]
 
 
 @needs_fashion_mnist
 def test_reports_on_gcs_recompute_every_metric(resumed_gcs_run):
   workdir, _ = resumed_gcs_run
-  result = _module_command("psch_jax.reports", f"--workdir={workdir}")
-  assert result.returncode == 0, result.stdout + result.stderr
-  assert "metrics agree" in result.stdout and "MISMATCH" not in result.stdout
+  # In-process: what `python -m psch_jax.commands.reports` calls.
+  checks = reports.verify_results(workdir, reports.load_run_source(workdir))
+  assert checks and all(c.agrees for c in checks)
 
 
 @needs_fashion_mnist

@@ -19,6 +19,7 @@ import pytest
 import safetensors.numpy
 
 from psch_jax import config as psch_config
+from psch_jax import config_schema
 from psch_jax import pretrained
 from psch_jax.errors import UserError
 
@@ -131,6 +132,7 @@ def _hub_file(sha256: str) -> pretrained.HubFile:
                             revision=REVISION, sha256=sha256)
 
 
+@pytest.mark.slow
 def test_download_verifies_and_loads_once_then_works_offline(timm_file, hub, tmp_path):
   state, _, sha256 = timm_file
   cache = str(tmp_path / "hf_cache")
@@ -168,6 +170,7 @@ def test_download_verifies_and_loads_once_then_works_offline(timm_file, hub, tmp
   np.testing.assert_array_equal(again["fc7"]["kernel"], params["fc7"]["kernel"])
 
 
+@pytest.mark.slow
 def test_wrong_sha256_is_refused_with_the_path_and_both_hashes(timm_file, hub, tmp_path):
   _, _, sha256 = timm_file
   pinned = "0" * 64
@@ -191,6 +194,7 @@ def test_a_local_timm_file_is_loaded_without_the_hub(timm_file):
     np.testing.assert_array_equal(params["fc6"]["kernel"][:, o], fc1[o].reshape(-1))
 
 
+@pytest.mark.slow
 def test_unreachable_hub_names_the_url_the_cache_path_and_pretrained_path(tmp_path):
   # A port nobody listens on: connection refused, as on a machine without network.
   stopped = FakeHub({})
@@ -227,10 +231,10 @@ def test_config_check_of_model_pretrained(backbone, field, value, message):
   config.model.backbone = backbone
   config.model[field] = value
   with pytest.raises(UserError, match=message):
-    psch_config.validate(config, num_devices=8)
+    config_schema.check_config(config, num_devices=8)
   config.model.pretrained_path = "vgg16.safetensors"  # a file said is enough for VGG-16
   if value is None:
-    psch_config.validate(config, num_devices=8)
+    config_schema.check_config(config, num_devices=8)
 
 
 def test_main_without_network_exits_2_and_writes_nothing(tmp_path):

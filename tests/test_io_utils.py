@@ -41,6 +41,7 @@ def test_workdir_path_keeps_gs_and_makes_local_absolute(tmp_path, monkeypatch):
   assert io_utils.is_object_store(gcs) and not io_utils.is_object_store(tmp_path)
 
 
+@pytest.mark.slow
 def test_round_trips(root):
   io_utils.write_json(f"{root}/results.json", {"map@all": 0.5, "bits": [16, 32]})
   io_utils.write_text(f"{root}/results.md", "| a |\n| ü |\n")
@@ -143,6 +144,7 @@ def test_figure_written_through_a_buffer(root):
   assert io_utils.read_bytes(f"{root}/curve.png").startswith(b"\x89PNG\r\n")
 
 
+@pytest.mark.slow
 def test_orbax_checkpoint_round_trip_on_gcs(gcs_bucket):
   """checkpointing.py saves into gs://.../run/checkpoints and restores: TensorStore
   writes the arrays, tf.io.gfile the directories and metadata."""

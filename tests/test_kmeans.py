@@ -76,6 +76,7 @@ def test_same_key_same_result_and_keys_matter():
   assert any(not np.array_equal(first.centroids, other.centroids) for other in others)
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device():
   assert len(jax.devices()) == 8, "tests/conftest.py should give 8 CPU devices"
   points = _random_points(seed=3)
@@ -108,6 +109,7 @@ def _numpy_lloyd(points, centroids, iterations):
   return assignments, centroids
 
 
+@pytest.mark.slow
 def test_many_clusters_scatter_sums_match_numpy_lloyd_on_one_and_eight_devices():
   num_clusters = 40  # Above the one-hot limit: sums by segment_sum on CPU.
   one_device, eight_devices = _mesh(jax.devices()[:1]), _mesh(jax.devices())

@@ -34,6 +34,7 @@ def test_invalid_config_value_exits_2_before_writing(tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_workdir_that_cannot_be_created_exits_2(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("")
@@ -52,10 +53,10 @@ def test_missing_dataset_says_how_to_get_it(tmp_path):
 # The five commands and, for each, two bad command lines: (argv, what stderr names).
 COMMANDS = {
     "main": ["main.py"],
-    "experiments": ["-m", "psch_jax.experiments"],
-    "diagnostics": ["-m", "psch_jax.diagnostics"],
-    "search": ["-m", "psch_jax.search"],
-    "reports": ["-m", "psch_jax.reports"],
+    "experiments": ["-m", "psch_jax.commands.experiments"],
+    "diagnostics": ["-m", "psch_jax.commands.diagnostics"],
+    "search": ["-m", "psch_jax.commands.search"],
+    "reports": ["-m", "psch_jax.commands.reports"],
 }
 WITH_CONFIG = ("main", "experiments", "diagnostics")
 BAD_INPUT = [
@@ -79,6 +80,7 @@ def run_command(command, *args):
                         text=True, capture_output=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command,args,expected", BAD_INPUT)
 def test_every_command_exits_2_on_bad_input_without_a_traceback(command, args,
                                                                 expected, tmp_path):
@@ -90,11 +92,15 @@ def test_every_command_exits_2_on_bad_input_without_a_traceback(command, args,
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_lists_its_flags(command):
-  result = run_command(command, "--helpfull")
+  # --help lists the command's own flags (not absl's and the libraries').
+  result = run_command(command, "--help")
   assert "--workdir" in result.stdout and "Traceback" not in result.stderr
   assert ("--config" in result.stdout) == (command in WITH_CONFIG)
+  assert ("--mode" in result.stdout) == (command == "main")
+  assert "--jax_platforms" not in result.stdout
 
 
 def test_unknown_config_variant_names_the_variants():
@@ -113,6 +119,7 @@ REQUIRED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS)
 def test_a_stray_positional_argument_exits_2_naming_it_and_the_workdir_flag(
     command, tmp_path):

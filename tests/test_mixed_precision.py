@@ -11,8 +11,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from psch_jax import config as psch_config
+from psch_jax import config_schema
 from psch_jax import models
+from psch_jax import run_setup
+from psch_jax import sharding
 from psch_jax import train
 from psch_jax.errors import UserError
 from psch_jax.pseudo_labels import cluster_affinity
@@ -31,9 +33,9 @@ def test_bad_compute_dtype_is_a_user_error_naming_the_field():
   config = repo_config("cifar10", "tiny")
   config.model.compute_dtype = "float16"
   with pytest.raises(UserError, match="model.compute_dtype"):
-    psch_config.validate(config, num_devices=1)
+    config_schema.check_config(config, num_devices=1)
   with pytest.raises(UserError, match="model.compute_dtype"):
-    train.build_model(config)
+    run_setup.build_model(config)
   with pytest.raises(UserError, match="dtype"):
     models.PSCHNet(backbone="small_cnn", num_bits=8, num_classes=3,
                    backbone_kwargs={"dtype": jnp.bfloat16})
@@ -82,6 +84,7 @@ _MIN_SIGN_AGREEMENT = 0.98
 _MAX_ABS_DIFF = 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", sorted(_NETS))
 def test_bfloat16_codes_agree_with_float32_for_the_same_params(backbone):
   kwargs, shape = _NETS[backbone]
@@ -117,7 +120,7 @@ def _train_config(backbone: str, dtype: str) -> ml_collections.ConfigDict:
   config.model.compute_dtype = dtype
   config.similarity.source = "online"      # the attention runs inside the step
   config.train.num_epochs = 1
-  psch_config.validate(config, num_devices=1)
+  config_schema.check_config(config, num_devices=1)
   return config
 
 
@@ -131,10 +134,10 @@ _LOSS_RTOL = 0.05
 
 def _losses(backbone: str, dtype: str) -> np.ndarray:
   config = _train_config(backbone, dtype)
-  mesh = train.make_mesh(jax.devices()[:1])
-  model = train.build_model(config)
-  tx = train.build_optimizer(config, steps_per_epoch=_NUM_STEPS)
-  state = train.fresh_state(config, model, tx)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  model = run_setup.build_model(config)
+  tx = run_setup.build_optimizer(config, steps_per_epoch=_NUM_STEPS)
+  state = run_setup.fresh_state(config, model, tx)
   step_fn = train.make_train_step(config, model, tx, mesh)
   batch_size = config.train.global_batch_size
   rng = np.random.default_rng(0)
@@ -155,6 +158,7 @@ def _losses(backbone: str, dtype: str) -> np.ndarray:
   return np.asarray(losses)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", sorted(_NETS))
 def test_bfloat16_training_follows_float32_loss(backbone):
   loss32 = _losses(backbone, "float32")

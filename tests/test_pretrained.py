@@ -13,6 +13,7 @@ import safetensors.numpy
 from psch_jax import models
 from psch_jax import pretrained
 from psch_jax.errors import UserError
+from tests.helpers import save_vgg16_torchvision
 
 # torchvision's vgg16 ("D") written out here, independent of models.VGG16_CONFIG_D.
 _TORCHVISION_CFG_D = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
@@ -102,6 +103,7 @@ def _trees_equal(a, b) -> bool:
               jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))))
 
 
+@pytest.mark.slow
 def test_loaded_params_are_transposed_torchvision_weights(weights):
   state, _, _, loaded = weights
   params = loaded["safetensors"]
@@ -203,7 +205,7 @@ def test_timm_file_with_a_wrong_head_says_which_layout_it_read(tmp_path):
 def test_save_is_the_inverse_of_load(weights, tmp_path):
   state, _, _, loaded = weights
   path = tmp_path / "saved.safetensors"
-  pretrained.save_vgg16_torchvision({"params": loaded["npz"]}, path)
+  save_vgg16_torchvision({"params": loaded["npz"]}, path)
   saved = safetensors.numpy.load_file(str(path))
   assert sorted(saved) == sorted(k for k in state if not k.startswith("classifier.6"))
   for key, value in saved.items():
@@ -315,6 +317,6 @@ def test_replace_backbone_params_keeps_heads_and_casts():
 
 def test_save_rejects_bad_path_and_params(tmp_path):
   with pytest.raises(UserError, match="safetensors or .npz"):
-    pretrained.save_vgg16_torchvision({}, tmp_path / "x.pth")
+    save_vgg16_torchvision({}, tmp_path / "x.pth")
   with pytest.raises(UserError, match="conv1_1"):
-    pretrained.save_vgg16_torchvision({"fc6": {}}, tmp_path / "x.npz")
+    save_vgg16_torchvision({"fc6": {}}, tmp_path / "x.npz")

@@ -181,12 +181,14 @@ def test_sanity_statistics_of_a_clustered_labelling():
   json.dumps(sanity)  # logged in metrics.jsonl
 
 
+@pytest.mark.slow
 def test_noise_reference_ratio_grows_with_the_dimension():
   ratios = [pseudo_labels_lib.noise_inertia_ratio(500, dim, 5) for dim in (3, 10, 100)]
   assert 0.0 < ratios[0] < ratios[1] < ratios[2] < 1.0
   assert pseudo_labels_lib.noise_inertia_ratio(500, 10, 1) == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dim", [10, 64])
 def test_features_without_structure_are_degenerate(dim):
   noise = np.random.default_rng(dim).normal(size=(NUM_CHECKED, dim)).astype(np.float32)

@@ -4,8 +4,8 @@ and evaluation memory does not grow with the database.
 docs/reliability.md lists every case with the test that covers it. The command-line
 tests run `python main.py`: a few seconds when the input is refused before training,
 about 30 s for a Fashion-MNIST tiny run on 2 cores (mostly start-up). One uninterrupted
-reference run is shared; it runs in parallel with the crash test's work directory,
-which is killed three times and then completed.
+reference run is shared (fixture `tiny_run`, conftest.py); the crash test's work
+directory is killed three times and then completed.
 """
 import hashlib
 import json
@@ -22,17 +22,17 @@ import orbax.checkpoint as ocp
 import pytest
 
 from psch_jax import checkpointing
-from psch_jax import cli
 from psch_jax import config as psch_config
 from psch_jax import io_utils
+from psch_jax import monitoring
 from psch_jax import ranking
+from psch_jax import run_setup
 from psch_jax import train
 from psch_jax.data import mirflickr25k
 from psch_jax.data import nus_wide
-from psch_jax.data import sources
 from psch_jax.data import splits as splits_lib
 from psch_jax.errors import UserError
-from tests.helpers import (ROOT, needs_fashion_mnist, nus_split_lists, write_image,
+from tests.helpers import (ROOT, copy_run, needs_fashion_mnist, nus_split_lists, write_image,
                            write_list)
 
 TINY = "--config=configs/fashion_mnist.py:tiny"
@@ -82,29 +82,6 @@ def read_outputs(workdir: str) -> tuple[dict, dict[str, np.ndarray]]:
   return metrics, codes
 
 
-class _ReferenceRun:
-  """An uninterrupted `main.py` run of Fashion-MNIST tiny, started at once and waited
-  for when first needed, so it overlaps with the crash test's runs."""
-
-  def __init__(self, workdir: str):
-    self.workdir = workdir
-    self._log = workdir + ".log"
-    self._proc = start_main(self._log, TINY, f"--workdir={workdir}")
-
-  def wait(self) -> str:
-    if self._proc.wait(timeout=600) != 0:
-      with open(self._log) as f:
-        pytest.fail("the reference run failed:\n" + f.read())
-    return self.workdir
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  if not os.path.isdir(sources.DEFAULT_FASHION_MNIST_DIR):
-    pytest.skip("apt-get install dataset-fashion-mnist")
-  return _ReferenceRun(str(tmp_path_factory.mktemp("reference") / "work"))
-
-
 # ----------------------------------------------------------------- crash safety
 
 def _kill_when(workdir: str, log_path: str, ready, what: str) -> None:
@@ -121,9 +98,10 @@ def _kill_when(workdir: str, log_path: str, ready, what: str) -> None:
   proc.wait()
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
-def test_killed_three_times_then_rerun_ends_with_the_uninterrupted_codes_and_metrics(
-    reference, tmp_path):
+def test_killed_four_times_then_rerun_ends_with_the_uninterrupted_codes_and_metrics(
+    tiny_run, tmp_path):
   workdir = str(tmp_path / "work")
   checkpoints = os.path.join(workdir, "checkpoints")
   results = os.path.join(workdir, "results.json")
@@ -147,39 +125,50 @@ def test_killed_three_times_then_rerun_ends_with_the_uninterrupted_codes_and_met
   assert not os.path.exists(results)
   first_save_completed = any(name.isdigit() for name in entries())
 
-  # 3. During the evaluation after training: the last checkpoint is complete.
-  config = cli.load_config(TINY_CONFIG)
+  # 3. In the middle of training, once a checkpoint before the last is complete:
+  # the next run must resume from it (the removed test_train.py kill case).
+  config = psch_config.load_config(TINY_CONFIG)
   num_train = len(np.load(os.path.join(workdir, "splits", "train.npy")))
   last_step = num_train // config.train.global_batch_size * config.train.num_epochs
+  saved_before = {n for n in entries() if n.isdigit()}
   _kill_when(workdir, log(3),
-             lambda: str(last_step) in entries() and not os.path.exists(results),
-             "during its final evaluation")
-  assert not os.path.exists(results)  # written last, atomically
+             lambda: any(n.isdigit() and n not in saved_before and int(n) < last_step
+                         for n in entries()),
+             "in the middle of training")
+  assert not os.path.exists(results)
   with open(log(3)) as f:
     assert ("resumed from step" in f.read()) == first_save_completed
 
-  # 4. The rerun completes from the last checkpoint, evaluation only.
-  proc = start_main(log(4), TINY, f"--workdir={workdir}")
-  assert proc.wait(timeout=600) == 0, open(log(4)).read()
+  # 4. During the evaluation after training: the last checkpoint is complete.
+  _kill_when(workdir, log(4),
+             lambda: str(last_step) in entries() and not os.path.exists(results),
+             "during its final evaluation")
+  assert not os.path.exists(results)  # written last, atomically
   with open(log(4)) as f:
+    assert "resumed from step" in f.read()  # mid-training, from kill 3's checkpoint
+
+  # 5. The rerun completes from the last checkpoint, evaluation only.
+  proc = start_main(log(5), TINY, f"--workdir={workdir}")
+  assert proc.wait(timeout=600) == 0, open(log(5)).read()
+  with open(log(5)) as f:
     assert f"resumed from step {last_step}" in f.read()
   assert not any("tmp" in name for name in entries())  # left-overs were removed
   assert not [n for n in os.listdir(workdir) if n.startswith(".tmp")]
   metrics, codes = read_outputs(workdir)
-  reference_metrics, reference_codes = read_outputs(reference.wait())
+  reference_metrics, reference_codes = read_outputs(tiny_run)
   assert metrics and metrics == reference_metrics
   for name, value in reference_codes.items():
     np.testing.assert_array_equal(codes[name], value)
 
 
 @needs_fashion_mnist
-def test_run_killed_between_two_split_files_draws_the_splits_again(reference, tmp_path):
+def test_run_killed_between_two_split_files_draws_the_splits_again(tiny_run, tmp_path):
   workdir = str(tmp_path / "work")
-  shutil.copytree(os.path.join(reference.wait(), "splits"),
+  shutil.copytree(os.path.join(tiny_run, "splits"),
                   os.path.join(workdir, "splits"))
   os.remove(os.path.join(workdir, "splits", f"{splits_lib.SPLIT_NAMES[-1]}.npy"))
-  _, index_sets = train.load_data(cli.load_config(TINY_CONFIG), workdir)
-  expected = splits_lib.load_splits(os.path.join(reference.workdir, "splits"))
+  _, index_sets = run_setup.load_data(psch_config.load_config(TINY_CONFIG), workdir)
+  expected = splits_lib.load_splits(os.path.join(tiny_run, "splits"))
   for name in splits_lib.SPLIT_NAMES:
     np.testing.assert_array_equal(index_sets[name], expected[name])
 
@@ -210,6 +199,7 @@ def test_parts_that_do_not_divide_the_channels_exit_2_before_writing(tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", ["missing", "wrong_shapes"])
 def test_bad_vgg16_weights_exit_2_before_allocating_vgg16(tmp_path, weights):
   path = tmp_path / "vgg16.npz"
@@ -239,9 +229,10 @@ def test_bad_vgg16_weights_exit_2_before_allocating_vgg16(tmp_path, weights):
     ("--config.train.global_batch_size=8", "config.train.global_batch_size: 16 in "
                                            "{}/config.json, 8 now"),
 ])
+@pytest.mark.slow
 def test_checkpoint_of_another_config_exits_2_and_leaves_the_workdir_alone(
-    reference, tmp_path, override, field):
-  workdir = reference.wait()
+    tiny_run, tmp_path, override, field):
+  workdir = copy_run(tiny_run, tmp_path / "copy")
   before = snapshot(workdir)
   extra = (["--config.model.image_size=32", "--config.model.pretrained=none"]
            if "vgg16" in override else [])
@@ -253,11 +244,12 @@ def test_checkpoint_of_another_config_exits_2_and_leaves_the_workdir_alone(
   assert snapshot(workdir) == before  # config.json included
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_corrupt_checkpoint_exits_2_and_deleting_it_resumes_from_the_one_before(
-    reference, tmp_path):
+    tiny_run, tmp_path):
   workdir = str(tmp_path / "work")
-  shutil.copytree(reference.wait(), workdir)
+  shutil.copytree(tiny_run, workdir)
   os.remove(os.path.join(workdir, "results.json"))
   checkpoints = os.path.join(workdir, "checkpoints")
   latest = max(int(name) for name in os.listdir(checkpoints) if name.isdigit())
@@ -278,6 +270,7 @@ def test_corrupt_checkpoint_exits_2_and_deleting_it_resumes_from_the_one_before(
     assert 0 < json.load(f)["steps"] < latest
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_non_finite_loss_exits_2_naming_step_and_term_and_keeps_a_finite_checkpoint(
     tmp_path):
@@ -307,6 +300,7 @@ def test_non_finite_loss_exits_2_naming_step_and_term_and_keeps_a_finite_checkpo
   assert not os.path.exists(os.path.join(workdir, "results.json"))
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_non_finite_loss_before_any_checkpoint_does_not_promise_one(tmp_path):
   workdir = str(tmp_path / "work")
@@ -336,6 +330,7 @@ def _wait_for(condition, proc, log_path, what: str, timeout_s: float = 300) -> N
     time.sleep(0.05)
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_a_second_run_on_a_workdir_in_use_exits_2_naming_the_holder(tmp_path):
   workdir = str(tmp_path / "work")
@@ -369,6 +364,7 @@ def test_a_second_run_on_a_workdir_in_use_exits_2_naming_the_holder(tmp_path):
     ("config.json", "directory", "config.json is a directory, but the run writes its "
                                  "config to a file of that name"),
 ])
+@pytest.mark.slow
 def test_a_workdir_entry_of_the_wrong_kind_exits_2_before_writing(tmp_path, entry,
                                                                   kind, message):
   workdir = tmp_path / "work"
@@ -427,13 +423,14 @@ def _drop(section):
     (_set("model", "num_bits", "many"), "config.model.num_bits='many' must be an "
                                         "integer"),
 ])
+@pytest.mark.slow
 def test_search_after_an_edit_of_config_json_exits_2_naming_file_and_field(
-    reference, tmp_path, edit, expected):
+    tiny_run, tmp_path, edit, expected):
   workdir = str(tmp_path / "work")
-  shutil.copytree(reference.wait(), workdir)
+  shutil.copytree(tiny_run, workdir)
   _edit_json(os.path.join(workdir, "config.json"), edit)
   image = os.path.join(ROOT, "docs", "results.png")
-  result = _tool("psch_jax.search", f"--workdir={workdir}", f"--images={image}")
+  result = _tool("psch_jax.commands.search", f"--workdir={workdir}", f"--images={image}")
   assert result.returncode == 2, result.stderr[-3000:]
   assert "error: " + workdir + "/config.json" in result.stderr
   assert expected in result.stderr and "Traceback" not in result.stderr
@@ -450,18 +447,20 @@ def test_search_after_an_edit_of_config_json_exits_2_naming_file_and_field(
     (lambda results: {**results, "map@all": results["map@all"] + 0.25}, 1,
      "MISMATCH"),
 ])
+@pytest.mark.slow
 def test_reports_on_an_edited_results_json_exits_2_and_1_only_on_a_mismatch(
-    reference, tmp_path, edit, code, expected):
+    tiny_run, tmp_path, edit, code, expected):
   workdir = str(tmp_path / "work")
-  shutil.copytree(reference.wait(), workdir)
+  shutil.copytree(tiny_run, workdir)
   _edit_json(os.path.join(workdir, "results.json"), edit)
-  result = _tool("psch_jax.reports", f"--workdir={workdir}")
+  result = _tool("psch_jax.commands.reports", f"--workdir={workdir}")
   assert result.returncode == code, result.stderr[-3000:]
   assert expected in result.stdout + result.stderr
   assert "Traceback" not in result.stderr
   assert ("error:" in result.stderr) == (code == 2)
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 @pytest.mark.parametrize("name", ["results.json", "config.json"])
 def test_experiments_on_a_run_with_a_truncated_json_exits_2_and_the_fix_works(
@@ -469,25 +468,25 @@ def test_experiments_on_a_run_with_a_truncated_json_exits_2_and_the_fix_works(
   workdir = str(tmp_path / "experiment")
   args = [TINY, f"--workdir={workdir}", "--bits=8", "--seeds=0", "--methods=lsh",
           "--compilation_cache_dir="]
-  assert _tool("psch_jax.experiments", *args).returncode == 0
+  assert _tool("psch_jax.commands.experiments", *args).returncode == 0
   run_dir = os.path.join(workdir, "runs", "lsh", "8bits_seed0")
   path = os.path.join(run_dir, name)
   with open(path, "r+") as f:
     f.truncate(os.path.getsize(path) // 2)
-  result = _tool("psch_jax.experiments", *args)
+  result = _tool("psch_jax.commands.experiments", *args)
   assert result.returncode == 2, result.stderr[-3000:]
   assert f"error: cannot read {path}" in result.stderr
   assert f"delete its run directory {run_dir} to redo that run" in result.stderr
   assert "Traceback" not in result.stderr
   shutil.rmtree(run_dir)  # the advice
-  assert _tool("psch_jax.experiments", *args).returncode == 0
+  assert _tool("psch_jax.commands.experiments", *args).returncode == 0
   with open(path) as f:
     assert json.load(f)
 
 
 def test_metrics_log_never_reads_nor_extends_a_torn_line(tmp_path):
   path = tmp_path / "metrics.jsonl"
-  log = train.MetricsLog(str(tmp_path), tensorboard=False)
+  log = monitoring.MetricsLog(str(tmp_path), tensorboard=False)
   log.write(1, {"loss": 0.5})
   with open(path, "a") as f:
     f.write('{"step": 2, "loss": 0.')  # a kill in the middle of an append
@@ -504,7 +503,7 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("keep me")
   with pytest.raises(UserError, match="not writable.*--workdir"):
-    train.train_and_evaluate(cli.load_config(TINY_CONFIG), str(blocker))
+    train.train_and_evaluate(psch_config.load_config(TINY_CONFIG), str(blocker))
   assert blocker.read_text() == "keep me"
 
 
@@ -517,7 +516,7 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
 ])
 def test_config_that_does_not_fit_the_data_or_model_is_refused(tmp_path, field, value,
                                                                message):
-  config = cli.load_config(TINY_CONFIG)
+  config = psch_config.load_config(TINY_CONFIG)
   section, name = field.split(".")
   config[section][name] = value
   with pytest.raises(UserError, match=message):
@@ -529,7 +528,7 @@ def test_config_that_does_not_fit_the_data_or_model_is_refused(tmp_path, field, 
 @needs_fashion_mnist
 def test_evaluating_a_workdir_without_checkpoint_says_to_train_first(tmp_path):
   with pytest.raises(UserError, match="no checkpoint in .* train first"):
-    train.evaluate_checkpoint(cli.load_config(TINY_CONFIG), str(tmp_path))
+    train.evaluate_checkpoint(psch_config.load_config(TINY_CONFIG), str(tmp_path))
 
 
 def _save_checkpoint(workdir: str) -> None:

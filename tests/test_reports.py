@@ -65,6 +65,7 @@ def fake_run(workdir, source, seed: int = 0) -> dict:
           "database_labels": source.labels[database], "source": source}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels", [1, 3])
 def test_write_reports_writes_every_file(tmp_path, channels):
   run = fake_run(str(tmp_path), fake_source(channels))
@@ -213,7 +214,7 @@ def test_command_line_exit_codes(tmp_path, monkeypatch, capsys):
 
 
 def test_command_line_without_config_exits_2(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "psch_jax.reports",
+  result = subprocess.run([sys.executable, "-m", "psch_jax.commands.reports",
                            f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 2, result.stderr[-2000:]

@@ -17,10 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from psch_jax import cli
 from psch_jax import reports
 from psch_jax import search
-from psch_jax import train
 from psch_jax.errors import UserError
 from tests.helpers import ROOT, needs_fashion_mnist
 
@@ -30,11 +28,9 @@ DATABASE_ROWS = (0, 57, 199)
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("fmnist_tiny"))
-  train.train_and_evaluate(
-      cli.load_config(os.path.join(ROOT, "configs", "fashion_mnist.py:tiny")), path)
-  return path
+def workdir(tiny_run):
+  """The shared trained run (conftest.py); search and reports only read it."""
+  return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +122,11 @@ def test_workdir_without_checkpoint_codes_or_config_is_a_user_error(workdir, tmp
 
 
 def run_search(*flags):
-  return subprocess.run([sys.executable, "-m", "psch_jax.search", *flags], cwd=ROOT,
+  return subprocess.run([sys.executable, "-m", "psch_jax.commands.search", *flags], cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_command_line(workdir, database_images, tmp_path):
   result = run_search(f"--workdir={workdir}",
                       f"--images={database_images[2]},{tmp_path / 'missing.png'}",

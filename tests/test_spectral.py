@@ -6,12 +6,13 @@ import pytest
 import scipy.sparse
 import scipy.sparse.linalg
 
+from psch_jax import config_schema
 from psch_jax import kmeans as kmeans_lib
 from psch_jax import pseudo_labels as pseudo_labels_lib
 from psch_jax import spectral
 from psch_jax.data import idx_files, sources
 from psch_jax.errors import UserError
-from tests.helpers import needs_fashion_mnist
+from tests.helpers import needs_fashion_mnist, repo_config
 
 
 def _rings(num_per_ring: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -57,6 +58,13 @@ def _blobs() -> np.ndarray:
                          zip(centers, (40, 70, 100), (0.6, 0.9, 1.2))]).astype(np.float32)
 
 
+def _spectral_embedding(key, points, *, num_components, num_neighbors=10):
+  """Eq. 1a as training computes it: the k-NN graph, then its embedding."""
+  neighbors = np.asarray(spectral.knn_graph(jnp.asarray(points),
+                                            num_neighbors=num_neighbors))
+  return spectral.graph_embedding(key, neighbors, num_components=num_components)
+
+
 def _dense_normalised_adjacency(neighbors: np.ndarray) -> np.ndarray:
   num, k = neighbors.shape
   adjacency = np.zeros((num, num))
@@ -68,9 +76,8 @@ def _dense_normalised_adjacency(neighbors: np.ndarray) -> np.ndarray:
 
 def test_embedding_is_the_leading_eigenvectors_of_the_normalised_adjacency():
   points, num_components, k = _blobs(), 3, 8
-  result = spectral.spectral_embedding(
-      jax.random.key(0), jnp.asarray(points), num_components=num_components,
-      num_neighbors=k)
+  result = _spectral_embedding(
+      jax.random.key(0), points, num_components=num_components, num_neighbors=k)
   neighbors = np.asarray(spectral.knn_graph(jnp.asarray(points), num_neighbors=k))
   normalised = _dense_normalised_adjacency(neighbors)
   np.testing.assert_allclose(
@@ -125,12 +132,13 @@ def test_arpack_without_convergence_is_a_user_error(monkeypatch):
     spectral.graph_embedding(jax.random.key(0), neighbors, num_components=3)
 
 
+@pytest.mark.slow
 def test_kmeans_on_the_embedding_separates_what_kmeans_on_the_points_cannot():
   points, truth = _rings(100)
   key = jax.random.key(3)
   raw = kmeans_lib.kmeans(key, jnp.asarray(points), num_clusters=2, normalize=True)
-  embedding = spectral.spectral_embedding(key, jnp.asarray(points), num_components=2,
-                                          num_neighbors=5).embedding
+  embedding = _spectral_embedding(key, points, num_components=2,
+                                  num_neighbors=5).embedding
   embedded = kmeans_lib.kmeans(key, embedding, num_clusters=2, normalize=True)
   assert _agreement(np.asarray(raw.assignments), truth) < 0.8
   assert _agreement(np.asarray(embedded.assignments), truth) == 1.0
@@ -138,22 +146,27 @@ def test_kmeans_on_the_embedding_separates_what_kmeans_on_the_points_cannot():
 
 def test_embedding_is_deterministic_for_a_key():
   points, _ = _rings(50)
-  first, second, other = (spectral.spectral_embedding(
-      jax.random.key(seed), jnp.asarray(points), num_components=3).embedding
+  first, second, other = (_spectral_embedding(
+      jax.random.key(seed), points, num_components=3).embedding
                            for seed in (7, 7, 8))
   np.testing.assert_array_equal(first, second)
   assert not np.array_equal(first, other)  # the key is ARPACK's start
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"num_neighbors": 0, "num_components": 3}, "spectral_neighbors"),
-    ({"num_neighbors": 100, "num_components": 3}, "spectral_neighbors"),
-    ({"num_neighbors": 10, "num_components": 0}, "spectral_components"),
-    ({"num_neighbors": 10, "num_components": 20}, "spectral_components"),
+@pytest.mark.parametrize("fields,message", [
+    ({"spectral_neighbors": 100, "spectral_components": 3}, "spectral_neighbors=100"),
+    ({"spectral_neighbors": 10, "spectral_components": 20}, "spectral_components=20"),
+    ({"spectral_neighbors": 10, "num_clusters": 20}, "num_clusters=20"),
 ])
-def test_bad_graph_or_embedding_sizes_raise_user_error(kwargs, message):
+def test_bad_graph_or_embedding_sizes_are_refused_naming_the_field(fields, message):
+  # The rules live in config_schema (the schema refuses 0 before any data is read).
+  config = repo_config("fashion_mnist", "tiny")
+  config.unlock()
+  config.pseudo_labels.features = "spectral"
+  config.pseudo_labels.fine_clusters = None
+  config.pseudo_labels.update(fields)
   with pytest.raises(UserError, match=message):
-    spectral.check_arguments(100, **kwargs)
+    config_schema.check_against_data(config, num_train=100, num_database=1000)
 
 
 def _kmeans_purity(embedding: np.ndarray, labels: np.ndarray) -> float:
@@ -176,6 +189,7 @@ def _reference_embedding(neighbors: np.ndarray) -> np.ndarray:
   return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 @pytest.mark.parametrize("num_images", [5_000, 60_000])
 def test_fashion_mnist_embedding_clusters_as_well_as_a_reference_solver(num_images):

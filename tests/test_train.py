@@ -7,11 +7,8 @@ codes, and the data-parallel step is the single-device step.
 import json
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +17,13 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from psch_jax import io_utils
+from psch_jax import monitoring
+from psch_jax import run_setup
+from psch_jax import sharding
 from psch_jax import targets as targets_lib
 from psch_jax import train
-from psch_jax.data import sources
 from psch_jax.evaluators import retrieval
-from tests.helpers import (free_port, ROOT, needs_fashion_mnist, repo_config, write_image,
+from tests.helpers import (copy_run, ROOT, needs_fashion_mnist, repo_config, write_image,
                            write_list, write_matrix)
 
 
@@ -57,6 +56,7 @@ def run_main(workdir, *extra, env=None, **kwargs) -> subprocess.Popen:
       **kwargs)
 
 
+@pytest.mark.slow
 def test_cifar10_tiny_trains_and_evaluates_on_mock_data(tmp_path):
   import tensorflow_datasets as tfds
   config = repo_config("cifar10", "tiny")
@@ -75,82 +75,34 @@ def test_cifar10_tiny_trains_and_evaluates_on_mock_data(tmp_path):
   assert 0.0 <= epochs[-1]["data_wait_fraction"] <= 1.0
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-  """One uninterrupted Fashion-MNIST tiny run, the reference the others match."""
-  if not os.path.isdir(sources.DEFAULT_FASHION_MNIST_DIR):
-    pytest.skip("apt-get install dataset-fashion-mnist")
-  workdir = str(tmp_path_factory.mktemp("reference"))
-  train.train_and_evaluate(repo_config("fashion_mnist", "tiny"), workdir)
-  return workdir
-
-
+@pytest.mark.slow
 @needs_fashion_mnist
-def test_same_seed_gives_bitwise_identical_codes_and_metrics(reference_run, tmp_path):
+def test_same_seed_gives_bitwise_identical_codes_and_metrics(tiny_run, tmp_path):
   train.train_and_evaluate(repo_config("fashion_mnist", "tiny"), str(tmp_path))
-  assert_same_run(reference_run, str(tmp_path))
+  assert_same_run(tiny_run, str(tmp_path))
 
 
 @needs_fashion_mnist
-def test_eval_mode_reproduces_the_final_metrics(reference_run, tmp_path):
-  workdir = str(tmp_path / "copy")
-  shutil.copytree(reference_run, workdir)
+def test_eval_mode_reproduces_the_final_metrics(tiny_run, tmp_path):
+  workdir = copy_run(tiny_run, tmp_path / "copy")
   os.remove(os.path.join(workdir, "results.json"))
-  with open(os.path.join(reference_run, "results.json")) as f:
+  with open(os.path.join(tiny_run, "results.json")) as f:
     results = json.load(f)
   again = train.evaluate_checkpoint(repo_config("fashion_mnist", "tiny"), workdir)
   assert again["selection"] == "latest checkpoint"
   metrics = [k for k, v in results.items()
              if k.startswith(("map", "precision")) and isinstance(v, float)]
   assert metrics and all(again[k] == results[k] for k in metrics)
-  assert_same_run(reference_run, workdir, compare=metrics)
+  assert_same_run(tiny_run, workdir, compare=metrics)
 
 
-@needs_fashion_mnist
-def test_sigkill_mid_training_then_rerun_resumes_to_the_same_codes(reference_run,
-                                                                   tmp_path):
-  workdir = str(tmp_path)
-  proc = run_main(workdir)
-  checkpoints = os.path.join(workdir, "checkpoints")
-  deadline = time.time() + 300
-  # Kill once the first checkpoint is complete (Orbax renames it from *-tmp-*).
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.isdir(checkpoints) and any(
-        name.isdigit() for name in os.listdir(checkpoints)):
-      break
-    time.sleep(0.05)
-  assert proc.poll() is None, "the run ended before it could be killed:\n" + \
-      proc.stdout.read()
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert not os.path.exists(os.path.join(workdir, "results.json"))
-  rerun = run_main(workdir)
-  output, _ = rerun.communicate(timeout=600)
-  assert rerun.returncode == 0, output
-  assert "resumed from step" in output
-  assert_same_run(reference_run, workdir)
-
-
-@needs_fashion_mnist
-def test_two_processes_train_together_and_report_the_same_metrics(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  address = f"127.0.0.1:{free_port()}"
-  procs = [run_main(str(tmp_path), f"--coordinator_address={address}",
-                    "--num_processes=2", f"--process_id={i}", env=env)
-           for i in range(2)]
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out
-  reports = [out[out.index("[process"):].split("\n", 1)[1] for out in outputs]
-  assert "map@all" in reports[0] and reports[0] == reports[1]
-
-
+@pytest.mark.slow
 def test_eight_devices_and_one_device_give_the_same_loss_after_20_steps():
   config = repo_config("cifar10", "tiny")
   config.unlock()
   config.train.global_batch_size = 32
   config.train.num_epochs = 20
-  model = train.build_model(config)
+  model = run_setup.build_model(config)
   num_train = 64
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (num_train, 32, 32, 3), dtype=np.uint8)
@@ -164,12 +116,12 @@ def test_eight_devices_and_one_device_give_the_same_loss_after_20_steps():
   assert jax.tree.map(lambda a: a.shape, abstract) == jax.tree.map(np.shape, targets)
 
   def losses(devices):
-    mesh = train.make_mesh(devices)
-    tx = train.build_optimizer(config, steps_per_epoch=1)
+    mesh = sharding.make_mesh(devices)
+    tx = run_setup.build_optimizer(config, steps_per_epoch=1)
     step_fn = train.make_train_step(config, model, tx, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("data"))
-    state = jax.device_put(train.fresh_state(config, model, tx), replicated)
+    state = jax.device_put(run_setup.fresh_state(config, model, tx), replicated)
     t = jax.device_put(targets, replicated)
     out = []
     for step in range(20):
@@ -189,6 +141,7 @@ def test_eight_devices_and_one_device_give_the_same_loss_after_20_steps():
     ("nus_wide", "img_tc21.txt", "targets_onehot_tc21.txt", "images", 21),
     ("mirflickr25k", "img.txt", "targets.txt", "mirflickr", 24),
 ])
+@pytest.mark.slow
 def test_manual_datasets_build_from_generated_files_and_train(
     tmp_path, name, list_file, label_file, image_dir, num_labels):
   root = tmp_path / "raw"
@@ -216,7 +169,7 @@ def test_manual_datasets_build_from_generated_files_and_train(
 
 
 def test_metrics_log_writes_jsonl_and_tensorboard_on_request(tmp_path):
-  log = train.MetricsLog(str(tmp_path), tensorboard=True)
+  log = monitoring.MetricsLog(str(tmp_path), tensorboard=True)
   log.write(3, {"loss": 0.5, "pseudo_labels": {"kept_fraction": 0.7}})
   assert io_utils.read_jsonl(tmp_path / "metrics.jsonl") == [
       {"step": 3, "loss": 0.5, "pseudo_labels": {"kept_fraction": 0.7}}]
@@ -229,9 +182,10 @@ def test_metrics_log_writes_jsonl_and_tensorboard_on_request(tmp_path):
 
 
 @needs_fashion_mnist
-def test_final_validation_from_database_codes_equals_encoding_again(reference_run):
+def test_final_validation_from_database_codes_equals_encoding_again(tiny_run,
+                                                                    tmp_path):
   config = repo_config("fashion_mnist", "tiny")
-  run = train.setup_run(config, reference_run)
+  run = run_setup.setup_run(config, copy_run(tiny_run, tmp_path / "copy"))
   try:
     state, _, _ = train.restore_checkpoint(config, run)
     evaluators = retrieval.from_config(config, encode=run.encode, source=run.source,
@@ -241,7 +195,7 @@ def test_final_validation_from_database_codes_equals_encoding_again(reference_ru
         state["params"], codes_at_hand=(run.index_sets["database"], codes["database"]))
     encoded, _ = evaluators["validation"].run(state["params"])
   finally:
-    train.close_run(run)
+    run_setup.close_run(run)
   assert looked_up and looked_up == encoded
 
 
@@ -267,7 +221,7 @@ _STEP_METRICS = {"loss": 0.5, "loss_sim": 0.25, "loss_cls": 0.125, "loss_quant":
 
 def test_progress_into_a_log_writes_one_line_per_epoch_not_every_redraw():
   stream = _Stream(tty=False)
-  progress = train.Progress(total=200, initial=0, epoch=1, num_epochs=3, stream=stream)
+  progress = monitoring.Progress(total=200, initial=0, epoch=1, num_epochs=3, stream=stream)
   for _ in range(200):
     progress.update(_STEP_METRICS, images_per_s=1000.0)
   progress.close()
@@ -278,7 +232,7 @@ def test_progress_into_a_log_writes_one_line_per_epoch_not_every_redraw():
 
 def test_progress_into_a_log_adds_a_line_at_most_every_line_every_s():
   stream = _Stream(tty=False)
-  progress = train.Progress(total=3, initial=0, epoch=0, num_epochs=1, stream=stream,
+  progress = monitoring.Progress(total=3, initial=0, epoch=0, num_epochs=1, stream=stream,
                             line_every_s=0.0)
   for _ in range(3):
     progress.update(_STEP_METRICS, images_per_s=10.0)
@@ -289,7 +243,7 @@ def test_progress_into_a_log_adds_a_line_at_most_every_line_every_s():
 
 def test_progress_on_a_terminal_draws_a_live_bar():
   stream = _Stream(tty=True)
-  progress = train.Progress(total=4, initial=1, epoch=0, num_epochs=2, stream=stream)
+  progress = monitoring.Progress(total=4, initial=1, epoch=0, num_epochs=2, stream=stream)
   for _ in range(3):
     progress.update(_STEP_METRICS, images_per_s=10.0)
   progress.close()
@@ -310,8 +264,8 @@ class _Loop:
     config.unlock()
     config.train.update(train_fields)
     self.config = config
-    self.model = train.build_model(config)
-    self.mesh = train.make_mesh()
+    self.model = run_setup.build_model(config)
+    self.mesh = sharding.make_mesh()
     self.steps_per_epoch = steps_per_epoch
     batch = config.train.global_batch_size
     self.num_train = steps_per_epoch * batch
@@ -337,15 +291,15 @@ class _Loop:
 
   def run(self, workdir, *, wrap_step=None, before_each=None, save=None) -> dict:
     """One epoch from a fresh state; returns its metrics.jsonl record."""
-    tx = train.build_optimizer(self.config, self.steps_per_epoch)
+    tx = run_setup.build_optimizer(self.config, self.steps_per_epoch)
     step_fn = train.make_train_step(self.config, self.model, tx, self.mesh)
     if wrap_step is not None:
       step_fn = wrap_step(step_fn)
     replicated = NamedSharding(self.mesh, PartitionSpec())
-    state = jax.device_put(train.fresh_state(self.config, self.model, tx), replicated)
+    state = jax.device_put(run_setup.fresh_state(self.config, self.model, tx), replicated)
     targets = jax.device_put(self.targets, replicated)
     os.makedirs(workdir, exist_ok=True)
-    log = train.MetricsLog(str(workdir), tensorboard=False)
+    log = monitoring.MetricsLog(str(workdir), tensorboard=False)
     train.run_epoch(self.config, step_fn, state, targets, self.batches(before_each),
                     np.arange(self.num_train), mesh=self.mesh, step=0, epoch=0,
                     steps_per_epoch=self.steps_per_epoch, log=log,
@@ -373,6 +327,7 @@ def _slowed(step_fn, mesh):
   return step
 
 
+@pytest.mark.slow
 def test_the_loop_reads_the_device_only_at_log_points_and_saves(tmp_path):
   # 10 steps; reads at the log points 4 and 8, before the saves at 7 and 10 (the
   # epoch end). On the host CPU the transfer guard cannot fire (a CPU array is host
@@ -435,6 +390,7 @@ def _first_non_finite(error: str) -> tuple[int, int, int]:
   return int(match.group(2)), int(match.group(3)), int(match.group(4))
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_names_its_steps_and_nothing_after_it_is_saved(tmp_path):
   # learning_rate=1e30 (as test_reliability's CLI test): the warmup's first step has
   # learning rate 0, then the parameters blow up. Saves every 2 steps; no log point.
@@ -462,6 +418,7 @@ def test_a_non_finite_loss_names_its_steps_and_nothing_after_it_is_saved(tmp_pat
   assert _first_non_finite(str(error.value)) == (bad_step, bad_step, bad_step)
 
 
+@pytest.mark.slow
 def test_a_non_finite_state_with_finite_metrics_is_not_saved(tmp_path):
   # A state can turn non-finite through the update while the metrics, computed
   # before it, are finite: the read before a save checks the state itself.

@@ -30,6 +30,7 @@ from psch_jax import io_utils
 from psch_jax import models
 from psch_jax import ranking
 from psch_jax import reports
+from psch_jax import workdir as workdir_lib
 from psch_jax.data import splits as splits_lib
 
 # Names of the evaluators `from_config` builds, with their (queries, database)
@@ -167,14 +168,14 @@ def write_results(workdir: str, results: dict, codes: dict[str, np.ndarray], sou
   if jax.process_index() != 0:
     return
   for name, value in codes.items():
-    io_utils.save_npy(io_utils.join(workdir, "codes", f"{name}.npy"),
+    io_utils.save_npy(io_utils.join(workdir, workdir_lib.CODES_DIR, f"{name}.npy"),
                       ranking.pack_codes(value))
   query, database = index_sets["query"], index_sets["database"]
   reports.write_reports(workdir, results=results, codes=codes, query_indices=query,
                         database_indices=database, query_labels=source.labels[query],
                         database_labels=source.labels[database], source=source)
   # Last: a results.json means the run is complete.
-  io_utils.write_json(io_utils.join(workdir, "results.json"), results)
+  io_utils.write_json(io_utils.join(workdir, workdir_lib.RESULTS_FILE), results)
 
 
 def format_results(results: dict) -> str:
