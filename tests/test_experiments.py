@@ -173,6 +173,7 @@ def test_table_has_every_row_and_column_with_the_per_run_statistics(experiment):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_runs_use_their_method_config_and_the_seed_splits(experiment):
   with open(os.path.join(experiment, "runs", "no_lq", "16bits_seed1",
@@ -192,6 +193,7 @@ def test_runs_use_their_method_config_and_the_seed_splits(experiment):
       len(seed_splits["train"]))
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_rerun_skips_finished_runs_and_refuses_a_changed_config(experiment,
                                                                 monkeypatch):

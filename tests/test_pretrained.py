@@ -120,6 +120,7 @@ def test_loaded_params_are_transposed_torchvision_weights(weights):
   assert _trees_equal(loaded["npz"], params)
 
 
+@pytest.mark.slow
 def test_forward_matches_torch_reference(weights):
   """conv5_3 (B, h, w, 512) and fc7 (B, 4096) agree with torch to 1e-4.
 
@@ -145,6 +146,7 @@ def test_forward_matches_torch_reference(weights):
   assert float(np.abs(np.asarray(ours.global_feature) - fc7).max()) <= 1e-4
 
 
+@pytest.mark.slow
 def test_loaded_weights_go_into_a_vgg16_psch_net(weights):
   _, _, _, loaded = weights
   model = models.create_model("vgg16", num_bits=16, num_classes=4)
@@ -156,6 +158,7 @@ def test_loaded_weights_go_into_a_vgg16_psch_net(weights):
   assert replaced["params"]["hash_head"] is shapes["params"]["hash_head"]
 
 
+@pytest.mark.slow
 def test_timm_layout_loads_as_the_torchvision_weights_it_was_made_from(weights,
                                                                         tmp_path):
   """timm's vgg16 (the `model.pretrained = "imagenet"` download) stores fc6 / fc7 as
@@ -202,6 +205,7 @@ def test_timm_file_with_a_wrong_head_says_which_layout_it_read(tmp_path):
   assert "timm's layout" in str(error.value) and "pre_logits.fc1" in str(error.value)
 
 
+@pytest.mark.slow
 def test_save_is_the_inverse_of_load(weights, tmp_path):
   state, _, _, loaded = weights
   path = tmp_path / "saved.safetensors"
