@@ -22,11 +22,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from psch_jax import checkpointing
+from psch_jax import experiments
 from psch_jax import config as psch_config
 from psch_jax import io_utils
 from psch_jax import monitoring
 from psch_jax import ranking
+from psch_jax import reports
 from psch_jax import run_setup
+from psch_jax import search
 from psch_jax import train
 from psch_jax.data import mirflickr25k
 from psch_jax.data import nus_wide
@@ -58,6 +61,16 @@ def run_main(tmp_path, *args: str) -> tuple[int, str, int]:
   proc.returncode = os.waitstatus_to_exitcode(status)
   with open(log_path) as f:
     return proc.returncode, f.read(), usage.ru_maxrss // 1024
+
+
+def tiny_config(**fields):
+  """configs/fashion_mnist.py:tiny with `fields` ("section.field": value) set, as
+  --config.<section>.<field>=<value> sets them."""
+  config = psch_config.load_config(TINY_CONFIG)
+  for name, value in fields.items():
+    section, field = name.split(".")
+    config[section][field] = value
+  return config
 
 
 def snapshot(workdir: str) -> dict[str, str]:
@@ -189,13 +202,16 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 # ------------------------------------------------------ bad input, command line
 
-def test_parts_that_do_not_divide_the_channels_exit_2_before_writing(tmp_path):
+# In-process where the command line adds nothing: a UserError is what main.py prints
+# as "error: ..." with exit code 2 (cli.run; tests/test_main.py checks that mapping for
+# every command).
+
+def test_parts_that_do_not_divide_the_channels_are_refused_before_writing(tmp_path):
   workdir = tmp_path / "work"
-  code, output, _ = run_main(tmp_path, TINY, "--config.attention.num_parts=5",
-                             f"--workdir={workdir}")
-  assert code == 2, output
-  assert "num_parts=5 does not divide the 128 channels" in output
-  assert "1, 2, 4, 8, 16, 32, 64, 128" in output and "Traceback" not in output
+  with pytest.raises(UserError) as error:
+    train.train_and_evaluate(tiny_config(**{"attention.num_parts": 5}), str(workdir))
+  assert "num_parts=5 does not divide the 128 channels" in str(error.value)
+  assert "1, 2, 4, 8, 16, 32, 64, 128" in str(error.value)
   assert not workdir.exists()
 
 
@@ -220,33 +236,32 @@ def test_bad_vgg16_weights_exit_2_before_allocating_vgg16(tmp_path, weights):
 
 
 @pytest.mark.parametrize("override,field", [
-    ("--config.model.num_bits=32", "config.model.num_bits: 16 in {}/config.json, 32 now"),
-    ("--config.model.backbone=vgg16", "config.model.backbone: 'small_cnn' in "
-                                      "{}/config.json, 'vgg16' now"),
+    ({"model.num_bits": 32}, "config.model.num_bits: 16 in {}/config.json, 32 now"),
+    ({"model.backbone": "vgg16", "model.image_size": 32, "model.pretrained": "none"},
+     "config.model.backbone: 'small_cnn' in {}/config.json, 'vgg16' now"),
     # The two of issue 15 that resumed with the old splits and schedule.
-    ("--config.data.train_per_class=5", "config.data.train_per_class: 8 in "
-                                        "{}/config.json, 5 now"),
-    ("--config.train.global_batch_size=8", "config.train.global_batch_size: 16 in "
-                                           "{}/config.json, 8 now"),
+    ({"data.train_per_class": 5}, "config.data.train_per_class: 8 in "
+                                  "{}/config.json, 5 now"),
+    ({"train.global_batch_size": 8}, "config.train.global_batch_size: 16 in "
+                                     "{}/config.json, 8 now"),
 ])
 @pytest.mark.slow
-def test_checkpoint_of_another_config_exits_2_and_leaves_the_workdir_alone(
+def test_checkpoint_of_another_config_is_refused_and_leaves_the_workdir_alone(
     tiny_run, tmp_path, override, field):
   workdir = copy_run(tiny_run, tmp_path / "copy")
   before = snapshot(workdir)
-  extra = (["--config.model.image_size=32", "--config.model.pretrained=none"]
-           if "vgg16" in override else [])
-  code, output, _ = run_main(tmp_path, TINY, override, *extra, f"--workdir={workdir}")
-  assert code == 2, output
-  assert "holds a run started with another config" in output
-  assert field.format(workdir) in output, output
-  assert "new --workdir" in output and "Traceback" not in output
+  with pytest.raises(UserError) as error:
+    train.train_and_evaluate(tiny_config(**override), workdir)
+  message = str(error.value)
+  assert "holds a run started with another config" in message
+  assert field.format(workdir) in message, message
+  assert "new --workdir" in message
   assert snapshot(workdir) == before  # config.json included
 
 
 @pytest.mark.slow
 @needs_fashion_mnist
-def test_corrupt_checkpoint_exits_2_and_deleting_it_resumes_from_the_one_before(
+def test_corrupt_checkpoint_is_refused_and_deleting_it_resumes_from_the_one_before(
     tiny_run, tmp_path):
   workdir = str(tmp_path / "work")
   shutil.copytree(tiny_run, workdir)
@@ -257,15 +272,15 @@ def test_corrupt_checkpoint_exits_2_and_deleting_it_resumes_from_the_one_before(
     for name in names:
       with open(os.path.join(directory, name), "r+b") as f:
         f.truncate(os.path.getsize(os.path.join(directory, name)) // 3)
-  code, output, _ = run_main(tmp_path, TINY, "--mode=eval", f"--workdir={workdir}")
-  assert code == 2, output
-  assert f"checkpoints/{latest} is incomplete or corrupt" in output
-  assert "Delete that step directory" in output
+  # What main.py --mode=eval calls.
+  with pytest.raises(UserError) as error:
+    train.evaluate_checkpoint(tiny_config(), workdir)
+  assert f"checkpoints/{latest} is incomplete or corrupt" in str(error.value)
+  assert "Delete that step directory" in str(error.value)
   assert not os.path.exists(os.path.join(workdir, "results.json"))
   # The advice works: without the damaged step the one before is evaluated.
   shutil.rmtree(os.path.join(checkpoints, str(latest)))
-  code, output, _ = run_main(tmp_path, TINY, "--mode=eval", f"--workdir={workdir}")
-  assert code == 0, output
+  train.evaluate_checkpoint(tiny_config(), workdir)
   with open(os.path.join(workdir, "results.json")) as f:
     assert 0 < json.load(f)["steps"] < latest
 
@@ -303,11 +318,13 @@ def test_non_finite_loss_exits_2_naming_step_and_term_and_keeps_a_finite_checkpo
 @pytest.mark.slow
 @needs_fashion_mnist
 def test_non_finite_loss_before_any_checkpoint_does_not_promise_one(tmp_path):
+  # In-process; the test above runs the same stop through main.py (exit code 2).
   workdir = str(tmp_path / "work")
-  code, output, _ = run_main(tmp_path, TINY, "--config.optim.learning_rate=1e30",
-                             "--config.train.checkpoint_every_steps=1000",
-                             f"--workdir={workdir}")
-  assert code == 2 and "Traceback" not in output, output
+  with pytest.raises(FloatingPointError) as raised:
+    train.train_and_evaluate(tiny_config(**{"optim.learning_rate": 1e30,
+                                            "train.checkpoint_every_steps": 1000}),
+                             workdir)
+  output = "error: " + str(raised.value)
   error = re.search(r"error: non-finite .* at step (\d+)\b.*", output)
   assert error, output
   steps_per_epoch = 80 // 16  # the tiny config: the first save is at the epoch end
@@ -365,8 +382,8 @@ def test_a_second_run_on_a_workdir_in_use_exits_2_naming_the_holder(tmp_path):
                                  "config to a file of that name"),
 ])
 @pytest.mark.slow
-def test_a_workdir_entry_of_the_wrong_kind_exits_2_before_writing(tmp_path, entry,
-                                                                  kind, message):
+def test_a_workdir_entry_of_the_wrong_kind_is_refused_before_writing(tmp_path, entry,
+                                                                    kind, message):
   workdir = tmp_path / "work"
   workdir.mkdir()
   if kind == "file":
@@ -374,20 +391,14 @@ def test_a_workdir_entry_of_the_wrong_kind_exits_2_before_writing(tmp_path, entr
   else:
     (workdir / entry).mkdir()
   before = snapshot(str(workdir))
-  code, output, _ = run_main(tmp_path, TINY, f"--workdir={workdir}")
-  assert code == 2, output
-  assert message in output and "Move or delete it" in output
-  assert "Traceback" not in output
+  with pytest.raises(UserError) as error:
+    train.train_and_evaluate(tiny_config(), str(workdir))
+  assert message in str(error.value) and "Move or delete it" in str(error.value)
   assert snapshot(str(workdir)) == before
   assert sorted(os.listdir(workdir)) == [entry]  # no lock file either
 
 
 # ------------------------------------------ tools on edited work directories
-
-def _tool(module: str, *args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, text=True,
-                        capture_output=True, timeout=600)
-
 
 def _edit_json(path: str, edit) -> None:
   with open(path) as f:
@@ -424,16 +435,16 @@ def _drop(section):
                                         "integer"),
 ])
 @pytest.mark.slow
-def test_search_after_an_edit_of_config_json_exits_2_naming_file_and_field(
+def test_search_after_an_edit_of_config_json_is_refused_naming_file_and_field(
     tiny_run, tmp_path, edit, expected):
   workdir = str(tmp_path / "work")
   shutil.copytree(tiny_run, workdir)
   _edit_json(os.path.join(workdir, "config.json"), edit)
   image = os.path.join(ROOT, "docs", "results.png")
-  result = _tool("psch_jax.commands.search", f"--workdir={workdir}", f"--images={image}")
-  assert result.returncode == 2, result.stderr[-3000:]
-  assert "error: " + workdir + "/config.json" in result.stderr
-  assert expected in result.stderr and "Traceback" not in result.stderr
+  with pytest.raises(UserError) as error:  # what the search command calls
+    search.search(workdir, [image], topk=10)
+  assert str(error.value).startswith(workdir + "/config.json")
+  assert expected in str(error.value)
 
 
 @needs_fashion_mnist
@@ -449,37 +460,42 @@ def test_search_after_an_edit_of_config_json_exits_2_naming_file_and_field(
 ])
 @pytest.mark.slow
 def test_reports_on_an_edited_results_json_exits_2_and_1_only_on_a_mismatch(
-    tiny_run, tmp_path, edit, code, expected):
+    tiny_run, tmp_path, capsys, edit, code, expected):
   workdir = str(tmp_path / "work")
   shutil.copytree(tiny_run, workdir)
   _edit_json(os.path.join(workdir, "results.json"), edit)
-  result = _tool("psch_jax.commands.reports", f"--workdir={workdir}")
-  assert result.returncode == code, result.stderr[-3000:]
-  assert expected in result.stdout + result.stderr
-  assert "Traceback" not in result.stderr
-  assert ("error:" in result.stderr) == (code == 2)
+  # What the reports command calls; it prints a UserError and exits 2, else exits
+  # with the returned code.
+  if code == 2:
+    with pytest.raises(UserError, match=re.escape(expected)):
+      reports.print_comparison(workdir)
+  else:
+    assert reports.print_comparison(workdir) == code == reports.EXIT_MISMATCH
+    assert expected in capsys.readouterr().out
 
 
 @pytest.mark.slow
 @needs_fashion_mnist
 @pytest.mark.parametrize("name", ["results.json", "config.json"])
-def test_experiments_on_a_run_with_a_truncated_json_exits_2_and_the_fix_works(
+def test_experiments_on_a_run_with_a_truncated_json_is_refused_and_the_fix_works(
     tmp_path, name):
   workdir = str(tmp_path / "experiment")
-  args = [TINY, f"--workdir={workdir}", "--bits=8", "--seeds=0", "--methods=lsh",
-          "--compilation_cache_dir="]
-  assert _tool("psch_jax.commands.experiments", *args).returncode == 0
+
+  def table():  # what the experiments command calls
+    return experiments.run_experiments(tiny_config(), workdir=workdir, bits=[8],
+                                       seeds=[0], methods=["lsh"])
+
+  table()
   run_dir = os.path.join(workdir, "runs", "lsh", "8bits_seed0")
   path = os.path.join(run_dir, name)
   with open(path, "r+") as f:
     f.truncate(os.path.getsize(path) // 2)
-  result = _tool("psch_jax.commands.experiments", *args)
-  assert result.returncode == 2, result.stderr[-3000:]
-  assert f"error: cannot read {path}" in result.stderr
-  assert f"delete its run directory {run_dir} to redo that run" in result.stderr
-  assert "Traceback" not in result.stderr
+  with pytest.raises(UserError) as error:
+    table()
+  assert str(error.value).startswith(f"cannot read {path}")
+  assert f"delete its run directory {run_dir} to redo that run" in str(error.value)
   shutil.rmtree(run_dir)  # the advice
-  assert _tool("psch_jax.commands.experiments", *args).returncode == 0
+  table()
   with open(path) as f:
     assert json.load(f)
 
