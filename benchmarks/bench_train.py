@@ -566,11 +566,12 @@ def loop_runner(config, steps: int) -> Callable[[int], float]:
     config.train.log_every_steps = log_every_steps
     batches = ({"images": images[index], "index": index} for index in order)
     start = time.perf_counter()
-    holder["state"], _ = train.run_epoch(
-        config, step_fn, holder["state"], targets, batches, np.arange(num_train),
-        mesh=mesh, step=0, epoch=0, steps_per_epoch=steps,
-        log=monitoring.MetricsLog(workdir, tensorboard=False),
-        save=lambda step, state: None)
+    loop = train.EpochLoop(train_step=step_fn, mesh=mesh,
+                           train_indices=np.arange(num_train), steps_per_epoch=steps,
+                           log=monitoring.MetricsLog(workdir, tensorboard=False),
+                           save=lambda step, state: None)
+    holder["state"], _ = train.run_epoch(config, loop, holder["state"], targets,
+                                         batches, step=0)
     jax.block_until_ready(holder["state"])
     return time.perf_counter() - start
 

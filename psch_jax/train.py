@@ -17,7 +17,7 @@ function of (seed, epoch), and the checkpoint holds everything else, so a resume
 replays the same batches with the same keys and ends with the same codes.
 """
 import time
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -198,6 +198,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: run_setup.Run) -
     checkpointing.save(mngr, step, state=state, targets=targets,
                        meta=_checkpoint_meta(config, step, steps_per_epoch))
 
+  loop = EpochLoop(train_step=train_step, mesh=mesh, train_indices=train_indices,
+                   steps_per_epoch=steps_per_epoch, log=log, save=save)
   num_epochs = config.train.num_epochs
   step = int(state["step"])
   refresh = config.pseudo_labels.refresh_every_epochs
@@ -213,9 +215,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: run_setup.Run) -
         global_batch_size=config.train.global_batch_size,
         process_index=jax.process_index(),
         process_count=jax.process_count(), start_step=start)
-    state, step = run_epoch(config, train_step, state, targets, batches,
-                             train_indices, mesh=mesh, step=step, epoch=epoch,
-                             steps_per_epoch=steps_per_epoch, log=log, save=save)
+    state, step = run_epoch(config, loop, state, targets, batches, step=step)
     every = config.eval.validation_every_epochs
     if every and (epoch + 1) % every == 0:
       log.write(step, evaluators["validation"].run(state["params"])[0])
@@ -233,10 +233,31 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: run_setup.Run) -
   return results
 
 
-def run_epoch(config, train_step, state, targets, batches, train_indices, *,
-               mesh, step, epoch, steps_per_epoch, log, save):
-  """Runs the rest of one epoch from `step` over `batches` (this host's rows of
-  `pipeline.train_batches`); returns (state, step) at its end.
+class EpochLoop(NamedTuple):
+  """What every epoch of a run shares.
+
+  Attributes:
+    train_step: `make_train_step`'s jit, (state, batch, targets) -> (state, metrics).
+    mesh: the run's mesh; batches are split over it.
+    train_indices: sorted global indices of the training set; a batch's "position"
+      is its rows in it (where the targets are).
+    steps_per_epoch: steps of a full epoch.
+    log: where the epoch's record goes (`monitoring.MetricsLog`).
+    save: save(step, state), called at the epoch end and every
+      `train.checkpoint_every_steps` steps.
+  """
+  train_step: Callable
+  mesh: Mesh
+  train_indices: np.ndarray
+  steps_per_epoch: int
+  log: monitoring.MetricsLog
+  save: Callable[[int, dict], None]
+
+
+def run_epoch(config: ml_collections.ConfigDict, loop: EpochLoop, state: dict,
+              targets: dict, batches, *, step: int) -> tuple[dict, int]:
+  """Runs the rest of the epoch that `step` is in over `batches` (this host's rows
+  of `pipeline.train_batches`); returns (state, step) at its end.
 
   The host does not wait for the device between log points: each step is dispatched
   and its metrics stay on the device (at most `_STEPS_IN_FLIGHT` steps ahead of the
@@ -248,10 +269,14 @@ def run_epoch(config, train_step, state, targets, batches, train_indices, *,
   every step, summed in step order as floats (the same numbers whatever
   `log_every_steps` is).
 
-  `save(step, state)` is called at the epoch end and every
+  `loop.save(step, state)` is called at the epoch end and every
   `train.checkpoint_every_steps` steps.
   """
-  batch_sharding = sharding.batch_sharding(mesh)
+  train_step, train_indices, log, save = (loop.train_step, loop.train_indices,
+                                          loop.log, loop.save)
+  steps_per_epoch = loop.steps_per_epoch
+  epoch = step // steps_per_epoch
+  batch_sharding = sharding.batch_sharding(loop.mesh)
   start = step % steps_per_epoch
   progress = monitoring.Progress(total=steps_per_epoch, initial=start, epoch=epoch,
                       num_epochs=config.train.num_epochs)

@@ -300,10 +300,11 @@ class _Loop:
     targets = jax.device_put(self.targets, replicated)
     os.makedirs(workdir, exist_ok=True)
     log = monitoring.MetricsLog(str(workdir), tensorboard=False)
-    train.run_epoch(self.config, step_fn, state, targets, self.batches(before_each),
-                    np.arange(self.num_train), mesh=self.mesh, step=0, epoch=0,
-                    steps_per_epoch=self.steps_per_epoch, log=log,
-                    save=save or (lambda step, state: None))
+    loop = train.EpochLoop(train_step=step_fn, mesh=self.mesh,
+                           train_indices=np.arange(self.num_train),
+                           steps_per_epoch=self.steps_per_epoch, log=log,
+                           save=save or (lambda step, state: None))
+    train.run_epoch(self.config, loop, state, targets, self.batches(before_each), step=0)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       (record,) = [json.loads(line) for line in f]
     return record
