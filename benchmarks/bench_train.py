@@ -662,8 +662,8 @@ def run_phases(config, workdir: str) -> dict[str, Any]:
   """
   timer = PhaseTimer()
   undo = [
-      timer.wrap(train, "setup_run", "setup (data, splits, model, optimizer)"),
-      timer.wrap(train, "fresh_state", "init params and optimizer"),
+      timer.wrap(run_setup, "setup_run", "setup (data, splits, model, optimizer)"),
+      timer.wrap(run_setup, "fresh_state", "init params and optimizer"),
       timer.wrap(targets_lib, "compute_targets", "pseudo labels"),
       timer.wrap(encoding, "encode_images", "encode images (network forward)"),
       timer.wrap(targets_lib, "make_pseudo_labels", "k-means and thresholds (Eqs. 1-2)"),
