@@ -92,7 +92,7 @@ def child_labels_only(per_class: int, output: str) -> None:
   import numpy as np
 
   from benchmarks import bench_train
-  from psch_jax import io_utils, spectral
+  from psch_jax import config_schema, io_utils, spectral
   from psch_jax import pseudo_labels as pseudo_labels_lib
   from psch_jax.data import idx_files, sources
   config = bench_train.repo_config("fashion_mnist")
@@ -120,7 +120,7 @@ def child_labels_only(per_class: int, output: str) -> None:
   start = time.perf_counter()
   key = jax.random.key(config.seed)
   embedding = spectral.graph_embedding(
-      key, neighbors, num_components=p.spectral_components or p.num_clusters)
+      key, neighbors, num_components=config_schema.spectral_components(config))
   done("eigenvectors (ARPACK)", start)
   start = time.perf_counter()
   pseudo, stats = pseudo_labels_lib.pseudo_labels(

@@ -53,7 +53,6 @@ from jax.sharding import PartitionSpec as P
 from psch_jax import sharding
 from psch_jax.errors import UserError
 
-DATA_AXIS = sharding.AXIS
 # The distance expansion subtracts large terms; TF32 or bf16 passes on accelerators
 # would change assignments and break the 1-vs-8-device equality.
 _PRECISION = lax.Precision.HIGHEST
@@ -153,13 +152,13 @@ def sums_by_scatter(mesh: Mesh, num_clusters: int) -> bool:
 
 def _varying(x: jax.Array) -> jax.Array:
   """Marks a value as per-device, as a scan carry that mixes in local rows must be."""
-  return lax.pcast(x, DATA_AXIS, to="varying")
+  return lax.pcast(x, sharding.AXIS, to="varying")
 
 
 def _make_shard(local_points: jax.Array, layout: RowLayout) -> _Shard:
   """Cuts this device's (rows_per_device, D) block into chunks with row metadata."""
   num_chunks = layout.rows_per_device // layout.chunk
-  offset = lax.axis_index(DATA_AXIS).astype(jnp.int32) * layout.rows_per_device
+  offset = lax.axis_index(sharding.AXIS).astype(jnp.int32) * layout.rows_per_device
   row_ids = offset + jnp.arange(layout.rows_per_device, dtype=jnp.int32)
   points = local_points.reshape(num_chunks, layout.chunk, -1)
   row_ids = row_ids.reshape(num_chunks, layout.chunk)
@@ -192,7 +191,7 @@ def _global_top(scores: jax.Array, shard: _Shard, k: int) -> jax.Array:
   k_local = min(k, flat_scores.shape[0])
   neg_scores, ids = lax.sort((-flat_scores, flat_ids), num_keys=2)
   candidates = (neg_scores[:k_local], ids[:k_local])
-  neg_scores, ids = lax.all_gather(candidates, DATA_AXIS, tiled=True, to="invarying")
+  neg_scores, ids = lax.all_gather(candidates, sharding.AXIS, tiled=True, to="invarying")
   _, ids = lax.sort((neg_scores, ids), num_keys=2)
   return ids[:k]
 
@@ -206,7 +205,7 @@ def _fetch_rows(shard: _Shard, row_ids: jax.Array) -> jax.Array:
   # Indexed in the (C, R, D) layout, not through a flat view: see
   # _mean_feature_variance.
   rows = shard.points[local // chunk, local % chunk]
-  return lax.psum(jnp.where(owned[:, None], rows, 0.0), DATA_AXIS)
+  return lax.psum(jnp.where(owned[:, None], rows, 0.0), sharding.AXIS)
 
 
 def _row_gumbel(key: jax.Array, shard: _Shard) -> jax.Array:
@@ -238,7 +237,7 @@ def _kmeans_plus_plus(key: jax.Array, shard: _Shard, num_clusters: int,
     new_closest = jnp.minimum(closest_sq[..., None], _distances_to(shard, candidates))
     potentials = lax.psum(
         jnp.sum(jnp.where(shard.valid[..., None], new_closest, 0.0), axis=(0, 1)),
-        DATA_AXIS)
+        sharding.AXIS)
     # Candidates come sorted by score, so candidate 0 is the plain D^2 (or, at step
     # 0, uniform) draw.
     best = jnp.where(step == 0, 0, jnp.argmin(potentials))
@@ -309,7 +308,7 @@ def _assignment_pass(shard: _Shard, centroids: jax.Array, *, exact: bool,
                    jnp.zeros((), jnp.float32)))
   (sums, counts, inertia), (assignments, sq_distances) = lax.scan(
       chunk_step, init, (shard.points, shard.sq_norms, shard.valid))
-  sums, counts, inertia = lax.psum((sums, counts, inertia), DATA_AXIS)
+  sums, counts, inertia = lax.psum((sums, counts, inertia), sharding.AXIS)
   return _PassStatistics(sums, counts, inertia, assignments, sq_distances)
 
 
@@ -360,7 +359,7 @@ def _mean_feature_variance(shard: _Shard, num_points: int) -> jax.Array:
   total, _ = lax.scan(lambda acc, x: (acc + jnp.sum(x, axis=0), None),
                       _varying(jnp.zeros(shard.points.shape[-1:], jnp.float32)),
                       shard.points)
-  mean = lax.psum(total, DATA_AXIS) / num_points
+  mean = lax.psum(total, sharding.AXIS) / num_points
 
   def chunk_step(acc, chunk):
     x, valid = chunk
@@ -369,7 +368,7 @@ def _mean_feature_variance(shard: _Shard, num_points: int) -> jax.Array:
 
   acc, _ = lax.scan(chunk_step, _varying(jnp.zeros((), jnp.float32)),
                     (shard.points, shard.valid))
-  return lax.psum(acc, DATA_AXIS) / (num_points * shard.points.shape[-1])
+  return lax.psum(acc, sharding.AXIS) / (num_points * shard.points.shape[-1])
 
 
 def _kmeans_local(key, local_points, tol, init_centroids, *, layout, num_clusters,
@@ -415,15 +414,15 @@ def _prepare_points(points: jax.Array, layout: RowLayout, normalize: bool) -> ja
     "normalize"))
 def _kmeans_jit(key, points, tol, init_centroids, *, num_clusters, n_init, max_iter,
                 chunk_size, n_local_trials, mesh, normalize):
-  layout = row_layout(*points.shape, mesh.shape[DATA_AXIS], chunk_size)
+  layout = row_layout(*points.shape, mesh.shape[sharding.AXIS], chunk_size)
   padded = _prepare_points(points, layout, normalize)
   body = functools.partial(
       _kmeans_local, layout=layout, num_clusters=num_clusters, n_init=n_init,
       max_iter=max_iter, n_local_trials=n_local_trials,
       scatter_sums=sums_by_scatter(mesh, num_clusters))
   centroids, inertia, iterations, assignments, sq_distances = jax.shard_map(
-      body, mesh=mesh, in_specs=(P(), P(DATA_AXIS, None), P(), P()),
-      out_specs=(P(), P(), P(), P(DATA_AXIS), P(DATA_AXIS)),
+      body, mesh=mesh, in_specs=(P(), P(sharding.AXIS, None), P(), P()),
+      out_specs=(P(), P(), P(), P(sharding.AXIS), P(sharding.AXIS)),
   )(key, padded, jnp.asarray(tol, jnp.float32), init_centroids)
   num_points = layout.num_points
   return KMeansResult(
@@ -436,7 +435,7 @@ def _kmeans_jit(key, points, tol, init_centroids, *, num_clusters, n_init, max_i
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "mesh"))
 def _assign_jit(points, centroids, *, chunk_size, mesh):
-  layout = row_layout(*points.shape, mesh.shape[DATA_AXIS], chunk_size)
+  layout = row_layout(*points.shape, mesh.shape[sharding.AXIS], chunk_size)
   padded = _prepare_points(points, layout, normalize=False)
 
   def body(local_points, centroids):
@@ -446,8 +445,8 @@ def _assign_jit(points, centroids, *, chunk_size, mesh):
     return stats.assignments.reshape(-1), stats.sq_distances.reshape(-1)
 
   assignments, sq_distances = jax.shard_map(
-      body, mesh=mesh, in_specs=(P(DATA_AXIS, None), P()),
-      out_specs=(P(DATA_AXIS), P(DATA_AXIS)),
+      body, mesh=mesh, in_specs=(P(sharding.AXIS, None), P()),
+      out_specs=(P(sharding.AXIS), P(sharding.AXIS)),
   )(padded, centroids.astype(jnp.float32))
   return assignments[:layout.num_points], sq_distances[:layout.num_points]
 
@@ -457,9 +456,9 @@ def data_mesh(mesh: Mesh | None) -> Mesh:
   device."""
   if mesh is None:
     return sharding.make_mesh(jax.devices()[:1])
-  if not isinstance(mesh, Mesh) or DATA_AXIS not in mesh.axis_names:
+  if not isinstance(mesh, Mesh) or sharding.AXIS not in mesh.axis_names:
     raise UserError(
-        f"mesh must be a jax.sharding.Mesh with a {DATA_AXIS!r} axis, got {mesh!r}; "
+        f"mesh must be a jax.sharding.Mesh with a {sharding.AXIS!r} axis, got {mesh!r}; "
         f"build one with psch_jax.sharding.make_mesh() or pass None.")
   return mesh
 

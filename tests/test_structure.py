@@ -2,6 +2,7 @@
 command line, modules import each other without circles, and every `module.function`
 the docs name exists."""
 import ast
+import functools
 import importlib
 import os
 import pkgutil
@@ -19,6 +20,7 @@ PACKAGE_DIR = os.path.join(ROOT, "psch_jax")
 COMMAND_LINE = ("psch_jax.cli", "psch_jax.commands")
 
 
+@functools.lru_cache(maxsize=None)
 def _modules() -> dict[str, str]:
   """Every module of the package: dotted name -> file path."""
   found = {}

@@ -16,6 +16,7 @@ from absl import flags
 from psch_jax import cli
 from psch_jax import experiments
 from psch_jax import io_utils
+from psch_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 COMMAND = "python -m psch_jax.commands.experiments"
@@ -57,7 +58,7 @@ def main(argv: Sequence[str]) -> None:
       config, workdir=workdir, bits=FLAGS.bits, seeds=FLAGS.seeds, methods=FLAGS.methods,
       ablation_epochs=FLAGS.epochs_ablation, ablation_bits=FLAGS.ablation_bits,
       command=" ".join([COMMAND, *sys.argv[1:]]))
-  print(f"wrote {io_utils.join(workdir, 'results.md')}")
+  print(f"wrote {io_utils.join(workdir, workdir_lib.RESULTS_REPORT)}")
 
 
 if __name__ == "__main__":
