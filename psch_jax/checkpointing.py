@@ -13,12 +13,21 @@ during a save leaves the previous checkpoint as the latest one; the temporary
 leftovers are removed at the next start (`manager`, before it returns).
 
 - `manager`, `save`, `restore_latest`, `close`: the training run's checkpoints;
+- `record_checksums`, `verify_checksums`: the sha256 of every file of a committed
+  checkpoint, recorded in <workdir>/checksums/<step>.json once the save is complete
+  and verified before the checkpoint is used, so a damaged checkpoint is an error
+  naming its step, never a quiet number (docs/reliability.md);
+- `latest_step`: the newest committed step, read-only (no directory is created);
 - `restore_params`: only the network params of a run's latest checkpoint, as numpy
   arrays (for tools that read a finished run, e.g. `psch_jax.search`).
 """
+import errno
+import os
+import shutil
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -65,24 +74,169 @@ def remove_unfinished(directory) -> None:
     path.get().rmtree(missing_ok=True)
 
 
-def manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
-  """The manager of `<workdir>/checkpoints` (a local path or gs://; created),
-  left-overs removed."""
+def manager(workdir: str, *, keep: int, create: bool = True) -> ocp.CheckpointManager:
+  """The manager of `<workdir>/checkpoints` (a local path or gs://), left-overs
+  removed and the checksums of committed steps recorded (`record_checksums`).
+
+  Args:
+    create: make the directory (training); False for a reader (evaluation), which
+      needs it to exist.
+  """
   directory = _directory(workdir)
-  remove_unfinished(directory)
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-  return ocp.CheckpointManager(directory, options=options,
+  if create or io_utils.isdir(directory):
+    remove_unfinished(directory)
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+  mngr = ocp.CheckpointManager(directory, options=options,
                                item_names=("state", "targets", "meta"))
+  record_checksums(mngr, workdir)
+  return mngr
+
+
+def latest_step(workdir: str) -> Optional[int]:
+  """The newest committed step in workdir/checkpoints, or None; reads only."""
+  directory = _directory(workdir)
+  if not io_utils.isdir(directory):
+    return None
+  steps = ocp.path.step.checkpoint_steps(directory)
+  return max(steps) if steps else None
+
+
+# -------------------------------------------------------------------- checksums
+
+def _checksum_path(workdir: str, step: int) -> str:
+  return io_utils.join(workdir, workdir_lib.CHECKSUMS_DIR, f"{step}.json")
+
+
+def _pending_path(workdir: str, step: int) -> str:
+  return io_utils.join(workdir, workdir_lib.CHECKSUMS_DIR, f"{step}.pending")
+
+
+def _steps_named(directory: str, suffix: str) -> set[int]:
+  if not io_utils.isdir(directory):
+    return set()
+  return {int(name[:-len(suffix)]) for name in io_utils.listdir(directory)
+          if name.endswith(suffix) and name[:-len(suffix)].isdigit()}
+
+
+def record_checksums(mngr: ocp.CheckpointManager, workdir: str) -> None:
+  """Records the digests of every committed step that `save` announced (a
+  `<step>.pending` file) and that has none yet; drops the records of steps the manager
+  deleted (`train.keep_checkpoints`) and the announcements of saves that never
+  committed (a run killed while saving). Process 0; call when no save is in flight.
+
+  A step committed by a run killed before it recorded the digests gets them at the
+  next start (its announcement is there): between the commit and the record nothing
+  but a kill happened. A committed step with neither record nor announcement is left
+  unrecorded, so `verify_checksums` refuses it; only a work directory without a
+  checksums/ directory at all (written before checksums existed) has its steps
+  recorded as they are.
+  """
+  if jax.process_index() != 0:
+    return
+  steps = set(mngr.all_steps())
+  record_dir = io_utils.join(workdir, workdir_lib.CHECKSUMS_DIR)
+  older_layout = not io_utils.isdir(record_dir)
+  recorded = _steps_named(record_dir, ".json")
+  announced = _steps_named(record_dir, ".pending")
+  for step in sorted(steps - recorded):
+    if step in announced or older_layout:
+      io_utils.write_json(_checksum_path(workdir, step), {
+          "step": step, "sha256": io_utils.file_digests(mngr.directory / str(step))})
+  for step in announced:
+    io_utils.remove(_pending_path(workdir, step))
+  for step in recorded - steps:
+    if not io_utils.exists(mngr.directory / str(step)):
+      io_utils.remove(_checksum_path(workdir, step))
+
+
+def verify_checksums(workdir: str, step: int, *, steps: list[int]) -> None:
+  """Raises unless checkpoint `step`'s files are those recorded when it was saved.
+
+  Args:
+    steps: every committed step, to name the one to fall back to.
+
+  Raises:
+    UserError: a file differs, is missing or was added, or the record is missing or
+      unreadable; names the step and the choices.
+  """
+  directory = _directory(workdir)
+  earlier = [s for s in steps if s < step]
+  choices = (f"Delete {directory}/{step} to resume from step {max(earlier)}, the "
+             "newest earlier checkpoint (run it again to check that one too)"
+             if earlier else f"Delete {directory}/{step} to train from the start")
+  choices += ", or start a new --workdir."
+  path = _checksum_path(workdir, step)
+  record = io_utils.read_json(
+      path, missing_fix=f"without it checkpoint {step} cannot be proven intact. "
+      + choices, corrupt_fix=choices)
+  expected = record.get("sha256") if isinstance(record, dict) else None
+  if not isinstance(expected, dict):
+    raise UserError(f"{path} holds no checksums of checkpoint {step}. {choices}")
+  found = io_utils.file_digests(directory / str(step))
+  differing = sorted(name for name in expected.keys() | found.keys()
+                     if expected.get(name) != found.get(name))
+  if differing:
+    listing = ", ".join(differing[:3]) + (
+        f" and {len(differing) - 3} more" if len(differing) > 3 else "")
+    raise UserError(
+        f"checkpoint {directory}/{step} is damaged: {listing} "
+        f"{'differs' if len(differing) == 1 else 'differ'} from the checksums "
+        f"recorded when it was saved ({path}). {choices}")
+
+
+_DISK_FULL = ("No space left on device", "Disk quota exceeded")
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the save in flight. A save that failed for a full disk raises the
+  OSError (ENOSPC) it is, naming the checkpoint directory, rather than the
+  ValueError Orbax wraps TensorStore's error in."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:  # Orbax re-raises its background thread's error as is.
+    if not any(text in str(e) for text in _DISK_FULL):
+      raise
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC),
+                  str(mngr.directory)) from None
+
+
+def _check_free_space(directory, items: Any) -> None:
+  """Raises OSError(ENOSPC) before a save that cannot fit the local disk: a save that
+  fills it fails inside Orbax's background threads, whose TensorStore callbacks
+  print tracebacks the command cannot catch. The arrays' bytes plus 1 MiB of
+  metadata; an object store has no free space to ask."""
+  if io_utils.is_object_store(directory) or jax.process_index() != 0:
+    return
+  needed = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(items)) + 2**20
+  free = shutil.disk_usage(os.fspath(directory)).free
+  if needed > free:
+    raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: a checkpoint needs "
+                  f"{needed / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free",
+                  os.fspath(directory))
 
 
 def close(mngr: ocp.CheckpointManager) -> None:
-  """Waits for pending saves, then closes."""
-  mngr.close()
+  """Waits for pending saves, records their checksums, then closes."""
+  try:
+    wait(mngr)
+    record_checksums(mngr, workdir_of(mngr))
+  finally:
+    mngr.close()
 
 
 def save(mngr: ocp.CheckpointManager, step: int, *, state: Any, targets: Any,
          meta: dict) -> None:
-  """Saves asynchronously; the rename that makes it visible happens when it is done."""
+  """Saves asynchronously; the rename that makes it visible happens when it is done.
+
+  Waits for the previous save first (Orbax would), to record its checksums.
+  """
+  wait(mngr)
+  workdir = workdir_of(mngr)
+  record_checksums(mngr, workdir)
+  _check_free_space(mngr.directory, (state, targets))
+  if jax.process_index() == 0:
+    io_utils.write_bytes(_pending_path(workdir, step), b"")  # announces the save
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       targets=ocp.args.StandardSave(targets),
@@ -102,6 +256,7 @@ def restore_latest(mngr: ocp.CheckpointManager, *, abstract_state: Any,
   if step is None:
     return None
   directory = mngr.directory
+  verify_checksums(workdir_of(mngr), step, steps=list(mngr.all_steps()))
   try:
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
   except Exception as e:  # Orbax raises many types for unreadable files.
@@ -127,7 +282,22 @@ def restore_latest(mngr: ocp.CheckpointManager, *, abstract_state: Any,
         f"checkpoint {directory}/{step} is incomplete or corrupt "
         f"({type(e).__name__}: {e}). Delete that step directory to resume from an "
         "earlier one, or use a new --workdir to start over.") from e
+  if not _all_finite(restored.state):
+    raise UserError(
+        f"checkpoint {directory}/{step} holds non-finite values, which training "
+        "never saves: the checkpoint is damaged. Delete that step directory to resume "
+        "from an earlier one, or use a new --workdir to start over.")
   return restored.state, restored.targets, meta
+
+
+def workdir_of(mngr: ocp.CheckpointManager) -> str:
+  """The work directory of a manager made by `manager`."""
+  return str(mngr.directory.parent)
+
+
+def _all_finite(tree: Any) -> bool:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return all(bool(jnp.isfinite(x).all()) for x in leaves)
 
 
 def saved_signature(workdir: str) -> Optional[dict]:
@@ -184,6 +354,8 @@ def restore_params(workdir: str, abstract_params: Any) -> Any:
     if step is None:
       raise UserError(f"{directory} holds no checkpoint; train first with main.py "
                       f"--workdir={workdir}.")
+    verify_checksums(str(io_utils.workdir_path(workdir)), step,
+                     steps=list(mngr.all_steps()))
     # ShapeDtypeStructs without sharding and numpy restore types: host arrays, no
     # device layout from the training mesh needed.
     item = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),

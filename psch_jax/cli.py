@@ -18,11 +18,20 @@ writes anything.
 command prints "error: <what is wrong and how to fix it>" to stderr and exits with
 code 2, `errors.EXIT_BAD_INPUT`, never with a traceback. Whatever else `main` returns
 is the exit code (`commands.reports` returns 1 when a metric disagrees).
+
+SIGINT (Ctrl-C) and SIGTERM stop a command with one line, after its cleanup has run
+(a checkpoint save in flight completes, the lock is released): what the work
+directory keeps and how to resume; the exit code is 128 + the signal's number (130,
+143). A full disk (ENOSPC, EDQUOT) is an "error:" line naming the path, exit code 2:
+every file is written aside and renamed, so nothing is half-written.
 """
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -128,6 +137,60 @@ def check_no_positional_arguments(remaining: Sequence[str]) -> None:
       "set as --config.<section>.<field>=<value>.")
 
 
+class Stopped(KeyboardInterrupt):
+  """SIGTERM, raised where the main thread is, so cleanup runs as for Ctrl-C."""
+
+  def __init__(self, signum: int):
+    super().__init__(signal.Signals(signum).name)
+    self.signum = signum
+
+
+def _raise_stopped(signum, frame) -> NoReturn:
+  del frame
+  raise Stopped(signum)
+
+
+def _exit_now(code: int) -> NoReturn:
+  """Exits without the interpreter's shutdown, once the command's cleanup has run:
+  Orbax's and TensorStore's background work of a failed or interrupted save would
+  print tracebacks while the interpreter tears down under it."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
+def _quiet_closed_event_loop(hook):
+  """`sys.excepthook` that drops TensorStore's "Event loop is closed" reports (its
+  callbacks of a failed save, arriving after Orbax closed the loop; the failure
+  itself reaches the command as an exception) and passes on everything else."""
+  def excepthook(kind, value, traceback):
+    if kind is RuntimeError and str(value) == "Event loop is closed":
+      return
+    hook(kind, value, traceback)
+  return excepthook
+
+
+def _object_store_errors() -> tuple[type[BaseException], ...]:
+  tf = sys.modules.get("tensorflow")
+  errors = getattr(tf, "errors", None)
+  return (errors.OpError,) if errors is not None else ()
+
+
+def _kept() -> str:
+  """What the work directory of the stopped command keeps, in one sentence."""
+  workdir = FLAGS["workdir"].value if "workdir" in FLAGS else None
+  if not workdir:
+    return "nothing was half-written. Rerun the same command."
+  from psch_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  try:
+    step = checkpointing.latest_step(workdir)
+  except Exception:  # pylint: disable=broad-except  (a message, never a new error)
+    step = None
+  kept = (f"{workdir} keeps its checkpoint of step {step}" if step is not None else
+          f"{workdir} keeps what was committed before")
+  return (f"{kept}, and nothing half-written. Rerun the same command to resume.")
+
+
 def run(main: Callable[[list[str]], int | None], *,
         define_flags: Callable[[], None], command: str) -> NoReturn:
   """Defines the command's flags, parses them and runs `main(argv)`; exits with
@@ -143,10 +206,32 @@ def run(main: Callable[[list[str]], int | None], *,
     # tfds and Orbax log every read and save at INFO (the level app.run sets);
     # each command prints what it did.
     logging.set_verbosity(logging.WARNING)
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.excepthook = _quiet_closed_event_loop(sys.excepthook)
     try:
       return main(argv)
     except (UserError, FloatingPointError) as e:
       exit_bad_input(str(e))
+    except KeyboardInterrupt as e:
+      signum = getattr(e, "signum", signal.SIGINT)
+      print(f"stopped by {signal.Signals(signum).name}: {_kept()}", file=sys.stderr)
+      _exit_now(128 + signum)
+    except _object_store_errors() as e:
+      # tf.io.gfile's errors on gs:// (a bucket that does not exist, no network,
+      # no credentials): the message names the object.
+      exit_bad_input(f"cannot reach the object store: {getattr(e, 'message', e)}. "
+                     "Check that the bucket exists and that this machine can reach it "
+                     "(network, credentials), or pass a local --workdir.")
+    except OSError as e:
+      if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise
+      print(f"error: no space left on the device of "
+            f"{e.filename or 'the work directory'} ({e.strerror}). Every file is "
+            "written aside and renamed, so nothing is half-written: free space and "
+            "rerun the same command; it resumes from the newest complete checkpoint.",
+            file=sys.stderr)
+      _exit_now(EXIT_BAD_INPUT)
 
   app.run(main_with_errors, flags_parser=functools.partial(parse_flags,
                                                            command=command))

@@ -232,5 +232,26 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
                     "directory, :tiny for the smoke variant).")
   module_spec = importlib.util.spec_from_file_location("psch_config_file", path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise UserError(f"config file {path!r} is not valid Python: {e.msg} at line "
+                    f"{e.lineno}; fix that line.") from None
+  except Exception as e:  # pylint: disable=broad-except  (the user's code)
+    raise UserError(f"config file {path!r} raised {type(e).__name__} when imported "
+                    f"({e}); fix the file.") from None
+  if not callable(getattr(module, "get_config", None)):
+    raise UserError(f"config file {path!r} defines no get_config(); a config file "
+                    "defines get_config() or get_config(variant).")
+  try:
+    config = module.get_config(variant) if variant else module.get_config()
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (the user's code)
+    raise UserError(f"get_config({variant!r}) of config file {path!r} raised "
+                    f"{type(e).__name__} ({e}); fix the file, or pass a variant it "
+                    "knows.") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UserError(f"get_config of config file {path!r} returned a "
+                    f"{type(config).__name__}, not an ml_collections.ConfigDict.")
+  return config

@@ -47,6 +47,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from psch_jax import io_utils
 from psch_jax import reference
 from psch_jax.errors import UserError
 
@@ -149,9 +150,12 @@ def chance_level(labels: np.ndarray, query_ids: np.ndarray, *,
 
 # ------------------------------------------------------------------------- targets
 
+REPORT_FILE = "target_quality.json"
+
+
 def target_quality(config, workdir: str, *, query_stride: int = 1) -> dict:
   """The step-0 targets of `config` (built as training builds them) against the true
-  labels of the training split; the report that `target_quality.json` holds."""
+  labels of the training split; the report, also written to workdir/`REPORT_FILE`."""
   import jax
   import jax.numpy as jnp
 
@@ -159,17 +163,15 @@ def target_quality(config, workdir: str, *, query_stride: int = 1) -> dict:
   from psch_jax import run_setup
   from psch_jax import sharding
   from psch_jax import train
-  from psch_jax.evaluators import retrieval
 
   if not (isinstance(query_stride, int) and query_stride >= 1):
     raise UserError(f"--query_stride={query_stride} must be an int >= 1 (1 = every "
                     "training image is a query).")
   seconds = {}
   tick = time.perf_counter()
-  run = run_setup.setup_run(config, workdir)
-  try:
-    train_indices = run.index_sets["train"]
-    num_train = len(train_indices)
+
+  def check_size(index_sets: dict) -> None:
+    num_train = len(index_sets["train"])
     if num_train > MAX_TRAIN_IMAGES:
       raise UserError(
           f"{num_train} training images: the diagnostic holds the N x N target "
@@ -177,6 +179,10 @@ def target_quality(config, workdir: str, *, query_stride: int = 1) -> dict:
           f"that size), so it takes at most {MAX_TRAIN_IMAGES}. Draw a smaller "
           "training split, e.g. --config.data.train_per_class=500 (with a new "
           "--workdir: the splits are saved there).")
+
+  run = run_setup.setup_run(config, workdir, mode=run_setup.DIAGNOSE, check=check_size)
+  try:
+    train_indices = run.index_sets["train"]
     replicated = sharding.replicated(run.mesh)
     state = jax.device_put(
         run_setup.fresh_state(config, run.model, run.tx, run.pretrained_backbone),
@@ -188,9 +194,28 @@ def target_quality(config, workdir: str, *, query_stride: int = 1) -> dict:
     # network, here on unaugmented images.
     online_parts = targets_lib.online_parts_of(
         config, run.encode, state["params"], run.source, train_indices, mesh=run.mesh)
+  except BaseException:
+    run_setup.close_run(run)
+    raise
+  seconds["targets"] = time.perf_counter() - tick
+  try:
+    report = _score_targets(config, run, targets, stats, online_parts,
+                            query_stride=query_stride, seconds=seconds)
+    # Written under the work directory's lock, like every file a command writes.
+    if jax.process_index() == 0:
+      io_utils.write_json(io_utils.join(run.workdir, REPORT_FILE), report)
   finally:
     run_setup.close_run(run)
-  seconds["targets"] = time.perf_counter() - tick
+  return report
+
+
+def _score_targets(config, run, targets, stats, online_parts, *, query_stride: int,
+                   seconds: dict) -> dict:
+  from psch_jax import targets as targets_lib
+  from psch_jax.evaluators import retrieval
+
+  train_indices = run.index_sets["train"]
+  num_train = len(train_indices)
 
   tick = time.perf_counter()
   pseudo_labels = np.asarray(targets["pseudo_labels"])

@@ -49,6 +49,7 @@ import numpy as np
 
 from psch_jax import baselines
 from psch_jax import config_schema
+from psch_jax import generations
 from psch_jax import io_utils
 from psch_jax import ranking
 from psch_jax import run_setup
@@ -151,9 +152,12 @@ def _check_same_config(run_dir: str, expected: dict) -> None:
   if changed:
     details = ", ".join(f"{k}: {saved.get(k, '<absent>')!r} there, "
                         f"{wanted.get(k, '<absent>')!r} now" for k in changed[:5])
+    data = any(k.startswith("data.") or k == "seed" for k in changed)
     raise UserError(f"{run_dir} was made with a different config ({details}); rerun "
                     "with the options it was made with, pass a new --workdir, or "
-                    "delete that run directory to redo it.")
+                    "delete that run directory to redo it"
+                    + (" and, as a data field changed, the seed<seed>/ directories "
+                       "of the splits drawn with the old value." if data else "."))
 
 
 # --------------------------------------------------------------------------- runs
@@ -180,6 +184,18 @@ def _read_json(path: str) -> dict:
   if not isinstance(value, dict):
     raise UserError(f"{path} holds a {type(value).__name__}, not a JSON object; {fix}")
   return value
+
+
+def _finished_results(run_dir: str) -> dict:
+  """The results of a finished run, verified to belong to its config, splits and
+  checkpoint (`generations.read_verified`).
+
+  Raises:
+    UserError: they do not, naming the run directory to delete to redo it.
+  """
+  return generations.read_verified(
+      run_dir, fix=f"delete its run directory {run_dir} to redo that run (the other "
+      "runs are kept).")
 
 
 def _encode_source(params: baselines.HashParams, source, indices: np.ndarray
@@ -231,13 +247,17 @@ def run_baseline(config: ml_collections.ConfigDict, method: str, source,
              "num_train": int(len(index_sets["train"])), "epochs": 0,
              "selection": "closed form (no epochs)",
              "fit_seconds": round(fit_seconds, 3), **metrics}
-  io_utils.write_json(io_utils.join(run_dir, workdir_lib.CONFIG_FILE),
-                      _baseline_record(config, method))
-  for name, value in codes.items():
-    io_utils.save_npy(io_utils.join(run_dir, workdir_lib.CODES_DIR, f"{name}.npy"),
-                      ranking.pack_codes(value))
-  io_utils.write_json(io_utils.join(run_dir, workdir_lib.RESULTS_FILE), results)
-  return results
+  record = _baseline_record(config, method)
+  workdir_lib.write_kind(run_dir, workdir_lib.BASELINE)
+  io_utils.write_json(io_utils.join(run_dir, workdir_lib.CONFIG_FILE), record)
+
+  def write_files(directory: str) -> None:
+    for name, value in codes.items():
+      io_utils.save_npy(io_utils.join(directory, workdir_lib.CODES_DIR, f"{name}.npy"),
+                        ranking.pack_codes(value))
+
+  return generations.commit(run_dir, results, config=record, step=None,
+                            write_files=write_files, splits=False)
 
 
 def _same_splits(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
@@ -278,20 +298,20 @@ def run_experiments(config: ml_collections.ConfigDict, *, workdir: str,
   seed_data: dict[int, tuple[Any, dict]] = {}
 
   def data_of(seed: int):
-    """(source, index sets) of a seed, drawn as train.train_and_evaluate draws them."""
+    """(source, index sets) of a seed, drawn as train.train_and_evaluate draws them;
+    the seed's saved splits must be that draw (`run_setup.load_data`)."""
     if seed not in seed_data:
       seed_config = method_config(config, "psch", num_bits=bits[0], seed=seed)
-      seed_data[seed] = run_setup.load_data(seed_config, io_utils.join(workdir, f"seed{seed}"))
-    return seed_data[seed]
+      source, index_sets, saved = run_setup.load_data(
+          seed_config, io_utils.join(workdir, f"seed{seed}"))
+      seed_data[seed] = source, index_sets, saved
+    return seed_data[seed][:2]
 
-  def splits_of(seed: int) -> dict[str, np.ndarray]:
-    saved = io_utils.join(workdir, f"seed{seed}", workdir_lib.SPLITS_DIR)
-    if seed not in seed_data and io_utils.exists(io_utils.join(saved, "train.npy")):
-      return splits_lib.load_splits(saved)  # no need to open the dataset
-    return data_of(seed)[1]
-
+  # Refuse a bad config, another kind of directory or a mismatched run before
+  # anything is trained or written.
+  workdir_lib.check_unclaimed(workdir, None, kinds=(workdir_lib.EXPERIMENTS,),
+                              command="experiments")
   run_configs = {}
-  # Refuse a bad config or a mismatched run before anything is trained or written.
   for method, num_bits, seed in plan:
     run_config = method_config(config, method, num_bits=num_bits, seed=seed,
                                ablation_epochs=ablation_epochs)
@@ -301,8 +321,24 @@ def run_experiments(config: ml_collections.ConfigDict, *, workdir: str,
                        _baseline_record(run_config, method)
                        if METHODS[method].baseline else run_config.to_dict())
     run_configs[method, num_bits, seed] = run_config
+  for seed in seeds:
+    data_of(seed)  # the saved splits of each seed checked before anything is written
 
-  io_utils.makedirs(workdir)
+  with workdir_lib.claim(workdir, None, kinds=(workdir_lib.EXPERIMENTS,),
+                         command="experiments"):
+    workdir_lib.write_kind(workdir, workdir_lib.EXPERIMENTS)
+    for seed in seeds:
+      _, index_sets, saved = seed_data[seed]
+      if not saved:
+        run_setup.save_splits(io_utils.join(workdir, f"seed{seed}"), index_sets)
+    return _run_plan(config, plan, run_configs, data_of, workdir=workdir, bits=bits,
+                     seeds=seeds, methods=methods, ablation_epochs=ablation_epochs,
+                     ablation_bits=ablation_bits, command=command)
+
+
+def _run_plan(config, plan, run_configs, data_of, *, workdir: str, bits, seeds,
+              methods, ablation_epochs, ablation_bits, command: str) -> dict:
+  """Runs (or reuses) each run of `plan` in order, rewriting the table after each."""
   runs = []
   for number, (method, num_bits, seed) in enumerate(plan, 1):
     run_config = run_configs[method, num_bits, seed]
@@ -311,7 +347,7 @@ def run_experiments(config: ml_collections.ConfigDict, *, workdir: str,
     start = time.perf_counter()
     finished = io_utils.exists(results_path)
     if finished:
-      results = _read_json(results_path)
+      results = _finished_results(run_dir)
       if not isinstance(results.get("map@all"), (int, float)):
         raise UserError(f"{results_path} holds no number map@all; delete its run "
                         f"directory {run_dir} to redo that run (the other runs are "
@@ -324,7 +360,7 @@ def run_experiments(config: ml_collections.ConfigDict, *, workdir: str,
     if not METHODS[method].baseline:
       run_splits = splits_lib.load_splits(
           io_utils.join(run_dir, workdir_lib.SPLITS_DIR))
-      if not _same_splits(run_splits, splits_of(seed)):
+      if not _same_splits(run_splits, data_of(seed)[1]):
         raise UserError(f"{run_dir}/splits differ from {workdir}/seed{seed}/splits: "
                         "the run was made with other data options; use a new "
                         "--workdir.")
@@ -530,12 +566,16 @@ def write_report(config, runs: Sequence[dict], *, workdir: str, bits: Sequence[i
             "ablation_bits": ablation_bits,
             "std": "sample (n - 1)", "command": command,
             "runs": list(runs), "summary": summary}
-  io_utils.write_json(io_utils.join(workdir, workdir_lib.RESULTS_FILE), report)
   markdown = results_markdown(
       config, summary, runs, bits=bits, seeds=seeds, methods=methods,
       ablation_epochs=ablation_epochs, ablation_bits=ablation_bits, command=command)
-  io_utils.write_text(io_utils.join(workdir, workdir_lib.RESULTS_REPORT), markdown)
-  _plot(summary, io_utils.join(workdir, "results.png"), bits=bits, methods=methods,
-        title=f"{config.data.name}, protocol {config.data.preset!r}, "
-              f"{len(seeds)} seed(s)")
-  return report
+
+  def write_files(directory: str) -> None:
+    io_utils.write_text(io_utils.join(directory, workdir_lib.RESULTS_REPORT), markdown)
+    _plot(summary, io_utils.join(directory, workdir_lib.TABLE_PLOT), bits=bits,
+          methods=methods, title=f"{config.data.name}, protocol "
+          f"{config.data.preset!r}, {len(seeds)} seed(s)")
+
+  # The table, its report and its plot switch together (`generations.commit`).
+  return generations.commit(workdir, report, config=config.to_dict(), step=None,
+                            write_files=write_files, splits=False)

@@ -91,6 +91,24 @@ def listdir(path: PathLike) -> list[str]:
   return sorted(p.name for p in workdir_path(path).iterdir())
 
 
+def file_digests(directory: PathLike) -> dict[str, str]:
+  """{path relative to `directory` ("/"-separated): sha256 hex} of every file under
+  it, local or on an object store (listed one level at a time: epath refuses a
+  recursive glob on gs://)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  root = workdir_path(directory)
+  digests = {}
+  pending = [root]
+  while pending:
+    for path in pending.pop().iterdir():
+      if path.is_dir():
+        pending.append(path)
+      else:
+        name = os.fspath(path)[len(os.fspath(root)):].lstrip("/")
+        digests[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+  return dict(sorted(digests.items()))
+
+
 def remove(path: PathLike, *, missing_ok: bool = True) -> None:
   """Deletes one file (object)."""
   workdir_path(path).unlink(missing_ok=missing_ok)

@@ -31,6 +31,7 @@ import numpy as np
 from psch_jax import io_utils
 from psch_jax import ranking
 from psch_jax import reference
+from psch_jax import generations
 from psch_jax import workdir as workdir_lib
 from psch_jax.errors import UserError
 
@@ -384,31 +385,23 @@ def load_npy(path: str, what: str) -> np.ndarray:
                     "directory to write it again.") from e
 
 
-def load_results(workdir: str) -> dict:
-  return io_utils.read_json(
-      io_utils.join(workdir, workdir_lib.RESULTS_FILE),
-      missing_fix=(f"train (main.py) or evaluate (main.py --mode=eval) with "
-                   f"--workdir={workdir} first."),
-      corrupt_fix="evaluate again with main.py --mode=eval.")
-
-
 def compare_results(workdir: str, source: Any) -> list[MetricCheck]:
   """Each recomputable metric of workdir/results.json beside its NumPy recomputation.
 
+  The generation is verified first (`generations.read_verified`): results.json, the
+  codes, config.json, the splits and the newest checkpoint must belong together.
+
   Args:
-    workdir: a finished run: results.json, codes/{query,database}.npy (packed),
+    workdir: a finished run: results.json and the codes of its generation,
       splits/{query,database}.npy (global indices).
     source: the dataset's `ImageSource` (only its labels are read).
 
   Returns:
     One `MetricCheck` per metric, in name order.
   """
-  results = load_results(workdir)
+  results = generations.read_verified(workdir)
   path = io_utils.join(workdir, workdir_lib.RESULTS_FILE)
   fix = "evaluate again with main.py --mode=eval to rewrite it."
-  if not isinstance(results, dict):
-    raise UserError(f"{path} holds a {type(results).__name__}, not the results of a "
-                    f"run; {fix}")
   try:
     saved = flatten_results(results)
   except UserError as e:
@@ -425,8 +418,9 @@ def compare_results(workdir: str, source: Any) -> list[MetricCheck]:
   for split in ("query", "database"):
     indices = load_npy(io_utils.join(workdir, workdir_lib.SPLITS_DIR, f"{split}.npy"),
                         f"the {split} split")
-    packed = load_npy(io_utils.join(workdir, workdir_lib.CODES_DIR, f"{split}.npy"),
-                       f"the packed {split} codes")
+    packed = load_npy(generations.path(workdir, results,
+                                       f"{workdir_lib.CODES_DIR}/{split}.npy"),
+                      f"the packed {split} codes")
     if len(packed) != len(indices) or (indices.size and indices.max() >= len(source)):
       raise UserError(f"{workdir}: {len(packed)} {split} codes for {len(indices)} "
                       f"{split} indices (dataset size {len(source)}); the codes, splits "

@@ -32,13 +32,15 @@ from psch_jax import workdir as workdir_lib
 from psch_jax.attention import GroupedAttention
 from psch_jax.data import sources
 from psch_jax.data import splits as splits_lib
+from psch_jax.errors import UserError
 
 # Purpose tags for fold_in: one independent key stream per use of randomness.
 KEY_INIT, KEY_STEP, KEY_KMEANS = 0, 1, 2
 
 
-def load_data(config: ml_collections.ConfigDict, workdir: str):
-  """The image source and the protocol's index sets (made once, saved in workdir)."""
+def load_source(config: ml_collections.ConfigDict):
+  """The image source of `config.data` (prepared from the user's files first for
+  the datasets our own builders make)."""
   if config.data.name in ("nus_wide", "mirflickr25k") and config.data.manual_dir:
     # Our own builders prepare the tfds copy from the user's files on first use:
     # one process writes it, the others wait and then read it.
@@ -46,14 +48,14 @@ def load_data(config: ml_collections.ConfigDict, workdir: str):
       sources.prepare_manual_dataset(config.data.name, manual_dir=config.data.manual_dir,
                                      data_dir=config.data.data_dir)
     multihost_utils.sync_global_devices("psch_jax: dataset prepared")
-  source = sources.load_source(config.data.name, data_dir=config.data.data_dir,
-                               manual_dir=config.data.manual_dir)
-  split_dir = io_utils.join(workdir, workdir_lib.SPLITS_DIR)
-  # A run killed between two split files left some of them: draw them again (they
-  # are a function of the seed), instead of failing on the missing one.
-  if all(io_utils.exists(io_utils.join(split_dir, f"{name}.npy"))
-         for name in splits_lib.SPLIT_NAMES):
-    return source, splits_lib.load_splits(split_dir, num_examples=len(source))
+  return sources.load_source(config.data.name, data_dir=config.data.data_dir,
+                             manual_dir=config.data.manual_dir)
+
+
+def draw_splits(config: ml_collections.ConfigDict, source) -> dict[str, np.ndarray]:
+  """The protocol's index sets for `config` (a pure function of the labels, the
+  data fields and the seed): {"query", "database", "train", "validation"}, sorted
+  int64."""
   overrides = {k: config.data[k] for k in
                ("query_per_class", "train_per_class", "num_validation")
                if config.data[k] is not None}
@@ -70,9 +72,57 @@ def load_data(config: ml_collections.ConfigDict, workdir: str):
     rng = np.random.default_rng([config.seed, len(source)])
     index_sets["database"] = np.union1d(
         kept, rng.choice(rest, min(extra, len(rest)), replace=False))
+  return index_sets
+
+
+def load_data(config: ml_collections.ConfigDict, workdir: str
+              ) -> tuple[Any, dict[str, np.ndarray], bool]:
+  """The image source, the protocol's index sets, and whether workdir/splits holds
+  them already. Reads only.
+
+  The splits are drawn from the config (`draw_splits`); splits saved in the work
+  directory must be exactly that draw, so a split file that was edited, cut or drawn
+  under other data fields is refused rather than used.
+
+  Raises:
+    UserError: a saved split cannot be read, or differs from the config's draw.
+  """
+  source = load_source(config)
+  index_sets = draw_splits(config, source)
+  split_dir = io_utils.join(workdir, workdir_lib.SPLITS_DIR)
+  present = [name for name in splits_lib.SPLIT_NAMES
+             if io_utils.exists(io_utils.join(split_dir, f"{name}.npy"))]
+  # A run killed between two split files left some of them: the rest are written
+  # again (they are the same draw).
+  if present:
+    check_saved_splits(index_sets, split_dir, names=present,
+                       num_examples=len(source))
+  return source, index_sets, len(present) == len(splits_lib.SPLIT_NAMES)
+
+
+def check_saved_splits(index_sets: dict[str, np.ndarray], split_dir: str, *,
+                       names, num_examples: int) -> None:
+  """Refuses a saved split that is not `index_sets`' (see `load_data`)."""
+  for name in names:
+    path = io_utils.join(split_dir, f"{name}.npy")
+    saved = splits_lib.load_split_file(path, name=name, num_examples=num_examples)
+    drawn = index_sets[name]
+    if np.array_equal(saved, drawn):
+      continue
+    how = (f"it holds {len(saved)} images where the config draws {len(drawn)}"
+           if len(saved) != len(drawn) else
+           f"it holds {len(saved)} images, as the config draws, but other ones")
+    raise UserError(
+        f"{path} is not the {name} split this config draws ({how}): it was edited, "
+        "or drawn under other data fields or another seed. A run evaluated on it "
+        "would report numbers of another protocol. Restore the config it was drawn "
+        "with, or start a new --workdir.")
+
+
+def save_splits(workdir: str, index_sets: dict[str, np.ndarray]) -> None:
+  """Writes workdir/splits (process 0)."""
   if jax.process_index() == 0:
-    splits_lib.save_splits(index_sets, split_dir)
-  return source, index_sets
+    splits_lib.save_splits(index_sets, io_utils.join(workdir, workdir_lib.SPLITS_DIR))
 
 
 # ------------------------------------------------------------- model and optimizer
@@ -171,6 +221,80 @@ def check_model(config: ml_collections.ConfigDict, model: models.PSCHNet,
   jax.eval_shape(forward, jax.random.key(0))
 
 
+def device_memory_bytes() -> Optional[int]:
+  """The memory one local device can allocate: the accelerator's `bytes_limit`, or
+  on CPU the host's physical memory (not divided among the devices of
+  --xla_force_host_platform_device_count: `check_memory` is a lower bound, and must
+  never refuse what runs); None when neither is known."""
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  try:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def _nbytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def check_memory(config: ml_collections.ConfigDict, model: models.PSCHNet, *,
+                 num_devices: int) -> None:
+  """Refuses a config whose training step or evaluation cannot fit one device, before
+  anything is allocated: a lower bound (what is refused can never run; what passes
+  may still not fit).
+
+  The bound per device, from shapes alone (`jax.eval_shape`, `jax.make_jaxpr`): the
+  params, their gradients and the optimizer's moments (Adam two, SGD one), plus for
+  each image of the per-device batch its float32 input and the largest single
+  activation of the forward pass that grows with the batch (the traces of one and
+  two images differ by it); for evaluation the params plus the same per image of the
+  per-device `eval.batch_size`.
+
+  Raises:
+    UserError: naming the fields that set the size, the bytes needed and the device's.
+  """
+  available = device_memory_bytes()
+  if available is None:
+    return
+
+  def images(n):
+    return jax.ShapeDtypeStruct((n, config.model.image_size, config.model.image_size,
+                                 config.model.channels), jnp.float32)
+
+  params = jax.eval_shape(lambda k, x: model.init(k, x, train=False)["params"],
+                          jax.random.key(0), images(1))
+  one, two = (jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x, train=False))(
+      params, images(n)) for n in (1, 2))
+  growth = [_nbytes([b.aval for b in eb.outvars]) - _nbytes([a.aval for a in ea.outvars])
+            for ea, eb in zip(one.eqns, two.eqns)]
+  per_image = _nbytes(images(1)) + max(growth, default=0)
+  param_bytes = _nbytes(params)
+  state_bytes = (3 if config.optim.name == "adam" else 2) * param_bytes + param_bytes
+  parts = {
+      "training step": (state_bytes, "params, gradients and optimizer state",
+                        config.train.global_batch_size // num_devices,
+                        "config.train.global_batch_size"),
+      "evaluation": (param_bytes, "params", config.eval.batch_size // num_devices,
+                     "config.eval.batch_size"),
+  }
+  for what, (fixed, held, batch, batch_field) in parts.items():
+    needed = fixed + batch * per_image
+    if needed <= available:
+      continue
+    fields = ("config.model.num_bits or config.model.image_size (the params alone "
+              "do not fit)" if fixed > available else
+              f"{batch_field} or config.model.image_size")
+    raise UserError(
+        f"the {what} needs at least {needed / 2**30:.1f} GiB per device "
+        f"({fixed / 2**30:.2f} GiB of {held}, {batch} images of "
+        f"{per_image / 2**20:.1f} MiB), and a device has {available / 2**30:.1f} GiB. "
+        f"Lower {fields}, or run on devices with more memory.")
+
+
 def pretrained_backbone(config: ml_collections.ConfigDict) -> Optional[dict]:
   """The VGG-16 backbone params (numpy) of `model.pretrained` / `_path`, fetched once
   and checked (`pretrained.resolve_vgg16_weights`); None for another backbone. The
@@ -215,54 +339,91 @@ class Run(NamedTuple):
   lock: Any
 
 
-def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Checks the config against the devices and the model, claims the work directory,
-  then builds the run (mesh, data and splits, model, optimizer, encoder, checkpoint
-  manager). Close it with `close_run`.
+# What each mode of `setup_run` accepts, writes and needs.
+TRAIN, EVAL, DIAGNOSE = "train", "eval", "diagnose"
+_COMMANDS = {TRAIN: "main.py --mode=train", EVAL: "main.py --mode=eval",
+             DIAGNOSE: "the diagnostics command"}
+_KINDS = {TRAIN: (workdir_lib.RUN,), EVAL: (workdir_lib.RUN,),
+          DIAGNOSE: (workdir_lib.RUN, workdir_lib.DIAGNOSTICS)}
 
-  The order makes a refused run leave the work directory as it was: the config and
-  the model are checked before the work directory is touched; `workdir.claim` then
-  checks its layout, locks it (a second run on it is refused, naming the holder) and
-  compares the config with its config.json (a changed field that the data, splits,
-  schedule or model depend on is refused); config.json is written before the splits,
-  so a run killed after drawing them is compared on its rerun too; the sizes of the
-  drawn splits are checked before a checkpoint can be written.
+
+def setup_run(config: ml_collections.ConfigDict, workdir: str, *, mode: str = TRAIN,
+              check: Optional[Any] = None) -> Run:
+  """Checks everything, then claims the work directory and builds the run (mesh,
+  data and splits, model, optimizer, encoder, checkpoint manager). Close it with
+  `close_run`.
+
+  Check everything, then write (docs/reliability.md): the config against the
+  devices, the model and their memory; the work directory's layout, kind and
+  config.json; the data and the saved splits against the config; for `EVAL` a
+  checkpoint to evaluate; then `check(index_sets)` of the caller. Only then is the
+  work directory created and locked (`workdir.claim`, which repeats its checks under
+  the lock) and written: its kind, config.json and splits (`TRAIN` and `DIAGNOSE`;
+  `EVAL` writes only its results, later). A refused start leaves the directory
+  byte for byte as it was, and one that did not exist absent.
+
+  Args:
+    mode: TRAIN (main.py), EVAL (main.py --mode=eval: needs a checkpoint) or
+      DIAGNOSE (the diagnostics command: a run's directory or its own).
+    check: called with the index sets before anything is written; raises UserError.
 
   Raises:
-    UserError: the config does not fit (devices, model, data), the work directory is
-      not writable, has a wrong layout, is in use or holds a run of another config.
+    UserError: the config does not fit (devices, memory, model, data), the work
+      directory is not writable, has a wrong layout or kind, is in use or holds a run
+      of another config, a saved split is not the config's, or (EVAL) there is no
+      checkpoint.
   """
   mesh = sharding.make_mesh()
   config_schema.check_config(config, num_devices=mesh.size)
   model = build_model(config)
   attention = encoding.make_attention(config)
   check_model(config, model, attention)
-  backbone = pretrained_backbone(config)
+  check_memory(config, model, num_devices=mesh.size)
   # Local: absolute (a later chdir cannot move it); gs://: kept as it is.
   workdir = os.fspath(io_utils.workdir_path(workdir))
-  lock = workdir_lib.claim(workdir, config, process_index=jax.process_index())
+  kinds, command = _KINDS[mode], _COMMANDS[mode]
+  workdir_lib.check_unclaimed(workdir, config, kinds=kinds, command=command)
+  if mode == EVAL and checkpointing.latest_step(workdir) is None:
+    raise UserError(f"no checkpoint in {workdir}/{workdir_lib.CHECKPOINTS_DIR} to "
+                    "evaluate; train first (--mode=train) or pass the --workdir of a "
+                    "trained run.")
+  backbone = pretrained_backbone(config)
+  source, index_sets, splits_saved = load_data(config, workdir)
+  config_schema.check_against_data(
+      config, num_train=len(index_sets["train"]),
+      num_database=len(index_sets["database"]), num_query=len(index_sets["query"]),
+      num_validation=len(index_sets["validation"]),
+      image_channels=source.image_shape[-1])
+  if check is not None:
+    check(index_sets)
+
+  lock = workdir_lib.claim(workdir, config, kinds=kinds, command=command,
+                           process_index=jax.process_index())
   try:
     io_utils.check_writable(workdir, probe_name=f".write-test-{jax.process_index()}")
-    if jax.process_index() == 0:
+    if mode != EVAL and jax.process_index() == 0:
+      workdir_lib.write_kind(workdir, workdir_lib.DIAGNOSTICS if mode == DIAGNOSE and
+                             workdir_lib.saved_kind(workdir) is None
+                             else workdir_lib.RUN)
       # For tools that rebuild the model from the work directory alone (search), and
-      # for the comparison of the next run on this work directory.
+      # for the comparison of the next run on this work directory. Written before
+      # the splits, so a run killed after drawing them is compared on its rerun too.
       io_utils.write_json(io_utils.join(workdir, workdir_lib.CONFIG_FILE),
                           config.to_dict())
-    source, index_sets = load_data(config, workdir)
-    config_schema.check_against_data(
-        config, num_train=len(index_sets["train"]),
-        num_database=len(index_sets["database"]), num_query=len(index_sets["query"]),
-        num_validation=len(index_sets["validation"]),
-        image_channels=source.image_shape[-1])
+    if mode != EVAL and not splits_saved:
+      save_splits(workdir, index_sets)
     steps_per_epoch = len(index_sets["train"]) // config.train.global_batch_size
     tx = build_optimizer(config, steps_per_epoch)
+    mngr = checkpointing.manager(workdir, keep=config.train.keep_checkpoints,
+                                 create=mode != EVAL)
+    # Process 0 has recorded the checksums of every committed step (the manager):
+    # the other processes verify against them.
+    multihost_utils.sync_global_devices("psch_jax: work directory written")
     return Run(mesh=mesh, workdir=workdir, source=source, index_sets=index_sets,
                steps_per_epoch=steps_per_epoch, model=model, attention=attention,
                tx=tx, encode=encoding.make_encoder(config, model, mesh,
                                                    attention=attention),
-               mngr=checkpointing.manager(workdir,
-                                          keep=config.train.keep_checkpoints),
-               pretrained_backbone=backbone, lock=lock)
+               mngr=mngr, pretrained_backbone=backbone, lock=lock)
   except BaseException:
     lock.release()
     raise

@@ -17,6 +17,8 @@ decodable, topk < 1) prints what is wrong and how to fix it, and exits with code
 from __future__ import annotations
 
 import io
+import os
+import stat
 from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple
 
@@ -30,6 +32,7 @@ from psch_jax import checkpointing
 from psch_jax import config as psch_config
 from psch_jax import config_schema
 from psch_jax import encoding
+from psch_jax import generations
 from psch_jax import io_utils
 from psch_jax import ranking
 from psch_jax import reports
@@ -125,9 +128,14 @@ def load_index(workdir: str) -> SearchIndex:
     raise UserError(f"work directory {workdir} does not exist; pass the --workdir of "
                     "a trained run.")
   config = read_run_config(workdir)
-  database_packed = reports.load_npy(
-      io_utils.join(workdir, workdir_lib.CODES_DIR, "database.npy"),
-      "the database codes written by the evaluation")
+  check_config_fits_checkpoint(workdir, config)
+  # The codes, config.json, splits and checkpoint must be one evaluation's: a
+  # config.json edited since (another data.mean) would encode queries differently
+  # from the database.
+  codes_name = f"{workdir_lib.CODES_DIR}/database.npy"
+  results = generations.read_verified(workdir, names=(codes_name,))
+  database_packed = reports.load_npy(generations.path(workdir, results, codes_name),
+                                     "the database codes written by the evaluation")
   database_indices = reports.load_npy(
       io_utils.join(workdir, workdir_lib.SPLITS_DIR, "database.npy"),
       "the database split")
@@ -138,7 +146,6 @@ def load_index(workdir: str) -> SearchIndex:
                     f"{database_packed.shape}, expected uint32 ({len(database_indices)}, "
                     f"{num_words}) for the run's database and {config.model.num_bits} "
                     "bits; evaluate again with main.py --mode=eval.")
-  check_config_fits_checkpoint(workdir, config)
   model = run_setup.build_model(config)
   abstract_params = jax.eval_shape(lambda: run_setup.init_params(config, model))
   params = checkpointing.restore_params(workdir, abstract_params)
@@ -160,28 +167,86 @@ def load_index(workdir: str) -> SearchIndex:
                      database_labels=source.labels[database_indices])
 
 
+# Pillow modes whose `convert` to "L" or "RGB" keeps the 8-bit scale of the values:
+# 1-bit, 8-bit grey, palette (looked up), colour, CMYK and YCbCr (colour-converted);
+# an alpha channel is dropped (the datasets have none).
+_EIGHT_BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX",
+                    "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def _eight_bit(image: "Image.Image", path: str) -> "Image.Image":
+  """`image` as an 8-bit Pillow image, its values scaled from the depth they have.
+
+  Pillow's own `convert("L")` clips 16-bit and float values to 255 (a 16-bit grey
+  PNG becomes nearly all white, a float TIFF in [0, 1] all black); here 16-bit values
+  are scaled by 255 / 65535, and float values in [0, 1] by 255.
+
+  Raises:
+    UserError: a mode whose scale is not known (32-bit integers, floats outside
+      [0, 1]), naming it.
+  """
+  mode = image.mode
+  if mode in _EIGHT_BIT_MODES:
+    return image
+  pixels = np.asarray(image)
+  if mode.startswith("I;16"):
+    return Image.fromarray(np.rint(pixels.astype(np.float64) * (255 / 65535))
+                           .astype(np.uint8), mode="L")
+  if mode == "F":
+    finite = np.isfinite(pixels).all()
+    if finite and pixels.size and pixels.min() >= 0.0 and pixels.max() <= 1.0:
+      return Image.fromarray(np.rint(pixels * 255.0).astype(np.uint8), mode="L")
+    raise UserError(
+        f"image {path} holds floating-point pixels (Pillow mode 'F') "
+        + (f"in [{pixels.min():.4g}, {pixels.max():.4g}]" if finite else
+           "that are not all finite")
+        + ", and only floats in [0, 1] have a known 8-bit scale; save it as an 8-bit "
+        "or 16-bit PNG, or with values in [0, 1].")
+  raise UserError(f"image {path} has Pillow mode {mode!r}, whose 8-bit scale is not "
+                  "known (e.g. 32-bit integers); save it as an 8-bit or 16-bit PNG or "
+                  "a JPEG.")
+
+
 def read_image(path: str, image_shape: Sequence[int]) -> np.ndarray:
   """Decodes an image file as the dataset stores its images.
 
   Args:
-    path: any format PIL reads.
+    path: any format PIL reads: 8-bit and 16-bit grey, float in [0, 1], palette,
+      colour, CMYK, with or without alpha (`_eight_bit`).
     image_shape: (H, W, C) of the dataset's stored images; C = 1 reads grey ("L"),
       C = 3 colour ("RGB"); other sizes are resized bilinearly, as the NUS-WIDE and
       MIRFlickr builders resize.
 
   Returns:
     uint8 (H, W, C).
+
+  Raises:
+    UserError: the path is missing or not a regular file (a FIFO or device would
+      block or never end), or the image cannot be decoded or scaled.
   """
   height, width, channels = image_shape
+  if not io_utils.is_object_store(path):
+    try:
+      mode = os.stat(path).st_mode
+    except FileNotFoundError:
+      mode = None
+    except OSError as e:
+      raise UserError(f"cannot read image {path} ({e.strerror}); check the path "
+                      "given to --images.") from e
+    if mode is not None and not stat.S_ISREG(mode):
+      raise UserError(f"image {path} is not a regular file (a directory, FIFO or "
+                      "device); pass image files to --images.")
   if not io_utils.isfile(path):
     raise UserError(f"image {path} does not exist; check the path given to --images.")
   try:
     with Image.open(io.BytesIO(io_utils.read_bytes(path))) as image:
-      image = image.convert("L" if channels == 1 else "RGB")
+      image = _eight_bit(image, path).convert("L" if channels == 1 else "RGB")
       if image.size != (width, height):
         image = image.resize((width, height), Image.BILINEAR)
       pixels = np.asarray(image, np.uint8)
   except (ValueError, Image.DecompressionBombError) + io_utils.io_errors() as e:
+    if isinstance(e, UserError):
+      raise
     raise UserError(f"cannot decode {path} as an image ({e}); pass a PNG, JPEG or "
                     "another format Pillow reads.") from e
   return pixels.reshape(height, width, channels)

@@ -28,14 +28,15 @@ from jax.sharding import Mesh
 
 from psch_jax import checkpointing
 from psch_jax import encoding
+from psch_jax import io_utils
 from psch_jax import models
 from psch_jax import monitoring
 from psch_jax import run_setup
 from psch_jax import sharding
 from psch_jax import targets as targets_lib
+from psch_jax import workdir as workdir_lib
 from psch_jax.attention import GroupedAttention
 from psch_jax.data import pipeline
-from psch_jax.errors import UserError
 from psch_jax.evaluators import retrieval
 from psch_jax.loss import psch_loss
 from psch_jax.preprocess import augment, preprocess
@@ -156,7 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return _train_and_evaluate(config, run)
   except FloatingPointError as e:
     # Say what is on disk only once the save in flight has completed.
-    run.mngr.wait_until_finished()
+    checkpointing.wait(run.mngr)
     step = run.mngr.latest_step()
     kept = (f"The last good checkpoint (step {step}) is kept; it may already be "
             "diverging." if step is not None else
@@ -219,18 +220,29 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: run_setup.Run) -
     every = config.eval.validation_every_epochs
     if every and (epoch + 1) % every == 0:
       log.write(step, evaluators["validation"].run(state["params"])[0])
-  mngr.wait_until_finished()
-
-  # Evaluation: psch_jax/evaluators/retrieval.py.
-  metrics, codes = evaluators["test"].run(state["params"])
-  results = retrieval.results_record(config, run.index_sets, metrics)
-  results.update({"epochs": num_epochs, "steps": step, "selection": "last epoch"})
-  results.update(evaluators["validation"].run(
-      state["params"], codes_at_hand=(run.index_sets["database"], codes["database"]))[0])
-  retrieval.write_results(run.workdir, results, codes, source, run.index_sets)
+  checkpointing.wait(mngr)
+  results = evaluate(config, run, state, evaluators, epochs=num_epochs,
+                     selection="last epoch")
   log.write(step, {"results": {k: v for k, v in results.items()
                                if isinstance(v, (int, float))}})
   return results
+
+
+def evaluate(config: ml_collections.ConfigDict, run: run_setup.Run, state: dict,
+             evaluators: dict, *, epochs: int, selection: str) -> dict:
+  """Scores `state`'s params (test: query vs database; validation, from the database
+  codes) and writes them as one generation of results (`retrieval.write_results`),
+  stamped with the checkpoint step. The same record whether training ends here or
+  `--mode=eval` scores the checkpoint later. Returns the stamped results."""
+  # Evaluation: psch_jax/evaluators/retrieval.py.
+  metrics, codes = evaluators["test"].run(state["params"])
+  results = retrieval.results_record(config, run.index_sets, metrics)
+  step = int(state["step"])
+  results.update({"epochs": epochs, "steps": step, "selection": selection})
+  results.update(evaluators["validation"].run(
+      state["params"], codes_at_hand=(run.index_sets["database"], codes["database"]))[0])
+  return retrieval.write_results(run.workdir, results, codes, run.source,
+                                 run.index_sets, config=config.to_dict(), step=step)
 
 
 class EpochLoop(NamedTuple):
@@ -341,21 +353,24 @@ def _info(message: str) -> None:
 # ----------------------------------------------------------------------- evaluation
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Evaluates the latest checkpoint in `workdir` without training."""
-  run = run_setup.setup_run(config, workdir)
+  """Evaluates the latest checkpoint in `workdir` without training: every metric a
+  finished run has, the validation ones included, as one new generation of results.
+
+  Reads only until the results are written: a config that differs from config.json
+  only in fields that may change (`workdir.RESUME_SAFE`, e.g. eval.topk) is written
+  to config.json with them, since the new results are made with it.
+  """
+  run = run_setup.setup_run(config, workdir, mode=run_setup.EVAL)
   try:
-    restored = restore_checkpoint(config, run)
-    if restored is None:
-      raise UserError(f"no checkpoint in {run.workdir}/checkpoints to evaluate; train "
-                      "first (--mode=train) or pass the --workdir of a trained run.")
-    state, _, meta = restored
-    test = retrieval.from_config(config, encode=run.encode, source=run.source,
-                                 index_sets=run.index_sets, mesh=run.mesh)["test"]
-    metrics, codes = test.run(state["params"])
-    results = retrieval.results_record(config, run.index_sets, metrics)
-    results.update({"steps": int(state["step"]), "epochs": meta["epoch"],
-                    "selection": "latest checkpoint"})
-    retrieval.write_results(run.workdir, results, codes, run.source, run.index_sets)
+    state, _, meta = restore_checkpoint(config, run)
+    evaluators = retrieval.from_config(config, encode=run.encode, source=run.source,
+                                       index_sets=run.index_sets, mesh=run.mesh)
+    finished = int(state["step"]) >= config.train.num_epochs * run.steps_per_epoch
+    if jax.process_index() == 0:
+      io_utils.write_json(io_utils.join(run.workdir, workdir_lib.CONFIG_FILE),
+                          config.to_dict())
+    results = evaluate(config, run, state, evaluators, epochs=meta["epoch"],
+                       selection="last epoch" if finished else "latest checkpoint")
   finally:
     run_setup.close_run(run)
   return results

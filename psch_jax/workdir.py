@@ -16,7 +16,14 @@ before the run reads or writes any of it:
   holder dies, so a killed run never blocks the next one. On `gs://` no kernel lock
   exists: `Lease` is a `lock.json` with a heartbeat, refused while fresh.
 
-`claim(workdir, config)` does the three in the right order and returns the lock.
+Every work directory also records what made it (`KIND_FILE`: a run of main.py, an
+experiments table, a diagnostics report, one baseline run of an experiments table), so
+a command refuses a directory of another kind before it reads or writes any of it.
+
+`check_unclaimed(workdir, config, kinds=...)` does the read-only checks; `claim`
+repeats them under the lock and returns the lock. A command runs every check it has
+before `claim`, and writes only after it: a refused start leaves the directory as it
+was (docs/reliability.md, "Check everything, then write").
 """
 from __future__ import annotations
 
@@ -46,6 +53,9 @@ CHECKPOINTS_DIR = "checkpoints"
 SPLITS_DIR = "splits"
 CODES_DIR = "codes"
 TENSORBOARD_DIR = "tensorboard"
+GENERATIONS_DIR = "generations"
+CHECKSUMS_DIR = "checksums"
+KIND_FILE = "kind.json"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
@@ -53,6 +63,7 @@ RESULTS_REPORT = "results.md"
 PR_PLOT = "pr_curve.png"
 TOPN_PLOT = "precision_at_topn.png"
 GRID_PLOT = "retrieval_grid.png"
+TABLE_PLOT = "results.png"  # an experiments table's
 CODE_SETS = ("query", "database")
 
 # Every entry a run creates in its work directory: (kind, what it holds).
@@ -61,6 +72,9 @@ LAYOUT: dict[str, tuple[str, str]] = {
     SPLITS_DIR: (DIRECTORY, "split index files"),
     CODES_DIR: (DIRECTORY, "hash codes"),
     TENSORBOARD_DIR: (DIRECTORY, "TensorBoard summaries"),
+    GENERATIONS_DIR: (DIRECTORY, "generations of results"),
+    CHECKSUMS_DIR: (DIRECTORY, "checkpoint checksums"),
+    KIND_FILE: (FILE, "kind of work directory"),
     CONFIG_FILE: (FILE, "config"),
     METRICS_FILE: (FILE, "training metrics"),
     RESULTS_FILE: (FILE, "results"),
@@ -68,6 +82,7 @@ LAYOUT: dict[str, tuple[str, str]] = {
     PR_PLOT: (FILE, "precision-recall plot"),
     TOPN_PLOT: (FILE, "precision@N plot"),
     GRID_PLOT: (FILE, "retrieval grid"),
+    TABLE_PLOT: (FILE, "results plot"),
     **{f"{SPLITS_DIR}/{name}.npy": (FILE, f"{name} split")
        for name in splits_lib.SPLIT_NAMES},
     **{f"{CODES_DIR}/{name}.npy": (FILE, f"{name} codes") for name in CODE_SETS},
@@ -105,6 +120,69 @@ def check_layout(workdir: str) -> None:
       found = "directory" if os.path.isdir(path) else "special file"
       raise UserError(f"{path} is a {found}, but the run writes its {what} to a file "
                       f"of that name. {_FIX}")
+
+
+# ------------------------------------------------------------------------- kind
+
+RUN = "run"  # main.py (train or eval); diagnostics may read and add to it
+EXPERIMENTS = "experiments"  # the table of python -m psch_jax.commands.experiments
+DIAGNOSTICS = "diagnostics"  # a work directory made by the diagnostics command
+BASELINE = "baseline"  # one baseline run inside an experiments table
+
+_KIND_NAMES = {RUN: "a training run of main.py", EXPERIMENTS: "an experiments table",
+               DIAGNOSTICS: "a diagnostics report",
+               BASELINE: "a baseline run of an experiments table"}
+
+
+def saved_kind(workdir: str) -> Optional[str]:
+  """The kind `workdir` records in KIND_FILE; for a directory written before the file
+  existed, the kind its entries show; None for a missing or empty directory.
+
+  Raises:
+    UserError: KIND_FILE cannot be read or names no known kind.
+  """
+  path = io_utils.join(workdir, KIND_FILE)
+  if io_utils.exists(path):
+    value = io_utils.read_json(
+        path, missing_fix="", corrupt_fix="restore it, or pass another --workdir.")
+    kind = value.get("kind") if isinstance(value, dict) else None
+    if kind not in _KIND_NAMES:
+      raise UserError(f"{path} names no kind of work directory ({value!r}); restore "
+                      f"it (one of {sorted(_KIND_NAMES)}), or pass another --workdir.")
+    return kind
+  if not io_utils.isdir(workdir):
+    return None
+  names = set(io_utils.listdir(workdir))
+  if "runs" in names:
+    return EXPERIMENTS
+  if CHECKPOINTS_DIR in names or SPLITS_DIR in names:
+    return RUN
+  if CONFIG_FILE in names and RESULTS_FILE in names:
+    return BASELINE
+  return None
+
+
+def check_kind(workdir: str, accepted: tuple[str, ...], *, command: str) -> None:
+  """Refuses a work directory of another kind than `accepted` (a main.py run given to
+  experiments, an experiments table given to main.py, ...), naming what it is.
+
+  Raises:
+    UserError: naming the directory, its kind, and the fix.
+  """
+  kind = saved_kind(workdir)
+  if kind is None or kind in accepted:
+    return
+  raise UserError(
+      f"work directory {workdir} holds {_KIND_NAMES[kind]}, and {command} writes "
+      f"{' or '.join(_KIND_NAMES[k] for k in accepted)}: it would overwrite that "
+      "directory's results. Pass another --workdir.")
+
+
+def write_kind(workdir: str, kind: str) -> None:
+  """Records `kind` in `workdir`/KIND_FILE (once: an existing record is kept)."""
+  path = io_utils.join(workdir, KIND_FILE)
+  if not io_utils.exists(path):
+    io_utils.write_json(path, {"kind": kind})
 
 
 # ------------------------------------------------------------ config on resume
@@ -176,8 +254,14 @@ def check_config_unchanged(config: ml_collections.ConfigDict, workdir: str) -> N
     UserError: config.json cannot be read, or names each changed field with its
       old and new value, and the fix.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = io_utils.join(workdir, CONFIG_FILE)
+  if not io_utils.exists(path):
+    if io_utils.isdir(io_utils.join(workdir, CHECKPOINTS_DIR)) and io_utils.listdir(
+        io_utils.join(workdir, CHECKPOINTS_DIR)):
+      raise UserError(
+          f"work directory {workdir} holds checkpoints but no {CONFIG_FILE} (the "
+          "config they were trained with): restore it from a backup, or start a new "
+          "--workdir. Without it nothing proves this config fits those checkpoints.")
     return
   saved = io_utils.read_json(
       path, missing_fix="pass the --workdir of the run.",
@@ -448,26 +532,70 @@ class _NoLock:
     pass
 
 
-def claim(workdir: str, config: ml_collections.ConfigDict, *, process_index: int = 0):
-  """Checks the layout, locks the work directory, then compares the saved config.
+def check_bucket(workdir: str) -> None:
+  """Refuses a gs:// work directory whose bucket does not exist or cannot be reached:
+  writing into it would retry for many minutes inside tf.io.gfile.
 
-  Call before the run reads or writes anything in `workdir`; hold the returned lock
-  until the run ends (`with claim(...):`). The layout and config checks run for
-  local work directories (object stores are checked by the path layer).
+  Raises:
+    UserError: naming the bucket and the fix.
+  """
+  scheme, _, rest = workdir.partition("://")
+  bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+  try:
+    reachable = io_utils.isdir(bucket)
+  except io_utils.io_errors() as e:
+    raise UserError(f"cannot reach the bucket {bucket} of work directory {workdir} "
+                    f"({getattr(e, 'message', e)}); check the network and the "
+                    "credentials, or pass a local --workdir.") from e
+  if not reachable:
+    raise UserError(f"the bucket {bucket} of work directory {workdir} does not exist "
+                    "or this machine cannot see it (credentials); create it "
+                    f"(gcloud storage buckets create {bucket}) or pass another "
+                    "--workdir.")
+
+
+def check_unclaimed(workdir: str, config: Optional[ml_collections.ConfigDict], *,
+                    kinds: tuple[str, ...], command: str) -> None:
+  """The read-only checks of a work directory before a command writes to it: its
+  layout (local), its kind (`check_kind`), and the config against its config.json
+  (`check_config_unchanged`; skipped when `config` is None). Writes nothing, creates
+  nothing.
+
+  Raises:
+    UserError: from those checks.
+  """
+  if not is_remote(workdir):
+    check_layout(workdir)
+  else:
+    check_bucket(workdir)
+  if io_utils.exists(workdir) and not io_utils.isdir(workdir):
+    raise UserError(f"work directory {workdir} is a file, not a directory; pass a "
+                    "--workdir that is a directory or does not exist yet.")
+  check_kind(workdir, kinds, command=command)
+  if config is not None:
+    check_config_unchanged(config, workdir)
+
+
+def claim(workdir: str, config: Optional[ml_collections.ConfigDict], *,
+          kinds: tuple[str, ...] = (RUN,), command: str = "main.py",
+          process_index: int = 0):
+  """Locks the work directory, then repeats `check_unclaimed` under the lock (another
+  run may have written it since the caller checked).
+
+  Call `check_unclaimed` (and every other check the command has) first: taking the
+  lock creates the directory and its lock file. Hold the returned lock until the
+  command ends (`with claim(...):`).
 
   Returns:
     The lock (see `lock`).
 
   Raises:
-    UserError: from `check_layout`, `lock` or `check_config_unchanged`.
+    UserError: from `lock` or `check_unclaimed`.
   """
-  remote = is_remote(workdir)
-  if not remote:
-    check_layout(workdir)
+  check_unclaimed(workdir, config, kinds=kinds, command=command)
   held = lock(workdir, process_index=process_index)
   try:
-    if not remote:
-      check_config_unchanged(config, workdir)
+    check_unclaimed(workdir, config, kinds=kinds, command=command)
   except BaseException:
     held.release()
     raise

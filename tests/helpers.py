@@ -34,7 +34,8 @@ def copy_run(workdir: str, destination) -> str:
   """A private copy of the shared `tiny_run` work directory (conftest.py), for a test
   that runs a command on it or changes it; returns its path."""
   destination = os.fspath(destination)
-  shutil.copytree(workdir, destination)
+  # The links into the current generation of results stay links (they are relative).
+  shutil.copytree(workdir, destination, symlinks=True)
   return destination
 
 

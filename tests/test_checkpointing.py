@@ -18,8 +18,7 @@ def _save_one(workdir, config):
   mngr = checkpointing.manager(str(workdir), keep=2)
   checkpointing.save(mngr, 7, state=state, targets=targets,
                      meta={"epoch": 1, "signature": checkpointing.shape_signature(config)})
-  mngr.wait_until_finished()
-  mngr.close()
+  checkpointing.close(mngr)  # waits for the save and records its checksums
   return state, targets
 
 
@@ -68,8 +67,70 @@ def test_damaged_checkpoint_is_refused_with_the_fix(tmp_path):
       path = os.path.join(dirpath, name)
       with open(path, "r+b") as f:
         f.truncate(max(os.path.getsize(path) // 3, 1))
-  with pytest.raises(UserError, match="corrupt.*Delete that step directory"):
+  with pytest.raises(UserError, match="checkpoints/7 is damaged.*differs? from the "
+                     "checksums.*Delete .*checkpoints/7 to train from the start"):
     _restore(tmp_path, config, state, targets)
+
+
+def _flip_bytes(step_dir, count=64):
+  """Flips `count` bytes in the middle of the largest array-data file of a step."""
+  files = [os.path.join(d, n) for d, _, names in os.walk(step_dir) for n in names
+           if os.sep + "d" + os.sep in os.path.join(d, n)]
+  path = max(files, key=os.path.getsize)
+  data = bytearray(open(path, "rb").read())
+  middle = len(data) // 2
+  for i in range(middle, min(middle + count, len(data))):
+    data[i] ^= 0xFF
+  with open(path, "wb") as f:
+    f.write(data)
+
+
+def test_flipped_bytes_in_the_newest_checkpoint_name_it_and_the_older_step(tmp_path):
+  config = psch_config.base_config()
+  state, targets = _save_one(tmp_path, config)
+  mngr = checkpointing.manager(str(tmp_path), keep=3)
+  checkpointing.save(mngr, 9, state=state, targets=targets,
+                     meta={"epoch": 1, "signature": checkpointing.shape_signature(config)})
+  checkpointing.close(mngr)
+  _flip_bytes(tmp_path / "checkpoints" / "9" / "state")
+  # Never a silent fallback to step 7, neither for training nor for search.
+  with pytest.raises(UserError, match="checkpoints/9 is damaged.*resume from step 7"):
+    _restore(tmp_path, config, state, targets)
+  with pytest.raises(UserError, match="checkpoints/9 is damaged"):
+    checkpointing.restore_params(str(tmp_path), jax.eval_shape(lambda: state["params"]))
+
+
+def test_a_non_finite_checkpoint_is_named_as_damage(tmp_path):
+  config = psch_config.base_config()
+  state, targets = _save_one(tmp_path, config)
+  bad = {**state, "params": {"w": state["params"]["w"].at[0, 0].set(jnp.nan)}}
+  mngr = checkpointing.manager(str(tmp_path), keep=3)
+  checkpointing.save(mngr, 9, state=bad, targets=targets,
+                     meta={"epoch": 1, "signature": checkpointing.shape_signature(config)})
+  checkpointing.close(mngr)
+  with pytest.raises(UserError, match="checkpoints/9 holds non-finite values.*damaged"):
+    _restore(tmp_path, config, state, targets)
+
+
+def test_a_checkpoint_without_its_checksums_is_refused_by_readers(tmp_path):
+  config = psch_config.base_config()
+  state, _ = _save_one(tmp_path, config)
+  os.remove(tmp_path / "checksums" / "7.json")
+  # A later start does not bless it: only a save it announced gets recorded late.
+  checkpointing.close(checkpointing.manager(str(tmp_path), keep=2))
+  with pytest.raises(UserError, match="checksums/7.json is missing.*cannot be proven"):
+    checkpointing.restore_params(str(tmp_path), jax.eval_shape(lambda: state["params"]))
+
+
+def test_a_save_killed_before_its_record_is_recorded_at_the_next_start(tmp_path):
+  config = psch_config.base_config()
+  state, targets = _save_one(tmp_path, config)
+  # What a kill between Orbax's commit and the record leaves: the announcement.
+  os.remove(tmp_path / "checksums" / "7.json")
+  (tmp_path / "checksums" / "7.pending").write_bytes(b"")
+  restored_state, _, _ = _restore(tmp_path, config, state, targets)
+  np.testing.assert_array_equal(restored_state["params"]["w"], state["params"]["w"])
+  assert sorted(os.listdir(tmp_path / "checksums")) == ["7.json"]
 
 
 def test_unfinished_save_is_removed_before_the_manager_returns(tmp_path):

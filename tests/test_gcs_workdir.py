@@ -15,6 +15,8 @@ module and reused by the eval, search and reports tests.
 import io
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 
@@ -22,6 +24,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from psch_jax import generations
 from psch_jax import io_utils
 from psch_jax import reports
 from psch_jax import search
@@ -46,13 +49,9 @@ def _object_name(workdir: str) -> str:
 
 
 def read_gcs_outputs(workdir: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """results.json and the packed codes of a run on gs://, read through io_utils."""
-  results = io_utils.read_json(io_utils.join(workdir, "results.json"),
-                               missing_fix="the run did not finish.",
-                               corrupt_fix="the run wrote a bad results.json.")
-  codes = {name: io_utils.load_npy(io_utils.join(workdir, "codes", f"{name}.npy"))
-           for name in ("query", "database")}
-  return results, codes
+  """results.json and the packed codes of its generation, of a run on gs://, read
+  through io_utils (on gs:// results.json names the generation its files are in)."""
+  return test_train.read_outputs(workdir)
 
 
 def _first_checkpoint_committed(bucket, workdir: str) -> bool:
@@ -106,8 +105,10 @@ def test_killed_run_on_gcs_resumes_to_the_codes_of_an_uninterrupted_local_run(
   # Written into the bucket, not into a local folder named "gs:".
   objects = gcs_bucket.objects(_object_name(workdir) + "/")
   prefix = _object_name(workdir) + "/"
-  for name in ("config.json", "metrics.jsonl", "results.json", "results.md",
-               "splits/train.npy", "codes/database.npy"):
+  generation = f"generations/{generations.read(workdir)['generation']['id']}/"
+  for name in ("config.json", "metrics.jsonl", "results.json", "splits/train.npy",
+               "kind.json", "checksums/10.json", generation + "results.md",
+               generation + "codes/database.npy", generation + "results.json"):
     assert prefix + name in objects
   assert not os.path.exists(os.path.join(ROOT, "gs:"))
 
@@ -120,9 +121,9 @@ def test_eval_mode_on_gcs_reproduces_the_final_metrics(resumed_gcs_run):
   # In-process: what `main.py --mode=eval` calls (the command line is test_main's).
   train.evaluate_checkpoint(repo_config("fashion_mnist", "tiny"), workdir)
   again, codes_again = read_gcs_outputs(workdir)
-  assert again["selection"] == "latest checkpoint"
+  assert again["selection"] == "last epoch"  # the checkpoint of the finished run
   metrics = [k for k, v in results.items()
-             if k.startswith(("map", "precision")) and isinstance(v, float)]
+             if k.startswith(("map", "precision", "validation/")) and isinstance(v, float)]
   assert metrics and all(again[k] == results[k] for k in metrics)
   for name in codes:
     np.testing.assert_array_equal(codes[name], codes_again[name])
@@ -177,3 +178,15 @@ def test_two_processes_train_one_run_into_one_gcs_workdir(gcs_bucket):
   # Each process probed the directory with its own name and removed the probe.
   assert not [n for n in gcs_bucket.objects(_object_name(workdir) + "/")
               if ".write-test" in n]
+
+
+@needs_fashion_mnist
+def test_a_bucket_that_does_not_exist_is_an_error_line(gcs_bucket):
+  proc = subprocess.run(
+      [sys.executable, "main.py", "--config=configs/fashion_mnist.py:tiny",
+       "--workdir=gs://no-such-bucket-psch/run"], cwd=ROOT, capture_output=True,
+      text=True, timeout=600, check=False)
+  output = proc.stdout + proc.stderr
+  assert proc.returncode == 2, output
+  assert "Traceback" not in output, output
+  assert "error: " in output and "no-such-bucket-psch" in output, output

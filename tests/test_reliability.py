@@ -180,7 +180,9 @@ def test_run_killed_between_two_split_files_draws_the_splits_again(tiny_run, tmp
   shutil.copytree(os.path.join(tiny_run, "splits"),
                   os.path.join(workdir, "splits"))
   os.remove(os.path.join(workdir, "splits", f"{splits_lib.SPLIT_NAMES[-1]}.npy"))
-  _, index_sets = run_setup.load_data(psch_config.load_config(TINY_CONFIG), workdir)
+  _, index_sets, complete = run_setup.load_data(psch_config.load_config(TINY_CONFIG),
+                                                workdir)
+  assert not complete  # so the run writes the missing one
   expected = splits_lib.load_splits(os.path.join(tiny_run, "splits"))
   for name in splits_lib.SPLIT_NAMES:
     np.testing.assert_array_equal(index_sets[name], expected[name])
@@ -275,8 +277,8 @@ def test_corrupt_checkpoint_is_refused_and_deleting_it_resumes_from_the_one_befo
   # What main.py --mode=eval calls.
   with pytest.raises(UserError) as error:
     train.evaluate_checkpoint(tiny_config(), workdir)
-  assert f"checkpoints/{latest} is incomplete or corrupt" in str(error.value)
-  assert "Delete that step directory" in str(error.value)
+  assert f"checkpoints/{latest} is damaged" in str(error.value)
+  assert f"Delete {checkpoints}/{latest} to resume from step" in str(error.value)
   assert not os.path.exists(os.path.join(workdir, "results.json"))
   # The advice works: without the damaged step the one before is evaluated.
   shutil.rmtree(os.path.join(checkpoints, str(latest)))

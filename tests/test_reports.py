@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from psch_jax import generations
 from psch_jax import io_utils
 from psch_jax import ranking
 from psch_jax import reference
@@ -56,10 +57,16 @@ def fake_run(workdir, source, seed: int = 0) -> dict:
              "validation/map@5": 0.25, **metrics}
   splits_lib.save_splits({"query": query, "database": database, "train": database[:20],
                           "validation": database[20:30]}, os.path.join(workdir, "splits"))
-  for name, value in codes.items():
-    io_utils.save_npy(os.path.join(workdir, "codes", f"{name}.npy"),
-                      np.asarray(ranking.pack_codes(value)))
-  io_utils.write_json(os.path.join(workdir, "results.json"), results)
+  config = {"data": {"name": "fake"}, "model": {"num_bits": NUM_BITS}}
+  io_utils.write_json(os.path.join(workdir, "config.json"), config)
+
+  def write_codes(directory):
+    for name, value in codes.items():
+      io_utils.save_npy(os.path.join(directory, "codes", f"{name}.npy"),
+                        np.asarray(ranking.pack_codes(value)))
+
+  generations.commit(str(workdir), results, config=config, step=None,
+                     write_files=write_codes)
   return {"results": results, "codes": codes, "query_indices": query,
           "database_indices": database, "query_labels": source.labels[query],
           "database_labels": source.labels[database], "source": source}

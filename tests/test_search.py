@@ -114,10 +114,14 @@ def test_workdir_without_checkpoint_codes_or_config_is_a_user_error(workdir, tmp
   with pytest.raises(UserError, match="checkpoints is missing"):
     search.load_index(str(partial))
   os.makedirs(partial / "checkpoints")
-  with pytest.raises(UserError, match="holds no checkpoint"):
+  with pytest.raises(UserError, match="checkpoints is missing or empty, and they were "
+                                      "made from checkpoint"):
     search.load_index(str(partial))
+  shutil.rmtree(partial)
+  shutil.copytree(workdir, partial, symlinks=True)
   os.remove(partial / "codes" / "database.npy")
-  with pytest.raises(UserError, match="database.npy is missing"):
+  with pytest.raises(UserError, match="database.npy is missing or not the file the "
+                                      "evaluation wrote"):
     search.load_index(str(partial))
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from psch_jax import generations
 from psch_jax import io_utils
 from psch_jax import monitoring
 from psch_jax import run_setup
@@ -30,10 +31,13 @@ from tests.helpers import (copy_run, ROOT, needs_fashion_mnist, repo_config, wri
 
 
 def read_outputs(workdir: str) -> tuple[dict, dict]:
-  with open(os.path.join(workdir, "results.json")) as f:
-    results = json.load(f)
-  codes = {name: np.load(os.path.join(workdir, "codes", f"{name}.npy"))
+  """results.json without its generation's random id, and the packed codes of its
+  generation (local or gs://)."""
+  results = generations.read(workdir)
+  codes = {name: io_utils.load_npy(generations.path(workdir, results,
+                                                    f"codes/{name}.npy"))
            for name in ("query", "database")}
+  results["generation"] = {k: v for k, v in results["generation"].items() if k != "id"}
   return results, codes
 
 
@@ -67,6 +71,7 @@ def test_cifar10_tiny_trains_and_evaluates_on_mock_data(tmp_path):
   for key in ("map@10", "map@all", "map@all_tie_aware", "precision@radius2"):
     assert 0.0 <= results[key] <= 1.0
   saved, codes = read_outputs(str(tmp_path))
+  results["generation"] = {k: v for k, v in results["generation"].items() if k != "id"}
   assert saved == json.loads(json.dumps(results))
   assert codes["query"].shape == (results["num_query"], 1)  # 16 bits -> one word
   assert os.listdir(tmp_path / "checkpoints")
@@ -90,9 +95,9 @@ def test_eval_mode_reproduces_the_final_metrics(tiny_run, tmp_path):
   with open(os.path.join(tiny_run, "results.json")) as f:
     results = json.load(f)
   again = train.evaluate_checkpoint(repo_config("fashion_mnist", "tiny"), workdir)
-  assert again["selection"] == "latest checkpoint"
+  assert again["selection"] == "last epoch"  # the checkpoint of the finished run
   metrics = [k for k, v in results.items()
-             if k.startswith(("map", "precision")) and isinstance(v, float)]
+             if k.startswith(("map", "precision", "validation/")) and isinstance(v, float)]
   assert metrics and all(again[k] == results[k] for k in metrics)
   assert_same_run(tiny_run, workdir, compare=metrics)
 

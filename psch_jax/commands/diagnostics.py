@@ -32,8 +32,7 @@ def main(argv: Sequence[str]) -> None:
   del argv
   report = diagnostics.target_quality(FLAGS.config, FLAGS.workdir,
                                       query_stride=FLAGS.query_stride)
-  path = io_utils.join(io_utils.workdir_path(FLAGS.workdir), "target_quality.json")
-  io_utils.write_json(path, report)
+  path = io_utils.join(io_utils.workdir_path(FLAGS.workdir), diagnostics.REPORT_FILE)
   print(diagnostics.format_report(report))
   print(f"wrote {path}")
 

@@ -346,18 +346,37 @@ def load_splits(directory: str, *, num_examples: int | None = None
   Returns:
     {"query", "database", "train", "validation"}: sorted int64 global indices.
   """
-  splits = {}
   root = io_utils.workdir_path(directory)
-  for name in SPLIT_NAMES:
-    path = root / f"{name}.npy"
-    if not io_utils.isfile(path):
-      raise UserError(f"Missing split file {path}; draw the splits with "
-                      f"make_splits and save_splits, or point to the directory "
-                      f"that holds them.")
-    try:
-      splits[name] = io_utils.load_npy(path).astype(np.int64)
-    except (ValueError, EOFError) + io_utils.io_errors() as e:
-      raise UserError(f"Cannot read split file {path} ({e}); delete it and draw "
-                      f"the splits again.") from e
+  splits = {name: load_split_file(root / f"{name}.npy", name=name)
+            for name in SPLIT_NAMES}
   check_splits(splits, num_examples=num_examples)
   return splits
+
+
+def load_split_file(path, *, name: str, num_examples: int | None = None
+                    ) -> np.ndarray:
+  """One split file: a 1-D, sorted, unique int64 array of indices in range.
+
+  Raises:
+    UserError: the file is missing, unreadable or not such an array.
+  """
+  if not io_utils.isfile(path):
+    raise UserError(f"Missing split file {path}; draw the splits with "
+                    f"make_splits and save_splits, or point to the directory "
+                    f"that holds them.")
+  try:
+    indices = io_utils.load_npy(path)
+  except (ValueError, EOFError) + io_utils.io_errors() as e:
+    raise UserError(f"Cannot read split file {path} ({e}); delete it and draw "
+                    f"the splits again.") from e
+  if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+    raise UserError(f"split file {path} must hold a 1-D integer array, not "
+                    f"{indices.dtype} {indices.shape}; delete it and draw the splits "
+                    "again.")
+  indices = indices.astype(np.int64)
+  if indices.size and (np.any(np.diff(indices) <= 0) or indices[0] < 0
+                       or (num_examples is not None and indices[-1] >= num_examples)):
+    raise UserError(f"split file {path} must hold sorted, unique indices in "
+                    f"[0, {num_examples if num_examples is not None else 'N'}); "
+                    "delete it and draw the splits again.")
+  return indices

@@ -19,13 +19,14 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import ml_collections
 import numpy as np
 
 from psch_jax import encoding
+from psch_jax import generations
 from psch_jax import io_utils
 from psch_jax import models
 from psch_jax import ranking
@@ -162,20 +163,26 @@ def results_record(config: ml_collections.ConfigDict, index_sets: dict[str, np.n
 
 
 def write_results(workdir: str, results: dict, codes: dict[str, np.ndarray], source,
-                  index_sets: dict) -> None:
-  """results.json, the packed codes (codes/<split>.npy, uint32 words; Eq. 12) and the
-  reports (results.md, plots), each written atomically by process 0."""
+                  index_sets: dict, *, config: dict, step: Optional[int]) -> dict:
+  """Writes one generation of results (`generations.commit`, process 0): the packed
+  codes (codes/<split>.npy, uint32 words; Eq. 12), the reports (results.md, plots)
+  and results.json stamped with `step` and the digest of `config`, all made visible
+  at once. Returns the stamped results."""
   if jax.process_index() != 0:
-    return
-  for name, value in codes.items():
-    io_utils.save_npy(io_utils.join(workdir, workdir_lib.CODES_DIR, f"{name}.npy"),
-                      ranking.pack_codes(value))
+    return results
   query, database = index_sets["query"], index_sets["database"]
-  reports.write_reports(workdir, results=results, codes=codes, query_indices=query,
-                        database_indices=database, query_labels=source.labels[query],
-                        database_labels=source.labels[database], source=source)
-  # Last: a results.json means the run is complete.
-  io_utils.write_json(io_utils.join(workdir, workdir_lib.RESULTS_FILE), results)
+
+  def write_files(directory: str) -> None:
+    for name, value in codes.items():
+      io_utils.save_npy(io_utils.join(directory, workdir_lib.CODES_DIR, f"{name}.npy"),
+                        ranking.pack_codes(value))
+    reports.write_reports(directory, results=results, codes=codes,
+                          query_indices=query, database_indices=database,
+                          query_labels=source.labels[query],
+                          database_labels=source.labels[database], source=source)
+
+  return generations.commit(workdir, results, config=config, step=step,
+                            write_files=write_files)
 
 
 def format_results(results: dict) -> str:
