@@ -399,6 +399,7 @@ def compare_results(workdir: str, source: Any) -> list[MetricCheck]:
   Returns:
     One `MetricCheck` per metric, in name order.
   """
+  workdir_lib.check_kind(workdir, (workdir_lib.RUN,), command="reports", reads=True)
   results = generations.read_verified(workdir)
   path = io_utils.join(workdir, workdir_lib.RESULTS_FILE)
   fix = "evaluate again with main.py --mode=eval to rewrite it."
@@ -481,6 +482,7 @@ def print_comparison(workdir: str) -> int:
     UserError: the work directory lacks results, codes, splits or config, or its
       dataset cannot be opened.
   """
+  workdir_lib.check_kind(workdir, (workdir_lib.RUN,), command="reports", reads=True)
   checks = compare_results(workdir, load_run_source(workdir))
   width = max(len(c.name) for c in checks)
   print(f"{'metric':<{width}}  {'results.json':>12}  {'recomputed':>12}  "

@@ -127,6 +127,7 @@ def load_index(workdir: str) -> SearchIndex:
   if not io_utils.isdir(workdir):
     raise UserError(f"work directory {workdir} does not exist; pass the --workdir of "
                     "a trained run.")
+  workdir_lib.check_kind(workdir, (workdir_lib.RUN,), command="search", reads=True)
   config = read_run_config(workdir)
   check_config_fits_checkpoint(workdir, config)
   # The codes, config.json, splits and checkpoint must be one evaluation's: a

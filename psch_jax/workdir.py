@@ -162,9 +162,14 @@ def saved_kind(workdir: str) -> Optional[str]:
   return None
 
 
-def check_kind(workdir: str, accepted: tuple[str, ...], *, command: str) -> None:
+def check_kind(workdir: str, accepted: tuple[str, ...], *, command: str,
+               reads: bool = False) -> None:
   """Refuses a work directory of another kind than `accepted` (a main.py run given to
-  experiments, an experiments table given to main.py, ...), naming what it is.
+  experiments, an experiments table given to main.py or to reports, ...), naming
+  what it is.
+
+  Args:
+    reads: the command only reads the directory (reports, search).
 
   Raises:
     UserError: naming the directory, its kind, and the fix.
@@ -172,10 +177,16 @@ def check_kind(workdir: str, accepted: tuple[str, ...], *, command: str) -> None
   kind = saved_kind(workdir)
   if kind is None or kind in accepted:
     return
+  wanted = " or ".join(_KIND_NAMES[k] for k in accepted)
+  if reads:
+    raise UserError(f"work directory {workdir} holds {_KIND_NAMES[kind]}, and {command} "
+                    f"reads {wanted}. Pass the --workdir of one"
+                    + (" (an experiments table keeps its runs under runs/<method>/)."
+                       if kind == EXPERIMENTS else "."))
   raise UserError(
       f"work directory {workdir} holds {_KIND_NAMES[kind]}, and {command} writes "
-      f"{' or '.join(_KIND_NAMES[k] for k in accepted)}: it would overwrite that "
-      "directory's results. Pass another --workdir.")
+      f"{wanted}: it would overwrite that directory's results. Pass another "
+      "--workdir.")
 
 
 def write_kind(workdir: str, kind: str) -> None:

@@ -193,6 +193,24 @@ def test_experiments_on_a_main_py_run_and_main_py_on_a_table_are_refused(
   code, output = run_command("main.py", TINY, f"--workdir={table}")
   assert_refused(code, output, "holds an experiments table")
   assert snapshot(table) == before
+  # A reader says what the directory is instead of a missing file.
+  code, output = run_command("-m", "psch_jax.commands.reports", f"--workdir={table}")
+  assert_refused(code, output, "holds an experiments table, and reports reads a "
+                 "training run of main.py", "runs/<method>/")
+
+
+def test_main_py_on_a_diagnostics_directory_is_refused(tmp_path):
+  workdir = str(tmp_path / "diagnostics")
+  code, output = run_command("-m", "psch_jax.commands.diagnostics", TINY,
+                             f"--workdir={workdir}")
+  assert code == 0, output
+  with open(os.path.join(workdir, "kind.json")) as f:
+    assert json.load(f) == {"kind": "diagnostics"}
+  before = snapshot(workdir)
+  code, output = run_command("main.py", TINY, f"--workdir={workdir}")
+  assert_refused(code, output, "holds a diagnostics report, and main.py --mode=train "
+                 "writes a training run of main.py")
+  assert snapshot(workdir) == before
 
 
 def test_experiments_takes_the_lock(tmp_path):
