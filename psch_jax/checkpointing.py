@@ -149,6 +149,30 @@ def record_checksums(mngr: ocp.CheckpointManager, workdir: str) -> None:
       io_utils.remove(_checksum_path(workdir, step))
 
 
+def check_newest(workdir: str) -> None:
+  """Verifies the newest committed step before a command writes anything (the check
+  `restore_latest` repeats), where it can be: a step whose record is still to be
+  made from its announcement, or a directory older than checksums, is verified after
+  the record. Reads only.
+
+  Raises:
+    UserError: from `verify_checksums`.
+  """
+  directory = _directory(workdir)
+  if not io_utils.isdir(directory):
+    return
+  steps = ocp.path.step.checkpoint_steps(directory)
+  if not steps:
+    return
+  step = max(steps)
+  record_dir = io_utils.join(workdir, workdir_lib.CHECKSUMS_DIR)
+  if (not io_utils.isdir(record_dir)
+      or (not io_utils.exists(_checksum_path(workdir, step))
+          and io_utils.exists(_pending_path(workdir, step)))):
+    return
+  verify_checksums(workdir, step, steps=list(steps))
+
+
 def verify_checksums(workdir: str, step: int, *, steps: list[int]) -> None:
   """Raises unless checkpoint `step`'s files are those recorded when it was saved.
 

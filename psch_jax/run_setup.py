@@ -387,6 +387,8 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, *, mode: str = TR
     raise UserError(f"no checkpoint in {workdir}/{workdir_lib.CHECKPOINTS_DIR} to "
                     "evaluate; train first (--mode=train) or pass the --workdir of a "
                     "trained run.")
+  if mode != DIAGNOSE:
+    checkpointing.check_newest(workdir)
   backbone = pretrained_backbone(config)
   source, index_sets, splits_saved = load_data(config, workdir)
   config_schema.check_against_data(

@@ -162,6 +162,9 @@ def test_flipped_bytes_in_the_newest_checkpoint_are_refused_naming_both_steps(
     tiny_run, tmp_path, mode):
   workdir = copy_run(tiny_run, tmp_path / "run")
   _flip_bytes(os.path.join(workdir, "checkpoints", "10", "state"))
+  # As a directory written before kind.json existed: the check comes before the
+  # kind is recorded, so even that file is not written.
+  os.remove(os.path.join(workdir, "kind.json"))
   before = snapshot(workdir)
   code, output = run_command("main.py", TINY, f"--workdir={workdir}", f"--mode={mode}")
   assert_refused(code, output, "checkpoints/10 is damaged",
