@@ -298,6 +298,32 @@ def test_sixteen_bit_and_float_images_are_scaled_not_saturated(tmp_path):
     search.read_image(str(tmp_path / "wide.tiff"), (28, 28, 1))
 
 
+def test_search_ranks_a_sixteen_bit_png_as_its_eight_bit_original(tiny_run, tmp_path):
+  # A database image of the run, as 8-bit and as 16-bit PNG (value * 257: the same
+  # intensities at 16-bit depth); Pillow's own conversion would saturate the second.
+  from psch_jax import reports  # pylint: disable=g-import-not-at-top
+  from psch_jax.data import splits as splits_lib  # pylint: disable=g-import-not-at-top
+  source = reports.load_run_source(tiny_run)
+  database = splits_lib.load_split_file(os.path.join(tiny_run, "splits",
+                                                     "database.npy"), name="database")
+  pixels = source.read(database[:1])[0, ..., 0]
+  Image.fromarray(pixels).save(tmp_path / "query.png")
+  Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "query16.png")
+  outputs = []
+  for name in ("query.png", "query16.png"):
+    code, output = run_command("-m", "psch_jax.commands.search",
+                               f"--workdir={tiny_run}", f"--images={tmp_path / name}",
+                               "--topk=5")
+    assert code == 0, output
+    outputs.append(output.replace(name, "IMAGE"))
+  assert outputs[0] == outputs[1]
+  # A FIFO is refused before it is opened (opening it would wait for a writer).
+  os.mkfifo(tmp_path / "pipe.png")
+  code, output = run_command("-m", "psch_jax.commands.search", f"--workdir={tiny_run}",
+                             f"--images={tmp_path / 'pipe.png'}")
+  assert_refused(code, output, "is not a regular file")
+
+
 def test_a_fifo_given_as_an_image_is_refused_before_it_is_opened(tmp_path):
   fifo = str(tmp_path / "pipe.png")
   os.mkfifo(fifo)  # opening it would block forever: no writer
