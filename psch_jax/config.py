@@ -117,6 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every_steps = 50                       # metrics fetched; and at epoch end
   c.train.keep_checkpoints = 2
   c.train.tensorboard = False
+  # On a GPU: XLA's deterministic ops (xla_settings), so one seed gives bitwise the
+  # same run; off trades that for speed. CPUs and TPUs are deterministic either way.
+  c.train.deterministic = True
 
   c.eval = ml_collections.ConfigDict()
   c.eval.topk = (1000,)

@@ -181,6 +181,9 @@ FIELDS: dict[str, Field] = {
     "train.keep_checkpoints": _int(1, meaning=(
         "the number of checkpoints kept: with none, a killed run cannot resume")),
     "train.tensorboard": _BOOL,
+    "train.deterministic": Field(bool, meaning=(
+        "on a GPU, XLA's deterministic ops: bitwise-equal reruns of one seed, slower "
+        "scatter-adds and convolution gradients (docs/reliability.md)")),
 
     "eval.topk": Field(tuple, item=int, low=1, example="(1000,)",
                        meaning="the cut-offs K of mAP@K"),

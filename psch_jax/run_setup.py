@@ -29,6 +29,7 @@ from psch_jax import models
 from psch_jax import pretrained
 from psch_jax import sharding
 from psch_jax import workdir as workdir_lib
+from psch_jax import xla_settings
 from psch_jax.attention import GroupedAttention
 from psch_jax.data import sources
 from psch_jax.data import splits as splits_lib
@@ -375,6 +376,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, *, mode: str = TR
   """
   mesh = sharding.make_mesh()
   config_schema.check_config(config, num_devices=mesh.size)
+  xla_settings.check_in_effect(config)
   model = build_model(config)
   attention = encoding.make_attention(config)
   check_model(config, model, attention)

@@ -208,6 +208,8 @@ RESUME_SAFE: dict[str, str] = {
     "train.keep_checkpoints": "how many old checkpoints are kept",
     "train.log_every_steps": "when the metrics are read from the device, not their values",
     "train.tensorboard": "an extra copy of the logged metrics",
+    "train.deterministic": "how XLA picks GPU kernels: the same computation, up to "
+                           "the order of float additions",
     "eval.batch_size": "how many images are encoded at once (the codes are the same "
                        "function of the parameters, up to float rounding)",
     "eval.topk": "which cut-offs are reported",

@@ -13,6 +13,7 @@ from absl import flags
 from psch_jax import cli
 from psch_jax import diagnostics
 from psch_jax import io_utils
+from psch_jax import xla_settings
 
 FLAGS = flags.FLAGS
 
@@ -30,6 +31,7 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  xla_settings.apply(FLAGS.config)  # before the backend starts
   report = diagnostics.target_quality(FLAGS.config, FLAGS.workdir,
                                       query_stride=FLAGS.query_stride)
   path = io_utils.join(io_utils.workdir_path(FLAGS.workdir), diagnostics.REPORT_FILE)

@@ -43,6 +43,9 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  # First: XLA reads its flags when the backend starts.
+  from psch_jax import xla_settings  # pylint: disable=g-import-not-at-top
+  xla_settings.apply(FLAGS.config)
   import jax  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config

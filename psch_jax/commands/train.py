@@ -39,6 +39,9 @@ def main(argv: Sequence[str]) -> None:
   """Trains (--mode=train) or evaluates (--mode=eval) FLAGS.config in FLAGS.workdir
   and prints the results."""
   del argv
+  # First: XLA reads its flags when the backend starts.
+  from psch_jax import xla_settings  # pylint: disable=g-import-not-at-top
+  xla_settings.apply(FLAGS.config)
   # After the flags: --help answers without loading JAX.
   import jax  # pylint: disable=g-import-not-at-top
   from psch_jax import train  # pylint: disable=g-import-not-at-top
