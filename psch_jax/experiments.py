@@ -18,15 +18,19 @@ come from `run_setup.load_data`, exactly as the PSCH runs of that seed draw them
 harness checks that they agree.
 
 Work directory:
+  <workdir>/kind.json  "experiments": main.py and the other commands refuse the
+      directory, and this command takes its lock.
   <workdir>/runs/<method>/<bits>bits_seed<seed>/  one run each (a PSCH run is a
-      `train.train_and_evaluate` work directory; a baseline run holds config.json,
-      results.json and codes/). A run with results.json is finished and skipped on a
-      rerun; a killed PSCH run resumes from its checkpoint. A run made with another
-      config is refused (UserError) rather than mixed into the table.
-  <workdir>/seed<seed>/splits/  the index sets of each seed.
+      `train.train_and_evaluate` work directory; a baseline run holds config.json and
+      one generation of results.json and codes/). A run whose results.json is verified
+      (`generations.read_verified`) is finished and skipped on a rerun; a killed PSCH
+      run resumes from its checkpoint. A run made with another config is refused
+      (UserError) rather than mixed into the table.
+  <workdir>/seed<seed>/splits/  the index sets of each seed, checked against the
+      config's draw on every rerun.
   <workdir>/results.md, results.json, results.png  the table (rows methods, columns
       bit lengths, "mAP@all mean ± std / mAP@K mean ± std" over seeds), every per-run
-      number, and a grouped bar plot of mAP@all; rewritten after every run.
+      number, and a grouped bar plot of mAP@all; a new generation after every run.
   <workdir>/jax_cache/  XLA's persistent compilation cache (the command line only,
       --compilation_cache_dir): runs that differ only in seed reuse the compiled
       programs, which on a CPU take longer than a tiny run's training.
