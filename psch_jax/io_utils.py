@@ -94,7 +94,7 @@ def listdir(path: PathLike) -> list[str]:
 def file_digests(directory: PathLike) -> dict[str, str]:
   """{path relative to `directory` ("/"-separated): sha256 hex} of every file under
   it, local or on an object store (listed one level at a time: epath refuses a
-  recursive glob on gs://)."""
+  recursive glob on gs://), each file read in chunks."""
   import hashlib  # pylint: disable=g-import-not-at-top
   root = workdir_path(directory)
   digests = {}
@@ -105,7 +105,11 @@ def file_digests(directory: PathLike) -> dict[str, str]:
         pending.append(path)
       else:
         name = os.fspath(path)[len(os.fspath(root)):].lstrip("/")
-        digests[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = hashlib.sha256()
+        with path.open("rb") as f:  # in chunks: a checkpoint's files can be GiBs
+          while chunk := f.read(1 << 24):
+            digest.update(chunk)
+        digests[name] = digest.hexdigest()
   return dict(sorted(digests.items()))
 
 
