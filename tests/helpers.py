@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 import safetensors.numpy
+from packaging.requirements import Requirement
 from PIL import Image
 
 from psch_jax import config as psch_config
@@ -25,6 +26,25 @@ from psch_jax.errors import UserError
 from psch_jax.data import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def requirement_pins(python_version: str) -> dict[str, str]:
+  """{package: version} that requirements.txt installs on `python_version` ("3.12"),
+  its environment markers evaluated; every line must be one exact `==` pin."""
+  pins = {}
+  with open(os.path.join(ROOT, "requirements.txt"), encoding="utf-8") as f:
+    for line in f:
+      line = line.strip()
+      if not line or line.startswith("#"):
+        continue
+      requirement = Requirement(line)
+      if requirement.marker is None or requirement.marker.evaluate(
+          {"python_version": python_version}):
+        assert requirement.name not in pins, f"{requirement.name} pinned twice"
+        (specifier,) = requirement.specifier
+        assert specifier.operator == "==", line
+        pins[requirement.name] = specifier.version
+  return pins
 FASHION_MNIST = os.path.isdir(sources.DEFAULT_FASHION_MNIST_DIR)
 needs_fashion_mnist = pytest.mark.skipif(
     not FASHION_MNIST, reason="apt-get install dataset-fashion-mnist")
