@@ -50,14 +50,10 @@ def config_digest(config: dict) -> str:
   return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _digest(path) -> str:
-  return hashlib.sha256(io_utils.read_bytes(path)).hexdigest()
-
-
 def split_digests(workdir: str) -> dict[str, str]:
   """{split name: sha256 of workdir/splits/<name>.npy} of the splits present."""
   directory = io_utils.join(workdir, workdir_lib.SPLITS_DIR)
-  return {name: _digest(io_utils.join(directory, f"{name}.npy"))
+  return {name: io_utils.file_digest(io_utils.join(directory, f"{name}.npy"))
           for name in splits_lib.SPLIT_NAMES
           if io_utils.exists(io_utils.join(directory, f"{name}.npy"))}
 
@@ -197,13 +193,14 @@ def verify(workdir: str, results: dict, *, config: Optional[dict],
                     f"checkpoint is {checkpoint_step}")
   for name, digest in sorted(stamp.get("splits_sha256", {}).items()):
     split = io_utils.join(workdir, workdir_lib.SPLITS_DIR, f"{name}.npy")
-    if not io_utils.exists(split) or _digest(split) != digest:
+    if not io_utils.exists(split) or io_utils.file_digest(split) != digest:
       problems.append(f"{workdir_lib.SPLITS_DIR}/{name}.npy is not the split they "
                       "were scored on")
   files = stamp.get("files", {})
   for name in (names if names is not None else tuple(files)):
     file = path(workdir, results, name)
-    if name not in files or not io_utils.exists(file) or _digest(file) != files[name]:
+    if (name not in files or not io_utils.exists(file)
+        or io_utils.file_digest(file) != files[name]):
       problems.append(f"{file} is missing or not the file the evaluation wrote")
   if problems:
     raise UserError(f"the results in {workdir} do not belong to what is beside them: "
