@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -71,6 +72,9 @@ class FakeHub:
   def __init__(self, files: dict[tuple[str, str, str], str]):
     self.files = files
     self.requests: list[tuple[str, str]] = []
+    # The ETag of each file, hashed once: a 553 MB file takes a second per hash, and
+    # every HEAD and GET answers with it.
+    self.etags = {key: pretrained.file_sha256(path) for key, path in files.items()}
     hub = self
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -94,7 +98,7 @@ class FakeHub:
           return
         path = hub.files[key]
         self.send_response(200)
-        self.send_header("ETag", f'"{pretrained.file_sha256(path)}"')
+        self.send_header("ETag", f'"{hub.etags[key]}"')
         self.send_header("X-Repo-Commit", key[1])
         self.send_header("Content-Length", str(os.path.getsize(path)))
         self.send_header("Content-Type", "application/octet-stream")
@@ -195,7 +199,12 @@ def test_a_local_timm_file_is_loaded_without_the_hub(timm_file):
 
 
 @pytest.mark.slow
-def test_unreachable_hub_names_the_url_the_cache_path_and_pretrained_path(tmp_path):
+def test_unreachable_hub_names_the_url_the_cache_path_and_pretrained_path(
+    tmp_path, monkeypatch):
+  # huggingface_hub retries a refused connection with back-off (about 23 s of sleeps,
+  # which a user without network waits before this error); the test skips the waits,
+  # not the retries.
+  monkeypatch.setattr(time, "sleep", lambda seconds: None)
   # A port nobody listens on: connection refused, as on a machine without network.
   stopped = FakeHub({})
   stopped.stop()
