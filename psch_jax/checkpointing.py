@@ -149,28 +149,33 @@ def record_checksums(mngr: ocp.CheckpointManager, workdir: str) -> None:
       io_utils.remove(_checksum_path(workdir, step))
 
 
-def check_newest(workdir: str) -> None:
-  """Verifies the newest committed step before a command writes anything (the check
-  `restore_latest` repeats), where it can be: a step whose record is still to be
-  made from its announcement, or a directory older than checksums, is verified after
-  the record. Reads only.
+def check_newest(workdir: str) -> Optional[int]:
+  """Verifies the newest committed step before a command writes anything, where it
+  can be: a step whose record is still to be made from its announcement, or a
+  directory older than checksums, is left to `restore_latest`, after the record.
+  Reads only.
+
+  Returns:
+    The step verified (pass it to `restore_latest` as `verified_step`, which then
+    does not read the checkpoint twice), or None.
 
   Raises:
     UserError: from `verify_checksums`.
   """
   directory = _directory(workdir)
   if not io_utils.isdir(directory):
-    return
+    return None
   steps = ocp.path.step.checkpoint_steps(directory)
   if not steps:
-    return
+    return None
   step = max(steps)
   record_dir = io_utils.join(workdir, workdir_lib.CHECKSUMS_DIR)
   if (not io_utils.isdir(record_dir)
       or (not io_utils.exists(_checksum_path(workdir, step))
           and io_utils.exists(_pending_path(workdir, step)))):
-    return
+    return None
   verify_checksums(workdir, step, steps=list(steps))
+  return step
 
 
 def verify_checksums(workdir: str, step: int, *, steps: list[int]) -> None:
@@ -268,9 +273,14 @@ def save(mngr: ocp.CheckpointManager, step: int, *, state: Any, targets: Any,
 
 
 def restore_latest(mngr: ocp.CheckpointManager, *, abstract_state: Any,
-                   abstract_targets: Any, config: ml_collections.ConfigDict
+                   abstract_targets: Any, config: ml_collections.ConfigDict,
+                   verified_step: Optional[int] = None
                    ) -> Optional[tuple[Any, Any, dict]]:
   """(state, targets, meta) of the latest checkpoint, or None when there is none.
+
+  Its files are verified against their checksums first, unless it is
+  `verified_step` (what `check_newest` returned for this work directory, in this
+  process, before the run locked it: no other writer since).
 
   Raises:
     UserError: the checkpoint was written by a config with other shapes (another code
@@ -280,7 +290,8 @@ def restore_latest(mngr: ocp.CheckpointManager, *, abstract_state: Any,
   if step is None:
     return None
   directory = mngr.directory
-  verify_checksums(workdir_of(mngr), step, steps=list(mngr.all_steps()))
+  if step != verified_step:
+    verify_checksums(workdir_of(mngr), step, steps=list(mngr.all_steps()))
   try:
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
   except Exception as e:  # Orbax raises many types for unreadable files.

@@ -325,6 +325,8 @@ class Run(NamedTuple):
     pretrained_backbone: numpy params of the pretrained backbone, or None.
     lock: the run's hold on the work directory (`workdir.claim`); `close_run`
       releases it with the checkpoint manager.
+    verified_step: the newest checkpoint step whose checksums `setup_run` verified
+      (`checkpointing.check_newest`), or None.
   """
   mesh: Mesh
   workdir: str
@@ -338,6 +340,7 @@ class Run(NamedTuple):
   mngr: Any
   pretrained_backbone: Optional[dict]
   lock: Any
+  verified_step: Optional[int] = None
 
 
 # What each mode of `setup_run` accepts, writes and needs.
@@ -389,8 +392,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, *, mode: str = TR
     raise UserError(f"no checkpoint in {workdir}/{workdir_lib.CHECKPOINTS_DIR} to "
                     "evaluate; train first (--mode=train) or pass the --workdir of a "
                     "trained run.")
-  if mode != DIAGNOSE:
-    checkpointing.check_newest(workdir)
+  verified_step = None if mode == DIAGNOSE else checkpointing.check_newest(workdir)
   backbone = pretrained_backbone(config)
   source, index_sets, splits_saved = load_data(config, workdir)
   config_schema.check_against_data(
@@ -427,7 +429,8 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, *, mode: str = TR
                steps_per_epoch=steps_per_epoch, model=model, attention=attention,
                tx=tx, encode=encoding.make_encoder(config, model, mesh,
                                                    attention=attention),
-               mngr=mngr, pretrained_backbone=backbone, lock=lock)
+               mngr=mngr, pretrained_backbone=backbone, lock=lock,
+               verified_step=verified_step)
   except BaseException:
     lock.release()
     raise

@@ -135,7 +135,8 @@ def restore_checkpoint(config: ml_collections.ConfigDict, run: run_setup.Run
       config, len(run.index_sets["train"]), run.model, replicated,
       pixel_dim=int(np.prod(run.source.image_shape)), attention=run.attention)
   return checkpointing.restore_latest(run.mngr, abstract_state=abstract_state,
-                                      abstract_targets=abstract_targets, config=config)
+                                      abstract_targets=abstract_targets, config=config,
+                                      verified_step=run.verified_step)
 
 
 def _checkpoint_meta(config: ml_collections.ConfigDict, step: int,

@@ -18,10 +18,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from psch_jax import checkpointing
 from psch_jax import search
+from psch_jax import train
 from psch_jax import workdir as workdir_lib
 from psch_jax.errors import UserError
-from tests.helpers import ROOT, copy_run, needs_fashion_mnist
+from tests.helpers import ROOT, copy_run, needs_fashion_mnist, repo_config
 
 TINY = "--config=configs/fashion_mnist.py:tiny"
 pytestmark = needs_fashion_mnist
@@ -124,6 +126,21 @@ def test_eval_writes_a_new_generation_with_every_metric_stamped_with_its_step(
   assert os.readlink(os.path.join(workdir, "current")) == f"generations/{stamp['id']}"
   code, output = run_command("-m", "psch_jax.commands.reports", f"--workdir={workdir}")
   assert code == 0 and "all 48 metrics agree" in output, output
+
+
+def test_eval_reads_the_newest_checkpoint_once_to_verify_it(tiny_run, tmp_path,
+                                                            monkeypatch):
+  """The pre-write check (`check_newest`) and the restore verify one checkpoint, not
+  twice: a VGG-16 checkpoint is GiBs, read back from the bucket on gs://."""
+  workdir = copy_run(tiny_run, tmp_path / "run")
+  verified = []
+  verify = checkpointing.verify_checksums
+  monkeypatch.setattr(checkpointing, "verify_checksums",
+                      lambda workdir, step, **kwargs: (verified.append(step),
+                                                       verify(workdir, step, **kwargs)))
+  # In-process: what `main.py --mode=eval` calls.
+  results = train.evaluate_checkpoint(repo_config("fashion_mnist", "tiny"), workdir)
+  assert verified == [10] and results["generation"]["step"] == 10
 
 
 def test_eval_killed_while_writing_leaves_the_previous_generation_whole(
