@@ -219,6 +219,7 @@ def test_experiments_on_a_main_py_run_and_main_py_on_a_table_are_refused(
                  "training run of main.py", "runs/<method>/")
 
 
+@pytest.mark.slow  # runs the command end to end first
 def test_main_py_on_a_diagnostics_directory_is_refused(tmp_path):
   workdir = str(tmp_path / "diagnostics")
   code, output = run_command("-m", "psch_jax.commands.diagnostics", TINY,
@@ -247,6 +248,7 @@ def test_experiments_takes_the_lock(tmp_path):
     held.release()
 
 
+@pytest.mark.slow  # runs the command end to end first
 def test_experiments_after_a_changed_data_field_never_reuses_the_old_splits(tmp_path):
   table = str(tmp_path / "table")
   common = ("-m", "psch_jax.commands.experiments", TINY, f"--workdir={table}",
