@@ -36,7 +36,6 @@ keep torch's (C, H, W) order because `VGG16` flattens in that order.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 from typing import Any, Mapping, Optional
@@ -45,6 +44,7 @@ import jax
 import numpy as np
 import safetensors.numpy
 
+from psch_jax import io_utils
 from psch_jax import models
 from psch_jax.errors import UserError
 
@@ -250,12 +250,6 @@ def load_vgg16_torchvision(path: str | os.PathLike[str]) -> dict[str, Any]:
   return params
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-  """Hex sha256 of a file's bytes, read in chunks (VGG-16 is 553 MB)."""
-  with open(path, "rb") as f:
-    return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def hub_cache_path(hub_file: HubFile, cache_dir: Optional[str] = None) -> str:
   """Where `huggingface_hub` keeps `hub_file` once downloaded, and where a copy made by
   hand is found without network access: `<cache>/models--<owner>--<name>/snapshots/
@@ -324,7 +318,7 @@ def fetch_hub_file(hub_file: HubFile, *, cache_dir: Optional[str] = None,
         f"cannot write the downloaded VGG-16 weights into the Hugging Face cache "
         f"({error}); point HF_HUB_CACHE at a writable folder.\n{how_to_copy}"
     ) from error
-  actual = file_sha256(path)
+  actual = io_utils.file_digest(path)
   if actual != hub_file.sha256:
     raise UserError(
         f"the VGG-16 weight file {path} has sha256 {actual}, not the pinned "

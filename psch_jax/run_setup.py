@@ -340,7 +340,7 @@ class Run(NamedTuple):
   mngr: Any
   pretrained_backbone: Optional[dict]
   lock: Any
-  verified_step: Optional[int] = None
+  verified_step: Optional[int]
 
 
 # What each mode of `setup_run` accepts, writes and needs.

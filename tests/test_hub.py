@@ -21,6 +21,7 @@ import safetensors.numpy
 
 from psch_jax import config as psch_config
 from psch_jax import config_schema
+from psch_jax import io_utils
 from psch_jax import pretrained
 from psch_jax.errors import UserError
 
@@ -57,7 +58,7 @@ def timm_file(tmp_path_factory):
            for key, shape in _timm_vgg16_shapes().items()}
   path = str(tmp_path_factory.mktemp("hub_files") / "model.safetensors")
   safetensors.numpy.save_file(state, path)
-  return state, path, pretrained.file_sha256(path)
+  return state, path, io_utils.file_digest(path)
 
 
 class FakeHub:
@@ -74,7 +75,7 @@ class FakeHub:
     self.requests: list[tuple[str, str]] = []
     # The ETag of each file, hashed once: a 553 MB file takes a second per hash, and
     # every HEAD and GET answers with it.
-    self.etags = {key: pretrained.file_sha256(path) for key, path in files.items()}
+    self.etags = {key: io_utils.file_digest(path) for key, path in files.items()}
     hub = self
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -145,7 +146,7 @@ def test_download_verifies_and_loads_once_then_works_offline(timm_file, hub, tmp
   assert [method for method, _ in hub.requests] == ["HEAD", "GET"]
   assert hub.requests[1][1] == f"/{REPO_ID}/resolve/{REVISION}/model.safetensors"
   cached = pretrained.hub_cache_path(_hub_file(sha256), cache)
-  assert os.path.isfile(cached) and pretrained.file_sha256(cached) == sha256
+  assert os.path.isfile(cached) and io_utils.file_digest(cached) == sha256
 
   # Keys mapped onto our layers: features.N -> convs, timm's fc1/fc2 convs -> fc6/fc7.
   np.testing.assert_array_equal(params["conv1_1"]["kernel"],
