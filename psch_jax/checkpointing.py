@@ -254,12 +254,24 @@ def close(mngr: ocp.CheckpointManager) -> None:
     mngr.close()
 
 
+# What stands for the targets of a method that keeps none (CIBHash): Orbax refuses
+# to save an empty tree.
+_NO_TARGETS_KEY = "no_targets"
+
+
+def _savable_targets(targets: Any) -> Any:
+  if isinstance(targets, dict) and not targets:
+    return {_NO_TARGETS_KEY: np.zeros((), np.int8)}
+  return targets
+
+
 def save(mngr: ocp.CheckpointManager, step: int, *, state: Any, targets: Any,
          meta: dict) -> None:
   """Saves asynchronously; the rename that makes it visible happens when it is done.
 
   Waits for the previous save first (Orbax would), to record its checksums.
   """
+  targets = _savable_targets(targets)
   wait(mngr)
   workdir = workdir_of(mngr)
   record_checksums(mngr, workdir)
@@ -311,7 +323,7 @@ def restore_latest(mngr: ocp.CheckpointManager, *, abstract_state: Any,
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
-        targets=ocp.args.StandardRestore(abstract_targets)))
+        targets=ocp.args.StandardRestore(_savable_targets(abstract_targets))))
   except Exception as e:
     raise UserError(
         f"checkpoint {directory}/{step} is incomplete or corrupt "
@@ -322,7 +334,10 @@ def restore_latest(mngr: ocp.CheckpointManager, *, abstract_state: Any,
         f"checkpoint {directory}/{step} holds non-finite values, which training "
         "never saves: the checkpoint is damaged. Delete that step directory to resume "
         "from an earlier one, or use a new --workdir to start over.")
-  return restored.state, restored.targets, meta
+  targets = restored.targets
+  if isinstance(abstract_targets, dict) and not abstract_targets:
+    targets = {}
+  return restored.state, targets, meta
 
 
 def workdir_of(mngr: ocp.CheckpointManager) -> str:

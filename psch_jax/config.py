@@ -25,12 +25,39 @@ SIMILARITY_SOURCES = ("initial", "online", "pixels")
 OPTIMIZERS = ("adam", "sgd")
 PRETRAINED = ("imagenet", "none")  # psch_jax/pretrained.py resolve_vgg16_weights
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# psch_jax/methods: PSCH and the deep peers it is compared with (docs/method.md).
+METHODS = ("psch", "ssdh", "greedyhash", "bihalf", "cibhash")
+# What SSDH, GreedyHash and BiHalf compare training images by: their unit pixels, or
+# the global feature (VGG-16's fc7) of the network before training.
+PEER_FEATURES = ("pixels", "global")
 
 
 def base_config() -> ml_collections.ConfigDict:
   """PSCH defaults (docs/method.md); dataset configs override what differs."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+
+  # The method trained (METHODS). PSCH's own fields are the sections pseudo_labels
+  # to loss below; each peer has its section under `method` (docs/method.md, "Deep
+  # peers"), with its paper's and its authors' code's values.
+  c.method = ml_collections.ConfigDict()
+  c.method.name = "psch"
+  c.method.ssdh = ml_collections.ConfigDict()
+  c.method.ssdh.features = "pixels"                  # PEER_FEATURES
+  c.method.ssdh.left_stds = 2.0                      # S = +1 below mode - 2 sigma_l
+  c.method.ssdh.right_stds = 2.0                     # S = -1 above mode + 2 sigma_r
+  c.method.ssdh.fit_rows = 5000                      # images the two half-Gaussians see
+  c.method.greedyhash = ml_collections.ConfigDict()
+  c.method.greedyhash.features = "pixels"            # PEER_FEATURES
+  c.method.greedyhash.cubic_weight = 0.1             # weight of mean | |h| - 1 |^3
+  c.method.bihalf = ml_collections.ConfigDict()
+  c.method.bihalf.features = "pixels"                # PEER_FEATURES
+  c.method.bihalf.gamma = 6.0                        # the bi-half layer's gamma
+  c.method.cibhash = ml_collections.ConfigDict()
+  c.method.cibhash.temperature = 0.3                 # tau of NT-Xent
+  c.method.cibhash.kl_weight = 0.001                 # beta of the KL term
+  c.method.cibhash.stochastic = True                 # b = sign(p - u), u ~ U(0, 1)
+  c.method.cibhash.augment = "contrastive"           # preprocess.AUGMENTATIONS
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "fashion_mnist"
@@ -149,6 +176,9 @@ def vgg16_config(name: str) -> ml_collections.ConfigDict:
   c.model.dropout_rate = 0.5
   c.model.compute_dtype = "bfloat16"    # params stay float32 (psch_jax/models.py)
   c.pseudo_labels.features = "global"
+  # The peers compare images by the pretrained network's fc7, as their authors do.
+  for peer in ("ssdh", "greedyhash", "bihalf"):
+    c.method[peer].features = "global"
   c.optim.learning_rate = 1e-4
   c.optim.backbone_lr_multiplier = 0.1
   c.train.global_batch_size = 64
@@ -187,6 +217,8 @@ def small_cnn_from_scratch(c: ml_collections.ConfigDict) -> ml_collections.Confi
   # XLA:CPU's bfloat16 convolutions are slower than float32 (docs/benchmarks.md).
   c.model.compute_dtype = "float32"
   c.pseudo_labels.features = "pixels"
+  for peer in ("ssdh", "greedyhash", "bihalf"):
+    c.method[peer].features = "pixels"
   return c
 
 

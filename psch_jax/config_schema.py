@@ -88,6 +88,27 @@ _BOOL = Field(bool)
 FIELDS: dict[str, Field] = {
     "seed": _int(0, 2**32 - 1, meaning="the seed every random draw derives from"),
 
+    "method.name": _choice(psch_config.METHODS, meaning="the method trained"),
+    "method.ssdh.features": _choice(psch_config.PEER_FEATURES),
+    "method.ssdh.left_stds": _float(0.0, meaning=(
+        "how many left standard deviations below the mode of the cosine distances a "
+        "pair must be to count as similar")),
+    "method.ssdh.right_stds": _float(0.0, meaning=(
+        "how many right standard deviations above the mode a pair must be to count "
+        "as dissimilar")),
+    "method.ssdh.fit_rows": _int(2, meaning=(
+        "the training images whose pairwise distances fit SSDH's thresholds")),
+    "method.greedyhash.features": _choice(psch_config.PEER_FEATURES),
+    "method.greedyhash.cubic_weight": _float(0.0, meaning=(
+        "the weight of GreedyHash's | |h| - 1 |^3 penalty")),
+    "method.bihalf.features": _choice(psch_config.PEER_FEATURES),
+    "method.bihalf.gamma": _float(0.0, meaning=(
+        "gamma of the bi-half layer's gradient (U - B) term")),
+    "method.cibhash.temperature": _float(0.0, low_open=True, meaning=(
+        "the NT-Xent temperature")),
+    "method.cibhash.kl_weight": _float(0.0, meaning="the weight of the KL term"),
+    "method.cibhash.stochastic": _BOOL,
+    "method.cibhash.augment": _choice(AUGMENTATIONS),
     "data.name": _choice(sources.DATASETS),
     "data.data_dir": _PATH,
     "data.manual_dir": _PATH,
@@ -387,6 +408,11 @@ def _combination_problems(c: ml_collections.ConfigDict, *,
     problems.append(
         f"config.eval.batch_size={c.eval.batch_size} must be divisible by the "
         f"{num_devices} devices of this run; use a multiple of {num_devices}.")
+  if c.method.name in ("greedyhash", "bihalf") and batch % 2:
+    problems.append(
+        f"config.train.global_batch_size={batch} must be even for "
+        f"method.name={c.method.name!r}: its loss pairs the first half of a batch with "
+        "the second; use an even batch size.")
   ceiling, floor = c.similarity.cross_cluster_ceiling, c.similarity.same_class_floor
   if ceiling is not None and not ceiling < floor:
     problems.append(

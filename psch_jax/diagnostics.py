@@ -167,6 +167,10 @@ def target_quality(config, workdir: str, *, query_stride: int = 1) -> dict:
   if not (isinstance(query_stride, int) and query_stride >= 1):
     raise UserError(f"--query_stride={query_stride} must be an int >= 1 (1 = every "
                     "training image is a query).")
+  if config.method.name != "psch":
+    raise UserError(f"the diagnostics score PSCH's pseudo labels and targets; "
+                    f"config.method.name={config.method.name!r} has none. Run them "
+                    "with --config.method.name=psch.")
   seconds = {}
   tick = time.perf_counter()
 

@@ -1,5 +1,5 @@
-r"""The results table: PSCH, its ablations and the classical baselines, over code
-lengths and seeds.
+r"""The results table: PSCH, its ablations, the deep peers and the classical
+baselines, over code lengths and seeds.
 
   python -m psch_jax.commands.experiments --config=configs/fashion_mnist.py \
       --bits=16,32,64 --seeds=0,1,2 --workdir=experiments/fashion_mnist \
@@ -11,7 +11,9 @@ For every bit length x seed it runs each method of `--methods` (default: all of
 with one override each: the paper's six, and the two tuned choices undone; plus
 "psch_short", PSCH itself on the ablations' schedule, their reference;
 `--epochs_ablation` gives them a shorter schedule and `--ablation_bits` fewer code
-lengths, both stated in the table), and the
+lengths, both stated in the table), the deep peers of `psch_jax.methods` (SSDH,
+GreedyHash, BiHalf, CIBHash: the config with `method.name` set, so the same network,
+data, splits, augmentation, schedule and evaluation as PSCH), and the
 baselines of `psch_jax.baselines` on the raw pixels in [0, 1] of the same training
 split (fitted on the train split, encoding query and database). The splits of a seed
 come from `run_setup.load_data`, exactly as the PSCH runs of that seed draw them, and the
@@ -71,13 +73,17 @@ class Method:
   Attributes:
     name: the --methods name.
     label: the row label.
-    overrides: for PSCH variants, {dotted config field: value} applied to the config.
+    overrides: for PSCH variants and the deep peers, {dotted config field: value}
+      applied to the config.
     baseline: True for a `psch_jax.baselines` method (trained without epochs).
+    peer: True for a deep peer of `psch_jax.methods` (trained by the same loop, on
+      the config's network, data and schedule).
   """
   name: str
   label: str
   overrides: tuple[tuple[str, Any], ...] = ()
   baseline: bool = False
+  peer: bool = False
 
 
 _METHOD_LIST = (
@@ -102,13 +108,18 @@ _METHOD_LIST = (
            (("pseudo_labels.fine_clusters", None),)),
     Method("no_fine_classifier", "PSCH, no fine classifier (alpha_f = 0)",
            (("loss.fine_alpha", 0.0),)),
+    Method("ssdh", "SSDH", (("method.name", "ssdh"),), peer=True),
+    Method("greedyhash", "GreedyHash", (("method.name", "greedyhash"),), peer=True),
+    Method("bihalf", "BiHalf", (("method.name", "bihalf"),), peer=True),
+    Method("cibhash", "CIBHash", (("method.name", "cibhash"),), peer=True),
     Method("lsh", "LSH", baseline=True),
     Method("pcah", "PCAH", baseline=True),
     Method("itq", "ITQ", baseline=True),
     Method("sh", "SH", baseline=True),
 )
 METHODS: dict[str, Method] = {m.name: m for m in _METHOD_LIST}
-ABLATIONS = tuple(m.name for m in _METHOD_LIST if m.name != "psch" and not m.baseline)
+ABLATIONS = tuple(m.name for m in _METHOD_LIST
+                  if m.name != "psch" and not m.baseline and not m.peer)
 _ENCODE_CHUNK = 8192
 
 
@@ -294,10 +305,10 @@ def run_experiments(config: ml_collections.ConfigDict, *, workdir: str,
   ablation_bits = _check_ablation_bits(ablation_bits, bits)
   workdir = os.fspath(io_utils.workdir_path(workdir))  # absolute; gs:// kept
   baseline_methods = [m for m in methods if METHODS[m].baseline]
-  psch_methods = [m for m in methods if not METHODS[m].baseline]
+  trained_methods = [m for m in methods if not METHODS[m].baseline]
   # Baselines first: seconds each, so the table has its reference rows early.
   plan = ([(m, b, s) for s in seeds for b in bits for m in baseline_methods]
-          + [(m, b, s) for m in psch_methods for b in bits for s in seeds
+          + [(m, b, s) for m in trained_methods for b in bits for s in seeds
              if m not in ABLATIONS or b in ablation_bits])
   seed_data: dict[int, tuple[Any, dict]] = {}
 
@@ -466,6 +477,15 @@ def _epochs_line(config, methods: Sequence[str], ablation_epochs: int | None,
                "ablations with one another and with the reference row (PSCH on their "
                "schedule), not with the PSCH row")
     parts.append(line)
+  peers = [m for m in methods if METHODS[m].peer]
+  if peers:
+    parts.append(
+        f"the deep peers ({', '.join(METHODS[m].label for m in peers)}) train "
+        f"{config.train.num_epochs} epochs with PSCH's network, optimizer, schedule and "
+        "augmentation and are scored at the last epoch; their own settings: "
+        + "; ".join(f"{METHODS[m].label} " + ", ".join(
+            f"{k}={v}" for k, v in sorted(config.method[m].to_dict().items()))
+                    for m in peers))
   if any(METHODS[m].baseline for m in methods):
     parts.append("the baselines are fitted in closed form (ITQ: "
                  f"{baselines.DEFAULT_ITQ_ITERATIONS} iterations) on the raw pixels in "
@@ -583,3 +603,12 @@ def write_report(config, runs: Sequence[dict], *, workdir: str, bits: Sequence[i
   # The table, its report and its plot switch together (`generations.commit`).
   return generations.commit(workdir, report, config=config.to_dict(), step=None,
                             write_files=write_files, splits=False)
+
+
+if __name__ == "__main__":
+  # `python -m psch_jax.experiments` is the command line of
+  # `psch_jax.commands.experiments`: run by name, so importing this library module
+  # never loads the command line.
+  import runpy
+  runpy.run_module("psch_jax.commands.experiments", run_name="__main__",
+                   alter_sys=True)

@@ -270,11 +270,11 @@ def _check_num_bits(num_bits: int) -> None:
 
 
 class HashHead(nn.Module):
-  """Hash layer `u = tanh(W g + b)` (Eq. 12).
+  """Hash layer pre-activation `h = W g + b`; `PSCHNet` takes `u = tanh(h)` (Eq. 12).
 
   Attributes:
     num_bits: code length L.
-    dtype: compute dtype of the matmul; tanh is computed in float32.
+    dtype: compute dtype of the matmul; the output is float32.
   """
   num_bits: int
   dtype: Any = jnp.float32
@@ -285,11 +285,10 @@ class HashHead(nn.Module):
 
   @nn.compact
   def __call__(self, global_feature: jax.Array) -> jax.Array:
-    """Relaxed codes `u`, float32 `(B, L)` in (-1, 1), of `(B, D)` features."""
+    """Hash logits `h`, float32 `(B, L)`, of `(B, D)` features."""
     pre_activation = nn.Dense(self.num_bits, dtype=self.dtype, param_dtype=jnp.float32,
                               name="dense")(global_feature)
-    # float32 tanh: bfloat16's 8 mantissa bits would round codes near +-1 together.
-    return jnp.tanh(pre_activation.astype(jnp.float32))
+    return pre_activation.astype(jnp.float32)
 
 
 def hash_codes(relaxed_codes: jax.Array) -> jax.Array:
@@ -334,13 +333,15 @@ class PSCHNet(nn.Module):
   """Backbone + hash head (Eq. 12) + linear pseudo-label classifier on u (Eq. 9).
 
   Params: `{'backbone': ..., 'hash_head': {'dense': ...}, 'classifier': {'kernel'
-  (L, K_c), 'bias' (K_c,)}}`.
+  (L, K_c), 'bias' (K_c,)}}`; without 'classifier' for `num_classes = 0` (the deep
+  peers of `psch_jax.methods`, which have no classifier).
 
   Attributes:
     backbone: a name from `backbone_names()` or a Linen module with the backbone
       call signature `(images, *, train) -> BackboneOutput`.
     num_bits: code length L >= 1.
-    num_classes: number of pseudo classes K_c >= 1 (k-means clusters).
+    num_classes: number of pseudo classes K_c (k-means clusters); 0 = no
+      classifier.
     backbone_kwargs: fields of the named backbone (ignored for a module), e.g.
       `{'widths': (32, 64, 128)}` or `{'dropout_rate': 0.5}`.
     dtype: compute dtype of the named backbone and the hash head's matmul (a module
@@ -354,10 +355,11 @@ class PSCHNet(nn.Module):
 
   def __post_init__(self) -> None:
     _check_num_bits(self.num_bits)
-    if not isinstance(self.num_classes, (int, np.integer)) or self.num_classes < 1:
+    if not isinstance(self.num_classes, (int, np.integer)) or self.num_classes < 0:
       raise UserError(
-          f"num_classes (pseudo classes K_c) must be a positive integer, got "
-          f"{self.num_classes!r}; set it to the number of k-means clusters.")
+          f"num_classes (pseudo classes K_c) must be an integer >= 0, got "
+          f"{self.num_classes!r}; set it to the number of k-means clusters (0: no "
+          "classifier).")
     if "dtype" in self.backbone_kwargs:
       raise UserError("PSCHNet takes the compute dtype as its own `dtype` field "
                       "(create_model(..., dtype=...)), not in backbone_kwargs.")
@@ -376,7 +378,8 @@ class PSCHNet(nn.Module):
 
     Returns:
       dict with `feature_map` float32 `(B, h, w, C')`, `global_feature` float32
-      `(B, D)`, `relaxed_codes` float32 `(B, L)` in (-1, 1) (Eq. 12) and
+      `(B, D)`, `hash_logits` float32 `(B, L)` (h of Eq. 12), `relaxed_codes`
+      float32 `(B, L)` in (-1, 1) (u = tanh(h), Eq. 12) and, with a classifier,
       `class_logits` float32 `(B, K_c)` (Eq. 9).
     """
     if isinstance(self.backbone, str):
@@ -386,17 +389,21 @@ class PSCHNet(nn.Module):
     else:
       backbone = self.backbone  # Linen adopts a module field under its field name.
     features = backbone(images, train=train)
-    relaxed_codes = HashHead(self.num_bits, dtype=self.dtype, name="hash_head")(
+    hash_logits = HashHead(self.num_bits, dtype=self.dtype, name="hash_head")(
         features.global_feature)
-    class_logits = nn.Dense(self.num_classes, name="classifier")(relaxed_codes)
+    # float32 tanh: bfloat16's 8 mantissa bits would round codes near +-1 together.
+    relaxed_codes = jnp.tanh(hash_logits)
     # float32 at the boundary: the attention softmax, the similarity kernel, the
     # loss, k-means and the evaluation never see bfloat16.
-    return {
+    out = {
         "feature_map": features.feature_map.astype(jnp.float32),
         "global_feature": features.global_feature.astype(jnp.float32),
+        "hash_logits": hash_logits,
         "relaxed_codes": relaxed_codes,
-        "class_logits": class_logits,
     }
+    if self.num_classes:
+      out["class_logits"] = nn.Dense(self.num_classes, name="classifier")(relaxed_codes)
+    return out
 
 
 def create_model(name: str, *, num_bits: int, num_classes: int,
@@ -406,14 +413,14 @@ def create_model(name: str, *, num_bits: int, num_classes: int,
   Args:
     name: backbone name, one of `backbone_names()`.
     num_bits: code length L.
-    num_classes: pseudo classes K_c.
+    num_classes: pseudo classes K_c (0: no classifier).
     dtype: compute dtype of backbone and hash head (`compute_dtype(name)`); params
       and outputs are float32 whatever it is.
     **backbone_kwargs: fields of the backbone module (e.g. `widths`, `feature_dim`,
       `dropout_rate`).
 
   Raises:
-    UserError: unknown backbone or option, `num_bits < 1` or `num_classes < 1`.
+    UserError: unknown backbone or option, `num_bits < 1` or `num_classes < 0`.
   """
   # Lists become tuples so the module stays hashable (usable as a jit static arg).
   frozen_kwargs = FrozenDict({

@@ -53,6 +53,10 @@ class MetricsLog:
       self._writer.flush()
 
 
+# PSCH's loss terms in the progress line: (shown name, decimals).
+_SHOWN_TERMS = {"sim": ("sim", 4), "cls": ("cls", 3), "quant": ("q", 3)}
+
+
 class Progress:
   """The progress of one epoch, drawn to suit where stderr goes (process 0 only).
 
@@ -83,9 +87,14 @@ class Progress:
     if not self._active:
       return
     self._done += steps
-    fields = {"loss": f"{metrics['loss']:.4f}", "sim": f"{metrics['loss_sim']:.4f}",
-              "cls": f"{metrics['loss_cls']:.3f}", "q": f"{metrics['loss_quant']:.3f}",
-              "img_s": f"{images_per_s:.0f}"}
+    fields = {"loss": f"{metrics['loss']:.4f}"}
+    for key, value in metrics.items():
+      # Each term of the method's loss ("loss_<term>"), PSCH's under short names.
+      if key.startswith("loss_") and key != "loss_cls_fine":
+        term = key[len("loss_"):]
+        name, digits = _SHOWN_TERMS.get(term, (term, 4))
+        fields[name] = f"{value:.{digits}f}"
+    fields["img_s"] = f"{images_per_s:.0f}"
     if self._bar is not None:
       self._bar.set_postfix(refresh=False, **fields)
       self._bar.update(steps)

@@ -25,6 +25,7 @@ from psch_jax import checkpointing
 from psch_jax import config_schema
 from psch_jax import encoding
 from psch_jax import io_utils
+from psch_jax import methods
 from psch_jax import models
 from psch_jax import pretrained
 from psch_jax import sharding
@@ -35,8 +36,9 @@ from psch_jax.data import sources
 from psch_jax.data import splits as splits_lib
 from psch_jax.errors import UserError
 
-# Purpose tags for fold_in: one independent key stream per use of randomness.
-KEY_INIT, KEY_STEP, KEY_KMEANS = 0, 1, 2
+# Purpose tags for fold_in: one independent key stream per use of randomness
+# (KEY_KMEANS: a method's per-epoch targets; KEY_METHOD: the draws of its loss).
+KEY_INIT, KEY_STEP, KEY_KMEANS, KEY_METHOD = 0, 1, 2, 3
 
 
 def load_source(config: ml_collections.ConfigDict):
@@ -135,15 +137,9 @@ def build_model(config: ml_collections.ConfigDict) -> models.PSCHNet:
   # .get: a work directory written before the field existed was float32 (search).
   dtype = models.compute_dtype(config.model.get("compute_dtype", "float32"))
   return models.create_model(config.model.backbone, num_bits=config.model.num_bits,
-                             num_classes=num_classifier_outputs(config),
+                             num_classes=methods.for_config(config).classifier_outputs(
+                                 config),
                              dtype=dtype, **backbone_kwargs)
-
-
-def num_classifier_outputs(config: ml_collections.ConfigDict) -> int:
-  """K_c, or K_c + K_f with fine clusters: one linear layer holds both classifiers
-  of Eq. 9b, the first K_c logits the pseudo classes', the rest the fine clusters'."""
-  p = config.pseudo_labels
-  return p.num_clusters + (p.fine_clusters or 0)
 
 
 def init_params(config: ml_collections.ConfigDict, model: models.PSCHNet,

@@ -1,15 +1,15 @@
-"""PSCH training, top to bottom: the update step, the epoch, the whole job.
+"""Training, top to bottom: the update step, the epoch, the whole job.
 
 `train_and_evaluate(config, workdir)` is the whole job; `evaluate_checkpoint` scores
 the latest checkpoint without training. What a run is built from (mesh, data, model,
 weights, optimizer, checkpoint manager) is `run_setup`'s; what the loop logs and
-guards is `monitoring`'s; the method lives in `models`, `encoding`, `targets` and
-`loss`; evaluation in `evaluators/retrieval`.
+guards is `monitoring`'s; what differs between methods (PSCH and its deep peers:
+views, targets, loss) is `methods`'; evaluation is `evaluators/retrieval`.
 
 Data parallelism: one `jax.jit` over the run's 1-D device mesh (`sharding`). The
 global batch is split over the mesh, params and optimizer state are replicated, and
-XLA inserts the gradient all-reduce. The pairwise loss is computed over the whole
-global batch (Eq. 8), exactly as on one device.
+XLA inserts the gradient all-reduce. Every loss is computed over the whole global
+batch (PSCH's pairs of Eq. 8, BiHalf's per-bit median), exactly as on one device.
 
 Reproducibility: every random draw derives from `config.seed` by `fold_in` of a fixed
 purpose tag (`run_setup.KEY_*`) and the step or epoch, the epoch order is a pure
@@ -20,7 +20,6 @@ import time
 from typing import Callable, NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -29,16 +28,15 @@ from jax.sharding import Mesh
 from psch_jax import checkpointing
 from psch_jax import encoding
 from psch_jax import io_utils
+from psch_jax import methods
 from psch_jax import models
 from psch_jax import monitoring
 from psch_jax import run_setup
 from psch_jax import sharding
-from psch_jax import targets as targets_lib
 from psch_jax import workdir as workdir_lib
 from psch_jax.attention import GroupedAttention
 from psch_jax.data import pipeline
 from psch_jax.evaluators import retrieval
-from psch_jax.loss import psch_loss
 from psch_jax.preprocess import augment, preprocess
 
 # Steps dispatched beyond the newest one known to be finished: enough to keep the
@@ -48,17 +46,17 @@ _STEPS_IN_FLIGHT = 2
 
 
 def epoch_targets(config: ml_collections.ConfigDict, run: run_setup.Run, params, *,
-                  epoch: int,                  previous: Optional[dict] = None) -> tuple[dict, dict]:
-  """The training set's targets (`targets.compute_targets`) at the start of `epoch`,
-  as training computes them: at epoch 0 from `pseudo_labels.features` of the fresh
-  network (`params`), at a refresh from the global features of `params` keeping the
-  similarity source of `previous`. Numpy arrays on the host."""
+                  epoch: int, previous: Optional[dict] = None) -> tuple[dict, dict]:
+  """The method's targets of the training set at the start of `epoch`
+  (`methods.Method.epoch_targets`; PSCH: `targets.compute_targets`), made from
+  `params` (the fresh network at epoch 0), keeping what the method keeps of
+  `previous` at a refresh. Numpy arrays on the host, and their statistics."""
   key = jax.random.fold_in(
       jax.random.fold_in(jax.random.key(config.seed), run_setup.KEY_KMEANS), epoch)
-  features = config.pseudo_labels.features if previous is None else "global"
-  return targets_lib.compute_targets(
-      config, key, run.encode, params, run.source, run.index_sets["train"],
-      mesh=run.mesh, epoch=epoch, features=features, similarity_from=previous)
+  data = methods.TrainingData(encode=run.encode, source=run.source,
+                              train_indices=run.index_sets["train"], mesh=run.mesh)
+  return methods.for_config(config).epoch_targets(config, key, data, params,
+                                                  epoch=epoch, previous=previous)
 
 
 # ---------------------------------------------------------------------- update step
@@ -68,50 +66,51 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.PSCHNet,
                     attention: Optional[GroupedAttention] = None):
   """jit: (state, batch, targets) -> (state, metrics); state is donated.
 
+  One step of the config's method (`methods.for_config`): each of its views of the
+  batch is preprocessed and augmented on the device, run through the network, and
+  the method's loss of those outputs is minimised.
+
   Args:
     batch: {"images": uint8 (B, H, W, C), "position": int32 (B,) rows of the batch's
       images in the training set}, split over the mesh (`sharding.batch_sharding`).
-    targets: the training set's targets (`targets.compute_targets`), replicated.
-    attention: the run's `encoding.make_attention(config)` (the "online" similarity
-      source reads it); built from the config when None.
+    targets: the training set's targets (`epoch_targets`), replicated.
+    attention: the run's `encoding.make_attention(config)` (PSCH's "online"
+      similarity source reads it); built from the config when None.
   """
+  method = methods.for_config(config)
   attention = encoding.make_attention(config) if attention is None else attention
-  step_root = jax.random.fold_in(jax.random.key(config.seed), run_setup.KEY_STEP)
+  seed_key = jax.random.key(config.seed)
+  step_root = jax.random.fold_in(seed_key, run_setup.KEY_STEP)
+  method_root = jax.random.fold_in(seed_key, run_setup.KEY_METHOD)
+  augmentation = method.view_augmentation(config)
   replicated = sharding.replicated(mesh)
   sharded = sharding.batch_sharding(mesh)
 
   def train_step(state, batch, targets):
     aug_key, dropout_key = jax.random.split(jax.random.fold_in(step_root, state["step"]))
+    method_key = jax.random.fold_in(method_root, state["step"])
     images = preprocess(batch["images"], image_size=config.model.image_size,
                         channels=config.model.channels, mean=config.data.mean,
                         std=config.data.std)
-    images = augment(aug_key, images, kind=config.data.augment)
-    position = batch["position"]
+    if method.num_views == 1:
+      aug_keys, dropout_keys = [aug_key], [dropout_key]
+    else:
+      aug_keys = jax.random.split(aug_key, method.num_views)
+      dropout_keys = jax.random.split(dropout_key, method.num_views)
+    views = [augment(k, images, kind=augmentation, mean=config.data.mean,
+                     std=config.data.std) for k in aug_keys]
 
     def loss_fn(params):
-      out = model.apply({"params": params}, images, train=True,
-                        rngs={"dropout": dropout_key})
-      online_parts = lambda: attention.apply(
-          {}, jax.lax.stop_gradient(out["feature_map"]))[:2]
-      batch_target = targets_lib.batch_targets(config, targets, position,
-                                               online_parts=online_parts)
-      logits, fine_logits = out["class_logits"], None
-      if batch_target.fine_labels is not None:
-        num_coarse = config.pseudo_labels.num_clusters
-        logits, fine_logits = logits[:, :num_coarse], logits[:, num_coarse:]
-      return psch_loss(out["relaxed_codes"], logits, batch_target.pseudo_labels, batch_target.target,
-                       batch_target.pair_weight, alpha=config.loss.alpha,
-                       beta=config.loss.beta, fine_logits=fine_logits,
-                       fine_labels=batch_target.fine_labels,
-                       fine_alpha=config.loss.fine_alpha)
+      outputs = [model.apply({"params": params}, view, train=True,
+                             rngs={"dropout": k})
+                 for view, k in zip(views, dropout_keys)]
+      return method.loss(config, outputs, targets, batch["position"], key=method_key,
+                         attention=attention)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    labels = targets["pseudo_labels"][position]
-    metrics = {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()},
-               "grad_norm": optax.tree.norm(grads),
-               "labelled_fraction": jnp.mean(labels >= 0)}
+    metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads)}
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
   return jax.jit(train_step, donate_argnums=(0,),
@@ -131,7 +130,7 @@ def restore_checkpoint(config: ml_collections.ConfigDict, run: run_setup.Run
   abstract_state = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
       jax.eval_shape(lambda: run_setup.fresh_state(config, run.model, run.tx)))
-  abstract_targets = targets_lib.abstract_targets(
+  abstract_targets = methods.for_config(config).abstract_targets(
       config, len(run.index_sets["train"]), run.model, replicated,
       pixel_dim=int(np.prod(run.source.image_shape)), attention=run.attention)
   return checkpointing.restore_latest(run.mngr, abstract_state=abstract_state,
@@ -148,7 +147,7 @@ def _checkpoint_meta(config: ml_collections.ConfigDict, step: int,
 # ----------------------------------------------------------------------------- loop
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains PSCH as `config` says, evaluates retrieval, and returns the results.
+  """Trains the config's method as `config` says, evaluates retrieval, and returns the results.
 
   Writes into `workdir`: splits/, checkpoints/, metrics.jsonl and results.json.
   Resumes from the latest checkpoint when there is one.
@@ -173,6 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, run: run_setup.Run) -> dict:
   mesh, source, mngr = run.mesh, run.source, run.mngr
+  method = methods.for_config(config)
   train_indices = run.index_sets["train"]
   steps_per_epoch = run.steps_per_epoch
   replicated = sharding.replicated(mesh)
@@ -188,9 +188,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: run_setup.Run) -
         replicated)
     targets, stats = epoch_targets(config, run, state["params"], epoch=0)
     targets = jax.device_put(targets, replicated)
-    log.write(0, {"pseudo_labels": stats})
-    _info(f"pseudo labels: kept {stats['kept_fraction']:.3f}, purity "
-          f"{stats['purity']:.3f} (diagnostic only)")
+    log.write(0, {method.log_key: stats})
+    _info(method.describe(stats))
   else:
     state, targets, meta = restored
     _info(f"resumed from step {int(state['step'])} (epoch {meta['epoch']})")
@@ -204,14 +203,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: run_setup.Run) -
                    steps_per_epoch=steps_per_epoch, log=log, save=save)
   num_epochs = config.train.num_epochs
   step = int(state["step"])
-  refresh = config.pseudo_labels.refresh_every_epochs
   while step < num_epochs * steps_per_epoch:
     epoch, start = divmod(step, steps_per_epoch)
-    if start == 0 and epoch > 0 and refresh and epoch % refresh == 0:
+    if start == 0 and method.refresh_due(config, epoch):
       targets, stats = epoch_targets(config, run, state["params"], epoch=epoch,
                                      previous=targets)
       targets = jax.device_put(targets, replicated)
-      log.write(step, {"pseudo_labels": stats})
+      log.write(step, {method.log_key: stats})
     batches = pipeline.train_batches(
         source, train_indices, seed=config.seed, epoch=epoch,
         global_batch_size=config.train.global_batch_size,

@@ -39,6 +39,7 @@ from typing import Any, Optional
 
 import ml_collections
 
+from psch_jax import config as psch_config
 from psch_jax import config_schema
 from psch_jax import io_utils
 from psch_jax.data import splits as splits_lib
@@ -222,6 +223,11 @@ RESUME_FIXED: tuple[str, ...] = tuple(
 
 _MISSING = object()
 
+# Fields added after work directories were first written: a saved config.json
+# without them was written by PSCH before the deep peers existed, and so with their
+# defaults.
+_ADDED_LATER = ("method.",)
+
 
 def _comparable(value: Any) -> Any:
   """The value as config.json holds it (tuples are lists)."""
@@ -248,6 +254,11 @@ def config_changes(saved: dict, config: ml_collections.ConfigDict
   """
   old = config_schema.flatten(saved)
   new = {k: _comparable(v) for k, v in config_schema.flatten(config).items()}
+  defaults = {k: _comparable(v) for k, v in
+              config_schema.flatten(psch_config.base_config()).items()
+              if k.startswith(_ADDED_LATER)}
+  if not any(name.startswith(_ADDED_LATER) for name in old):
+    old.update(defaults)
   changes = []
   for name in sorted(set(old) | set(new)):
     if name in RESUME_SAFE:

@@ -70,7 +70,7 @@ def test_shipped_configs_pass(name):
      r"checkpoints \(every epoch end saves one too\). "
      r"Set --config.train.checkpoint_every_steps to a value >= 1"),
     ("--config.data.augment=foo",
-     r"config.data.augment='foo' is not one of \['none', 'flip', 'crop_flip'\]; "
+     r"config.data.augment='foo' is not one of \['none', 'flip', 'crop_flip', 'contrastive'\]; "
      r"set --config.data.augment to one of them"),
     ("--config.seed=-1", r"config.seed=-1 must be in \[0, 4294967295\]"),
     ("--config.data.query_per_class=0",

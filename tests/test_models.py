@@ -140,6 +140,20 @@ def test_psch_net_outputs_and_param_tree(tiny_net):
       + params["classifier"]["bias"], atol=1e-5)
   codes = np.asarray(models.hash_codes(out["relaxed_codes"]))
   np.testing.assert_array_equal(codes, np.where(relaxed >= 0, 1, -1))
+  # The peers' sign and bi-half layers read h itself; its sign is the code's.
+  np.testing.assert_allclose(np.tanh(out["hash_logits"]), relaxed, rtol=1e-6)
+  np.testing.assert_array_equal(codes, np.where(np.asarray(out["hash_logits"]) >= 0, 1, -1))
+
+
+def test_psch_net_without_classifier_for_the_peers():
+  """num_classes = 0 (the deep peers): no classifier params and no class logits."""
+  model = models.create_model("small_cnn", num_bits=8, num_classes=0,
+                              widths=(4,), feature_dim=16)
+  images = jnp.zeros((2, 28, 28, 1))
+  variables = model.init(jax.random.key(0), images, train=False)
+  assert sorted(variables["params"]) == ["backbone", "hash_head"]
+  out = model.apply(variables, images, train=False)
+  assert "class_logits" not in out and out["hash_logits"].shape == (2, 8)
 
 
 def test_backbone_gets_its_own_learning_rate_by_top_level_key(tiny_net):
@@ -179,7 +193,7 @@ def test_create_model_vgg16_shapes():
 @pytest.mark.parametrize(
     "kwargs,message",
     [(dict(name="small_cnn", num_bits=0, num_classes=3), "num_bits"),
-     (dict(name="small_cnn", num_bits=16, num_classes=0), "num_classes"),
+     (dict(name="small_cnn", num_bits=16, num_classes=-1), "num_classes"),
      (dict(name="resnet", num_bits=16, num_classes=3), "small_cnn"),
      (dict(name="vgg16", num_bits=16, num_classes=3, widths=(8,)), "widths")])
 def test_create_model_rejects_bad_input(kwargs, message):

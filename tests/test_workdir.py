@@ -175,6 +175,19 @@ def test_a_field_missing_from_the_saved_config_is_a_change(tmp_path):
     workdir_lib.check_config_unchanged(psch_config.base_config(), str(tmp_path))
 
 
+def test_a_run_saved_before_the_method_section_existed_is_a_psch_run(tmp_path):
+  """A work directory PSCH wrote before the deep peers came resumes as PSCH, and
+  refuses any other method."""
+  saved = psch_config.base_config().to_dict()
+  del saved["method"]
+  io_utils.write_json(os.path.join(tmp_path, "config.json"), saved)
+  workdir_lib.check_config_unchanged(psch_config.base_config(), str(tmp_path))
+  other = psch_config.base_config()
+  other.method.name = "bihalf"
+  with pytest.raises(UserError, match=r"config.method.name: 'psch' in .*, 'bihalf' now"):
+    workdir_lib.check_config_unchanged(other, str(tmp_path))
+
+
 # ------------------------------------------------------------------------- lock
 
 _HOLDER = """
