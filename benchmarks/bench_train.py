@@ -27,6 +27,10 @@
    the data wait from metrics.jsonl, checkpoint saves, evaluation, validation) timed
    by wrapping the functions of psch_jax.train that run it. Nothing in the library
    changes; the wrappers only read the clock.
+4. Methods (`--methods`): images/s of the train step of PSCH and of each deep peer
+   (`psch_jax.methods`) on the same network and batch, rounds alternating the
+   methods, with the ratio to PSCH's step: a two-view method (CIBHash) runs the
+   network twice per image, and a step slower than its views explain shows here.
 
 Run from the repository root:
   python -m benchmarks.bench_train --breakdown        (everything, about 10 min on
@@ -36,6 +40,8 @@ Run from the repository root:
   python -m benchmarks.bench_train --phases-only --override train.num_epochs=2
   python -m benchmarks.bench_train --loop          (the loop alone; with --quick: a
                                                     check that it runs)
+  python -m benchmarks.bench_train --methods --models=small_cnn
+                                                   (the step of every method)
 
 JAX's CPU backend uses every core for one device; PyTorch gets
 `torch.set_num_threads(<cores>)`. Torch runs NCHW (its default, where oneDNN picks
@@ -66,6 +72,7 @@ from psch_jax import cli
 from psch_jax import config as psch_config
 from psch_jax import encoding
 from psch_jax import io_utils
+from psch_jax import methods
 from psch_jax import models
 from psch_jax import monitoring
 from psch_jax import ranking
@@ -138,8 +145,11 @@ def part_shape_of(config, model) -> tuple[int, int]:
 
 # -------------------------------------------------------------------------- JAX
 
-def jax_step_runner(config, inputs: dict[str, np.ndarray]) -> Callable[[], None]:
-  """One call = one `train.make_train_step` step on a 1-device mesh, synchronised."""
+def jax_step_runner(config, inputs: dict[str, np.ndarray],
+                    targets: dict[str, np.ndarray] | None = None
+                    ) -> Callable[[], None]:
+  """One call = one `train.make_train_step` step on a 1-device mesh, synchronised.
+  `targets`: the method's training-set targets (None: PSCH's, from `inputs`)."""
   mesh = sharding.make_mesh(jax.devices()[:1])
   model = run_setup.build_model(config)
   tx = run_setup.build_optimizer(config, steps_per_epoch=100)
@@ -147,9 +157,10 @@ def jax_step_runner(config, inputs: dict[str, np.ndarray]) -> Callable[[], None]
   replicated = sharding.replicated(mesh)
   sharded = sharding.batch_sharding(mesh)
   state = jax.device_put(run_setup.fresh_state(config, model, tx), replicated)
-  targets = jax.device_put({k: inputs[k] for k in
-                            ("pseudo_labels", "cluster_affinity", "part_descriptors",
-                             "part_weights")}, replicated)
+  if targets is None:
+    targets = {k: inputs[k] for k in ("pseudo_labels", "cluster_affinity",
+                                      "part_descriptors", "part_weights")}
+  targets = jax.device_put(targets, replicated)
   batch = jax.device_put({"images": inputs["images"], "position": inputs["position"]},
                          sharded)
   holder = {"state": state}
@@ -533,6 +544,61 @@ def step_benchmark(model_names: list[str], *, steps: dict[str, int], rounds: int
               rows)
 
 
+# --------------------------------------------------------------------- methods
+
+def peer_targets(config, model, num_train: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """Random targets of the shapes `config.method.name` keeps: unit feature rows, and
+  for SSDH thresholds that leave about a third of the pairs known."""
+  rng = np.random.default_rng(seed)
+  pixel_dim = config.model.image_size**2 * config.model.channels
+  shapes = methods.for_config(config).abstract_targets(
+      config, num_train, model, None, pixel_dim=pixel_dim, attention=None)
+  targets = {}
+  for name, shape in shapes.items():
+    if name == "thresholds":
+      targets[name] = np.array([0.2, 0.3], np.float32)
+    else:
+      rows = rng.random(shape.shape).astype(np.float32)
+      targets[name] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+  return targets
+
+
+def method_benchmark(model_names: list[str], *, steps: dict[str, int], rounds: int,
+                     warmup: int) -> list[tuple]:
+  """images/s of the train step of every method of `psch_jax.methods` on the same
+  network and batch (`step_config`), rounds alternating the methods; the ratio to
+  PSCH's step, and the views each method runs the network on."""
+  print(f"\n## Train step per method, {rounds} rounds (after {warmup} warm-up "
+        f"steps); JAX 1-device mesh ({jax.devices()[0].device_kind})\n", flush=True)
+  rows = []
+  for name in model_names:
+    base = step_config(name)
+    model = run_setup.build_model(base)
+    num_train = max(4 * base.train.global_batch_size, 1000)
+    inputs = make_inputs(base, num_train, part_shape_of(base, model))
+    runners = {}
+    for method in psch_config.METHODS:
+      config = base.copy_and_resolve_references()
+      config.method.name = method
+      targets = (None if method == "psch" else
+                 peer_targets(config, run_setup.build_model(config), num_train))
+      runners[method] = jax_step_runner(config, inputs, targets)
+      time_steps(runners[method], warmup)
+    times = {k: [] for k in runners}
+    for _ in range(rounds):
+      for method, run in runners.items():
+        times[method] += time_steps(run, steps[name])
+    batch = base.train.global_batch_size
+    wall = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
+    for method in runners:
+      rows.append((f"{name}, batch {batch}", method,
+                   methods.get(method).num_views, batch / wall[method],
+                   wall[method] / wall["psch"]))
+    del runners
+  print_table(("network", "method", "views", "img/s", "s/step vs PSCH"), rows)
+  return rows
+
+
 # ------------------------------------------------------------------------ loop
 
 # Name -> (configs/<file>.py, variant).
@@ -768,6 +834,8 @@ def define_flags() -> None:
                     "dense layers, optimizer) alone in both frameworks")
   flags.DEFINE_bool("steps-only", False, "only the train-step benchmark")
   flags.DEFINE_bool("phases-only", False, "only the phases of a real run")
+  flags.DEFINE_bool("methods", False, "only the train step of every method "
+                    "(psch_jax.methods) on the same network and batch")
   flags.DEFINE_bool("loop", False, "only the training-loop benchmark: train.run_epoch "
                     "reading the metrics every step vs every 50 steps")
   flags.DEFINE_integer("loop-steps", 200, "steps per timed epoch of the loop benchmark")
@@ -792,6 +860,11 @@ def main(argv: Sequence[str]) -> None:
                    # 500 training images allow at most 99 fine clusters (Eq. 2b).
                    "pseudo_labels.fine_clusters=20"]
   print(describe_machine(("jax", "jaxlib", "flax", "optax", "torch", "numpy")))
+  if FLAGS.methods:
+    method_benchmark(models.split(","), rounds=rounds, warmup=warmup,
+                     steps={"small_cnn": small_cnn_steps,
+                            "vgg16": FLAGS["vgg16-steps"].value})
+    return
   if FLAGS.loop:
     loop_steps, loop_configs = FLAGS["loop-steps"].value, FLAGS["loop-configs"].value
     if FLAGS.quick:
