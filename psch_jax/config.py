@@ -27,9 +27,10 @@ PRETRAINED = ("imagenet", "none")  # psch_jax/pretrained.py resolve_vgg16_weight
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # psch_jax/methods: PSCH and the deep peers it is compared with (docs/method.md).
 METHODS = ("psch", "ssdh", "greedyhash", "bihalf", "cibhash")
-# What SSDH, GreedyHash and BiHalf compare training images by: their unit pixels, or
-# the global feature (VGG-16's fc7) of the network before training.
-PEER_FEATURES = ("pixels", "global")
+# What SSDH, GreedyHash and BiHalf compare training images by: their unit pixels, the
+# spectral embedding of the pixels' k-NN graph (Eq. 1a), or the global feature
+# (VGG-16's fc7) of the network before training.
+PEER_FEATURES = ("pixels", "spectral", "global")
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -112,14 +112,31 @@ def test_nt_xent_by_hand_and_by_loops():
 
 
 def test_bernoulli_kl_by_hand_and_only_p_gets_a_gradient():
-  p, q = jnp.array([[0.5, 0.9]]), jnp.array([[0.25, 0.9]])
+  logit = lambda p: np.log(p / (1 - p))
+  h, h_target = jnp.array([[0.0, logit(0.9)]]), jnp.array([[logit(0.25), logit(0.9)]])
   # KL(0.5 || 0.25) = 0.5 ln 2 + 0.5 ln (2 / 3) = 0.5 ln (4 / 3); the second bit 0.
-  np.testing.assert_allclose(cibhash.bernoulli_kl(p, q), 0.5 * np.log(4 / 3),
+  np.testing.assert_allclose(cibhash.bernoulli_kl(h, h_target), 0.5 * np.log(4 / 3),
                              rtol=1e-5)
-  assert not np.any(jax.grad(lambda x: cibhash.bernoulli_kl(p, x))(q))
-  # d KL / dp = ln(p / q) - ln((1 - p) / (1 - q)) (the authors' eps aside).
-  np.testing.assert_allclose(jax.grad(lambda x: cibhash.bernoulli_kl(x, q))(p),
-                             [[np.log(2) - np.log(2 / 3), 0.0]], atol=1e-5)
+  assert not np.any(jax.grad(lambda x: cibhash.bernoulli_kl(h, x))(h_target))
+  # d KL / dh = (ln(p / q) - ln((1 - p) / (1 - q))) p (1 - p) (the authors' e aside).
+  np.testing.assert_allclose(jax.grad(lambda x: cibhash.bernoulli_kl(x, h_target))(h),
+                             [[(np.log(2) - np.log(2 / 3)) * 0.25, 0.0]], atol=1e-5)
+
+
+def test_bernoulli_kl_stays_finite_where_p_rounds_to_one_under_jit():
+  """The authors' formula on probabilities is NaN under XLA once sigmoid(h) rounds to
+  1 (h > 17): (1 - p) + 1e-8 is reassociated to (1 + 1e-8) - p = 0. From the logits it
+  is the authors' number: e bounds each log at log(1e-8)."""
+  h = jnp.array([[17.0, -30.0, 88.0]])
+  h_target = jnp.array([[15.0, 25.0, -88.0]])
+  kl = jax.jit(cibhash.bernoulli_kl)(h, h_target)
+  p, q = (1 / (1 + np.exp(-np.asarray(x, np.float64))) for x in (h, h_target))
+  e = 1e-8
+  expected = np.sum(p * (np.log(p + e) - np.log(q + e))
+                    + (1 - p) * (np.log(1 - p + e) - np.log(1 - q + e)))
+  np.testing.assert_allclose(kl, expected, rtol=1e-5)
+  grad = jax.jit(jax.grad(cibhash.bernoulli_kl))(h, h_target)
+  assert np.all(np.isfinite(grad))
 
 
 def test_cibhash_codes_are_sign_of_p_minus_u_with_straight_through():
@@ -270,12 +287,16 @@ def test_method_killed_mid_training_resumes_to_the_uninterrupted_codes(method,
 @pytest.mark.parametrize("method", ["ssdh", "greedyhash", "bihalf", "cibhash"])
 def test_the_paper_setting_runs_every_peer_on_mock_cifar10(method, tmp_path):
   """configs/cifar10.py (RGB, crop-and-flip; `:tiny` on tfds mock data) with
-  --config.method.name: trains, saves, evaluates, and logs finite losses."""
+  --config.method.name: trains, saves, evaluates, and logs finite losses. The
+  feature-based peers compare images by the network's global feature, as the VGG-16
+  configs do (the small CNN's default is the pixels, run above)."""
   import tensorflow_datasets as tfds
   from psch_jax import io_utils, train
   from tests.helpers import repo_config
   config = repo_config("cifar10", "tiny")
   config.method.name = method
+  if "features" in config.method[method]:
+    config.method[method].features = "global"
   with tfds.testing.mock_data(num_examples=60):
     results = train.train_and_evaluate(config, str(tmp_path))
   assert 0.0 <= results["map@all"] <= 1.0

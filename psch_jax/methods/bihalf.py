@@ -65,9 +65,9 @@ def bihalf_loss(hash_logits: jax.Array, features: jax.Array, *, gamma: float
 
 def _epoch_targets(config: ml_collections.ConfigDict, key: jax.Array,
                    data: TrainingData, params, *, epoch: int, previous=None):
-  del key, previous
+  del previous
   features = peer_features.training_features(
-      config, config.method.bihalf.features, data, params)
+      config, config.method.bihalf.features, data, params, key)
   return {"features": features}, {"epoch": epoch,
                                   "features": config.method.bihalf.features,
                                   "feature_dim": int(features.shape[1])}

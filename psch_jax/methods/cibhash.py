@@ -37,20 +37,33 @@ def nt_xent(z_a: jax.Array, z_b: jax.Array, *, temperature: float) -> jax.Array:
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, positive))
 
 
-def bernoulli_kl(prob: jax.Array, prob_target: jax.Array) -> jax.Array:
-  """mean over rows of sum over bits of KL(Bern(p) || Bern(q)) with q a constant
-  (Eq. C3), as the authors' compute_kl.
+def bernoulli_kl(logits: jax.Array, logits_target: jax.Array) -> jax.Array:
+  """mean over rows of sum over bits of KL(Bern(p) || Bern(q)), p = sigmoid(logits),
+  q = sigmoid(logits_target) a constant (Eq. C3): the authors' compute_kl,
+  p (log(p + e) - log(q + e)) + (1 - p) (log(1 - p + e) - log(1 - q + e)) with
+  e = 1e-8.
+
+  The logs are taken from the logits, log(p + e) = logaddexp(log sigmoid(h), log e)
+  and log(1 - p + e) = logaddexp(log sigmoid(-h), log e): the same numbers without
+  forming 1 - p + e, which XLA's constant reassociation turns into (1 + e) - p = 0
+  once p rounds to 1 (h > 17), a log(0) that made CIBHash's loss NaN within an
+  epoch on Fashion-MNIST.
 
   Args:
-    prob, prob_target: float (B, L) probabilities p and q.
+    logits, logits_target: float (B, L) hash-layer outputs h of the two views.
 
   Returns:
     float32 scalar.
   """
-  q = jax.lax.stop_gradient(prob_target)
-  p = prob
-  kl = (p * (jnp.log(p + _LOG_EPS) - jnp.log(q + _LOG_EPS))
-        + (1 - p) * (jnp.log(1 - p + _LOG_EPS) - jnp.log(1 - q + _LOG_EPS)))
+  h, h_target = logits, jax.lax.stop_gradient(logits_target)
+  log_eps = jnp.log(_LOG_EPS)
+
+  def log_plus_eps(x):
+    return jnp.logaddexp(jax.nn.log_sigmoid(x), log_eps)
+
+  p = jax.nn.sigmoid(h)
+  kl = (p * (log_plus_eps(h) - log_plus_eps(h_target))
+        + (1 - p) * (log_plus_eps(-h) - log_plus_eps(-h_target)))
   return jnp.mean(jnp.sum(kl, axis=-1))
 
 
@@ -75,7 +88,8 @@ def cibhash_loss(hash_logits_a: jax.Array, hash_logits_b: jax.Array, key: jax.Ar
     u_a = u_b = 0.5
   b_a, b_b = greedy_sign(p_a - u_a), greedy_sign(p_b - u_b)
   contrastive = nt_xent(b_a, b_b, temperature=temperature)
-  kl = (bernoulli_kl(p_a, p_b) + bernoulli_kl(p_b, p_a)) / 2
+  kl = (bernoulli_kl(hash_logits_a, hash_logits_b)
+        + bernoulli_kl(hash_logits_b, hash_logits_a)) / 2
   return contrastive + kl_weight * kl, {"loss_contrastive": contrastive, "loss_kl": kl}
 
 

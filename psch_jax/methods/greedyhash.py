@@ -56,9 +56,9 @@ def greedyhash_loss(hash_logits: jax.Array, features: jax.Array, *,
 
 def _epoch_targets(config: ml_collections.ConfigDict, key: jax.Array,
                    data: TrainingData, params, *, epoch: int, previous=None):
-  del key, previous
+  del previous
   features = peer_features.training_features(
-      config, config.method.greedyhash.features, data, params)
+      config, config.method.greedyhash.features, data, params, key)
   return {"features": features}, {"epoch": epoch, "features":
                                   config.method.greedyhash.features,
                                   "feature_dim": int(features.shape[1])}

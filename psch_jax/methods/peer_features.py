@@ -3,7 +3,9 @@
 Their authors compare images by the fc7 features of a frozen ImageNet VGG
 ("global": the global feature of the network before training); on a small CNN
 trained from scratch, whose random features carry little class structure, the
-unit pixels take that place ("pixels", as PSCH's `pseudo_labels.features`).
+unit pixels take that place ("pixels"), or the spectral embedding of the pixels'
+k-NN graph that PSCH clusters there ("spectral", Eq. 1a, with PSCH's
+`pseudo_labels.spectral_neighbors` and `spectral_components`).
 Computed once, before training, and held in the checkpoint as the targets entry
 "features": float32 (N, D) rows of unit L2 norm (docs/method.md, "Deep peers").
 """
@@ -12,7 +14,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from psch_jax import config_schema
 from psch_jax import encoding
+from psch_jax import spectral
 from psch_jax.methods.interface import TrainingData
 
 # A row of zeros (an all-black image) stays zero instead of dividing by zero; its
@@ -27,19 +31,29 @@ def unit_rows(rows: np.ndarray) -> np.ndarray:
 
 
 def training_features(config: ml_collections.ConfigDict, kind: str,
-                      data: TrainingData, params) -> np.ndarray:
+                      data: TrainingData, params, key: jax.Array) -> np.ndarray:
   """float32 (N, D) unit rows of the training images' `kind` features ("pixels":
-  H W C pixels in [0, 1]; "global": the network's global feature under `params`)."""
-  if kind == "pixels":
+  H W C pixels in [0, 1]; "spectral": their Eq. 1a embedding, ARPACK started from
+  `key`; "global": the network's global feature under `params`)."""
+  if kind in ("pixels", "spectral"):
     pixels = data.source.read(data.train_indices).reshape(len(data.train_indices), -1)
-    return unit_rows(pixels.astype(np.float32) / 255.0)
+    pixels = pixels.astype(np.float32) / 255.0
+    if kind == "pixels":
+      return unit_rows(pixels)
+    neighbors = spectral.knn_graph(
+        jnp.asarray(pixels), num_neighbors=config.pseudo_labels.spectral_neighbors)
+    embedding = spectral.graph_embedding(
+        key, np.asarray(neighbors),
+        num_components=config_schema.spectral_components(config))
+    return unit_rows(embedding.embedding)
   if kind == "global":
     encoded = encoding.encode_images(data.encode, params, data.source,
                                      data.train_indices,
                                      batch_size=config.eval.batch_size,
                                      mesh=data.mesh, keys=["global_feature"])
     return unit_rows(encoded["global_feature"])
-  raise ValueError(f"unknown peer features {kind!r}; expected 'pixels' or 'global'")
+  raise ValueError(f"unknown peer features {kind!r}; expected 'pixels', 'spectral' "
+                   "or 'global'")
 
 
 def feature_dim(config: ml_collections.ConfigDict, kind: str, model, *,
@@ -47,6 +61,8 @@ def feature_dim(config: ml_collections.ConfigDict, kind: str, model, *,
   """D of `training_features`, from shapes alone."""
   if kind == "pixels":
     return pixel_dim
+  if kind == "spectral":
+    return config_schema.spectral_components(config)
   shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
   out = jax.eval_shape(
       lambda k: model.init_with_output(k, jnp.zeros(shape, jnp.float32),

@@ -134,11 +134,13 @@ def _epoch_targets(config: ml_collections.ConfigDict, key: jax.Array,
                    data: TrainingData, params, *, epoch: int, previous=None):
   del previous
   c = config.method.ssdh
-  features = peer_features.training_features(config, c.features, data, params)
+  features_key, sample_key = jax.random.split(key)
+  features = peer_features.training_features(config, c.features, data, params,
+                                             features_key)
   n = len(features)
   fit_rows = np.arange(n)
   if n > c.fit_rows:
-    fit_rows = np.sort(np.asarray(jax.random.choice(key, n, (c.fit_rows,),
+    fit_rows = np.sort(np.asarray(jax.random.choice(sample_key, n, (c.fit_rows,),
                                                     replace=False)))
   fit = fit_thresholds(features[fit_rows], left_stds=c.left_stds,
                        right_stds=c.right_stds)
