@@ -40,7 +40,10 @@ from psch_jax.errors import UserError
 # written under other values cannot be resumed.
 SHAPE_FIELDS = ("model.backbone", "model.num_bits", "model.image_size", "model.channels",
                 "pseudo_labels.num_clusters", "attention.num_parts", "similarity.source",
-                "data.name", "data.preset", "seed")
+                "data.name", "data.preset", "seed", "method.name")
+# Checkpoints saved before a field joined SHAPE_FIELDS were saved with this value:
+# every run was PSCH before the deep peers came.
+_SIGNATURE_DEFAULTS = {"method.name": "psch"}
 
 
 def _field(config: ml_collections.ConfigDict, dotted: str):
@@ -312,7 +315,7 @@ def restore_latest(mngr: ocp.CheckpointManager, *, abstract_state: Any,
         "Delete that step directory to resume from an earlier one, or use a new "
         "--workdir to start over.") from e
   expected = shape_signature(config)
-  saved = meta.get("signature", {})
+  saved = {**_SIGNATURE_DEFAULTS, **meta.get("signature", {})}
   differences = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
   if differences:
     listing = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}"
@@ -376,7 +379,7 @@ def saved_signature(workdir: str) -> Optional[dict]:
   finally:
     mngr.close()
   signature = meta.get("signature") if isinstance(meta, dict) else None
-  return signature if isinstance(signature, dict) else None
+  return {**_SIGNATURE_DEFAULTS, **signature} if isinstance(signature, dict) else None
 
 
 def restore_params(workdir: str, abstract_params: Any) -> Any:

@@ -79,7 +79,11 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     raise UserError(f"{path} holds a {type(saved).__name__}, not a config; restore "
                     "the config.json that main.py wrote, or train again in a new "
                     "--workdir.")
-  sections = [name for name, value in psch_config.base_config().items()
+  base = psch_config.base_config()
+  if "method" not in saved:
+    # Written by PSCH before the deep peers came: its method fields are the defaults.
+    saved = {**saved, "method": base.method.to_dict()}
+  sections = [name for name, value in base.items()
               if isinstance(value, ml_collections.ConfigDict)]
   missing = [name for name in sections if not isinstance(saved.get(name), dict)]
   if missing:

@@ -12,12 +12,15 @@ from psch_jax import config as psch_config
 from psch_jax.errors import UserError
 
 
-def _save_one(workdir, config):
+def _save_one(workdir, config, *, signature=None, targets=None):
   state = {"params": {"w": jnp.arange(6.0).reshape(2, 3)}, "step": jnp.int32(7)}
-  targets = {"pseudo_labels": jnp.array([0, -1, 2], jnp.int32)}
+  if targets is None:
+    targets = {"pseudo_labels": jnp.array([0, -1, 2], jnp.int32)}
+  if signature is None:
+    signature = checkpointing.shape_signature(config)
   mngr = checkpointing.manager(str(workdir), keep=2)
   checkpointing.save(mngr, 7, state=state, targets=targets,
-                     meta={"epoch": 1, "signature": checkpointing.shape_signature(config)})
+                     meta={"epoch": 1, "signature": signature})
   checkpointing.close(mngr)  # waits for the save and records its checksums
   return state, targets
 
@@ -40,6 +43,30 @@ def test_round_trip(tmp_path):
   np.testing.assert_array_equal(restored_state["params"]["w"], state["params"]["w"])
   np.testing.assert_array_equal(restored_targets["pseudo_labels"], [0, -1, 2])
   assert int(restored_state["step"]) == 7 and meta["epoch"] == 1
+
+
+def test_a_checkpoint_from_before_the_method_field_restores_as_psch(tmp_path):
+  """Checkpoints saved before method.name joined the signature were PSCH's."""
+  config = psch_config.base_config()
+  signature = checkpointing.shape_signature(config)
+  del signature["method.name"]
+  state, targets = _save_one(tmp_path, config, signature=signature)
+  assert _restore(tmp_path, config, state, targets) is not None
+  assert checkpointing.saved_signature(str(tmp_path))["method.name"] == "psch"
+  other = psch_config.base_config()
+  other.method.name = "greedyhash"
+  with pytest.raises(UserError, match="method.name: checkpoint 'psch' vs config "
+                                      "'greedyhash'"):
+    _restore(tmp_path, other, state, targets)
+
+
+def test_a_method_without_targets_round_trips(tmp_path):
+  """CIBHash keeps no targets; Orbax cannot save an empty tree, so a stand-in is."""
+  config = psch_config.base_config()
+  config.method.name = "cibhash"
+  state, targets = _save_one(tmp_path, config, targets={})
+  restored_state, restored_targets, _ = _restore(tmp_path, config, state, targets)
+  assert restored_targets == {} and int(restored_state["step"]) == 7
 
 
 def test_no_checkpoint_gives_none(tmp_path):

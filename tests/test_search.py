@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from psch_jax import config as psch_config
+from psch_jax import io_utils
 from psch_jax import reports
 from psch_jax import search
 from psch_jax.errors import UserError
@@ -171,3 +173,14 @@ def test_reports_from_a_trained_workdir(workdir, tmp_path):
       with Image.open(path) as image:
         image.verify()
   assert f"| map@all | {results['map@all']:.4f} |" in (tmp_path / "results.md").read_text()
+
+
+def test_a_run_config_saved_before_the_method_section_existed_is_psch(tmp_path):
+  """PSCH wrote config.json without `method` before the deep peers came: search
+  rebuilds it as the PSCH run it is."""
+  saved = psch_config.base_config().to_dict()
+  del saved["method"]
+  io_utils.write_json(str(tmp_path / "config.json"), saved)
+  config = search.read_run_config(str(tmp_path))
+  assert config.method.name == "psch"
+  assert config.method.to_dict() == psch_config.base_config().method.to_dict()

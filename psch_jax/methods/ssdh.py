@@ -18,8 +18,10 @@ from psch_jax.errors import UserError
 from psch_jax.methods.interface import Method, TrainingData
 from psch_jax.methods import peer_features
 
-# The authors' histogram: 100 bins of width 0.01 over distances in [0, 1).
-_NUM_BINS = 100
+# The authors' histogram: bins of width 0.01 from 0. Their features are
+# non-negative (fc7 after a ReLU), so their distances lie in [0, 1] and 100 bins
+# cover them; features with negative entries ("spectral") reach 2, hence 200.
+_NUM_BINS = 200
 _BIN_WIDTH = 0.01
 _FIT_CHUNK_ROWS = 512
 
@@ -67,7 +69,8 @@ def fit_thresholds(features: np.ndarray, *, left_stds: float, right_stds: float
   S1, S2).
 
   The mode m is the lower edge of the fullest 0.01-wide bin of distances in
-  [0, 1); sigma_l = sqrt(mean over d <= m of (d - m)^2) and sigma_r likewise over
+  [0, 2) (the authors' [0, 1) holds every distance of non-negative features);
+  sigma_l = sqrt(mean over d <= m of (d - m)^2) and sigma_r likewise over
   d > m (the maximum-likelihood fit of a Gaussian to each side mirrored about m,
   which is what the authors' scipy norm.fit computes).
 
