@@ -321,6 +321,15 @@ def _tuple_problem(name: str, value, field: Field) -> Optional[str]:
   return None
 
 
+def other_methods_fields(method: str) -> tuple[str, ...]:
+  """The prefixes of the config fields a run of `method` never reads: the sections
+  of the other deep peers (`method.<peer>.`). A run is compared with its saved config
+  without them, so choosing another default for one peer leaves the runs of every
+  other method valid."""
+  return tuple(f"method.{name}." for name in psch_config.METHODS
+               if name not in ("psch", method))
+
+
 def flatten(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
   """The config's fields by dotted name, e.g. {"train.num_epochs": 30, ...}.
 

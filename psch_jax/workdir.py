@@ -259,9 +259,10 @@ def config_changes(saved: dict, config: ml_collections.ConfigDict
               if k.startswith(_ADDED_LATER)}
   if not any(name.startswith(_ADDED_LATER) for name in old):
     old.update(defaults)
+  unread = config_schema.other_methods_fields(new.get("method.name", "psch"))
   changes = []
   for name in sorted(set(old) | set(new)):
-    if name in RESUME_SAFE:
+    if name in RESUME_SAFE or name.startswith(unread):
       continue
     before, after = old.get(name, _MISSING), new.get(name, _MISSING)
     if before != after:

@@ -188,6 +188,22 @@ def test_a_run_saved_before_the_method_section_existed_is_a_psch_run(tmp_path):
     workdir_lib.check_config_unchanged(other, str(tmp_path))
 
 
+def test_another_methods_section_is_no_change_but_the_runs_own_is(tmp_path):
+  """A peer's default tuned later leaves the runs of every other method resumable."""
+  io_utils.write_json(os.path.join(tmp_path, "config.json"),
+                      psch_config.base_config().to_dict())
+  tuned = psch_config.base_config()
+  tuned.method.ssdh.right_stds = 1.0
+  workdir_lib.check_config_unchanged(tuned, str(tmp_path))  # a PSCH run
+  saved = psch_config.base_config()
+  saved.method.name = "ssdh"
+  io_utils.write_json(os.path.join(tmp_path, "config.json"), saved.to_dict())
+  tuned.method.name = "ssdh"
+  with pytest.raises(UserError, match=r"config.method.ssdh.right_stds: 2.0 in .*, "
+                                      r"1.0 now"):
+    workdir_lib.check_config_unchanged(tuned, str(tmp_path))
+
+
 # ------------------------------------------------------------------------- lock
 
 _HOLDER = """
