@@ -40,8 +40,11 @@ def test_fashion_mnist_paper_variant_undoes_only_the_tuned_choices():
              if isinstance(fields, dict) for field in fields
              if fields[field] != paper[section][field]}
   assert changed == {("pseudo_labels", "features"), ("pseudo_labels", "fine_clusters"),
-                     ("loss", "fine_alpha"),
+                     ("loss", "fine_alpha"), ("method", "greedyhash"),
+                     ("method", "bihalf"), ("method", "ssdh"),
                      ("similarity", "cross_cluster_ceiling"), ("train", "num_epochs")}
+  # The peers get their authors' values back.
+  assert paper["method"] == psch_config.base_config().method.to_dict()
   assert paper["pseudo_labels"]["fine_clusters"] is None
   assert paper["pseudo_labels"]["features"] == "pixels"
   assert paper["similarity"]["cross_cluster_ceiling"] is None
