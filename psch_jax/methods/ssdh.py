@@ -133,8 +133,14 @@ def ssdh_loss(relaxed_codes: jax.Array, similarity: jax.Array
   return loss, {"loss_pairs": loss, "known_pair_fraction": jnp.mean(jnp.abs(s))}
 
 
+_similarity_rows = jax.jit(similarity_rows)
+
+
 def _epoch_targets(config: ml_collections.ConfigDict, key: jax.Array,
                    data: TrainingData, params, *, epoch: int, previous=None):
+  """The unit features of the training set and SSDH's two thresholds (Eqs. S1-S2),
+  with statistics of the pairs they make; the key draws the ARPACK start of
+  "spectral" features and the fitted sample beyond `fit_rows` images."""
   del previous
   c = config.method.ssdh
   features_key, sample_key = jax.random.split(key)
@@ -154,8 +160,8 @@ def _epoch_targets(config: ml_collections.ConfigDict, key: jax.Array,
   labels = np.asarray(data.source.labels)[data.train_indices[fit_rows]]
   similar = dissimilar = same_class_similar = 0
   for start in range(0, len(fit_rows), _FIT_CHUNK_ROWS):
-    s = np.array(_similarity_rows(fitted[start:start + _FIT_CHUNK_ROWS],
-                                         fitted, jnp.asarray(thresholds)))
+    s = np.array(_similarity_rows(fitted[start:start + _FIT_CHUNK_ROWS], fitted,
+                                  jnp.asarray(thresholds)))
     np.fill_diagonal(s[:, start:start + _FIT_CHUNK_ROWS], 0)
     same = _same_class(labels[start:start + _FIT_CHUNK_ROWS], labels)
     similar += int(np.sum(s > 0))
@@ -163,8 +169,7 @@ def _epoch_targets(config: ml_collections.ConfigDict, key: jax.Array,
     same_class_similar += int(np.sum((s > 0) & same))
   pairs = len(fit_rows) * (len(fit_rows) - 1)
   stats = {"epoch": epoch, "features": c.features, "fit_rows": int(len(fit_rows)),
-           **{k: v for k, v in fit.items() if k != "histogram"},
-           "histogram": fit["histogram"],
+           **fit,
            "similar_fraction": similar / pairs,
            "dissimilar_fraction": dissimilar / pairs,
            "similar_precision": same_class_similar / max(similar, 1)}
@@ -177,9 +182,6 @@ def _epoch_targets(config: ml_collections.ConfigDict, key: jax.Array,
         "learn from. Lower config.method.ssdh.left_stds / right_stds, or compare "
         "images by other features (config.method.ssdh.features).")
   return {"features": features, "thresholds": thresholds}, stats
-
-
-_similarity_rows = jax.jit(similarity_rows)
 
 
 def _same_class(a: np.ndarray, b: np.ndarray) -> np.ndarray:
