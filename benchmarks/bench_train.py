@@ -506,6 +506,20 @@ def time_steps(run: Callable[[], None], steps: int) -> list[tuple[float, float]]
   return times
 
 
+def interleaved_times(runners: dict[str, Callable[[], None]], *, steps: int,
+                      rounds: int, warmup: int) -> dict[str, list[tuple[float, float]]]:
+  """{name: (wall, CPU) seconds per step} of each runner: `warmup` untimed steps
+  each (compiles, warms the allocators), then `rounds` rounds of `steps` steps that
+  alternate the runners, so a slower or busier stretch of the machine hits all."""
+  for run in runners.values():
+    time_steps(run, warmup)
+  times = {k: [] for k in runners}
+  for _ in range(rounds):
+    for name, run in runners.items():
+      times[name] += time_steps(run, steps)
+  return times
+
+
 def step_benchmark(model_names: list[str], *, steps: dict[str, int], rounds: int,
                    warmup: int) -> None:
   import torch  # pylint: disable=import-outside-toplevel
@@ -524,12 +538,8 @@ def step_benchmark(model_names: list[str], *, steps: dict[str, int], rounds: int
     inputs = make_inputs(config, num_train, part_shape_of(config, model))
     runners = {"torch": torch_step_runner(config, inputs),
                "ours": jax_step_runner(config, inputs)}
-    for run in runners.values():
-      time_steps(run, warmup)  # Compiles (JAX) and warms the allocators.
-    times = {k: [] for k in runners}
-    for _ in range(rounds):
-      for framework, run in runners.items():
-        times[framework] += time_steps(run, steps[name])
+    times = interleaved_times(runners, steps=steps[name], rounds=rounds,
+                              warmup=warmup)
     batch = config.train.global_batch_size
     medians = {k: (statistics.median(w for w, _ in v),
                    statistics.median(c for _, c in v)) for k, v in times.items()}
@@ -558,8 +568,7 @@ def peer_targets(config, model, num_train: int, seed: int = 0) -> dict[str, np.n
     if name == "thresholds":
       targets[name] = np.array([0.2, 0.3], np.float32)
     else:
-      rows = rng.random(shape.shape).astype(np.float32)
-      targets[name] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+      targets[name] = targets_lib.unit_rows(rng.random(shape.shape))
   return targets
 
 
@@ -583,11 +592,8 @@ def method_benchmark(model_names: list[str], *, steps: dict[str, int], rounds: i
       targets = (None if method == "psch" else
                  peer_targets(config, run_setup.build_model(config), num_train))
       runners[method] = jax_step_runner(config, inputs, targets)
-      time_steps(runners[method], warmup)
-    times = {k: [] for k in runners}
-    for _ in range(rounds):
-      for method, run in runners.items():
-        times[method] += time_steps(run, steps[name])
+    times = interleaved_times(runners, steps=steps[name], rounds=rounds,
+                              warmup=warmup)
     batch = base.train.global_batch_size
     wall = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
     for method in runners:

@@ -48,8 +48,10 @@ _PIXEL_FEATURES = ("pixels", "spectral")
 _PART_KEYS = ("part_descriptors", "part_weights")
 
 
-def _unit_rows(pixels: np.ndarray) -> np.ndarray:
-  return pixels / np.maximum(np.linalg.norm(pixels, axis=1, keepdims=True), 1e-12)
+def unit_rows(rows: np.ndarray) -> np.ndarray:
+  """float32 (N, D) rows scaled to unit L2 norm (zero rows stay zero)."""
+  rows = np.asarray(rows, np.float32)
+  return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
 def compute_targets(config: ml_collections.ConfigDict, key: jax.Array, encode, params,
@@ -107,7 +109,7 @@ def compute_targets(config: ml_collections.ConfigDict, key: jax.Array, encode, p
     parts_from = similarity_from if similarity_from is not None else encoded
     targets.update({k: np.asarray(parts_from[k]) for k in _PART_KEYS})
   elif source_kind == "pixels":
-    targets["pixel_features"] = _unit_rows(pixels)
+    targets["pixel_features"] = unit_rows(pixels)
   summary = {"epoch": epoch, "features": features,
              "kept_fraction": float(stats.kept_fraction),
              "kept_fraction_per_cluster": np.asarray(

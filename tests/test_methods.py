@@ -14,7 +14,8 @@ from scipy.stats import norm
 
 from psch_jax import config as psch_config
 from psch_jax import methods
-from psch_jax.methods import bihalf, cibhash, greedyhash, peer_features, ssdh
+from psch_jax import targets
+from psch_jax.methods import bihalf, cibhash, greedyhash, ssdh
 from psch_jax.preprocess import augment, contrastive_view
 from tests.helpers import ROOT, needs_fashion_mnist
 
@@ -216,7 +217,7 @@ def _authors_thresholds(features: np.ndarray, left_stds: float, right_stds: floa
 def test_ssdh_thresholds_are_the_authors_half_gaussian_fit():
   rng = np.random.default_rng(0)
   # Non-negative features, as fc7 after ReLU or pixels: distances in [0, 1].
-  features = peer_features.unit_rows(rng.random((700, 12)) ** 3)
+  features = targets.unit_rows(rng.random((700, 12)) ** 3)
   fit = ssdh.fit_thresholds(features, left_stds=2.0, right_stds=1.5)
   mode, below, above = _authors_thresholds(features, 2.0, 1.5)
   assert fit["mode"] == pytest.approx(mode)

@@ -7,9 +7,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from psch_jax.methods.interface import Method, TrainingData
+from psch_jax.methods.interface import Method
 from psch_jax.methods import peer_features
 
 
@@ -63,14 +62,7 @@ def bihalf_loss(hash_logits: jax.Array, features: jax.Array, *, gamma: float
   return cosine, {"loss_cosine": cosine}
 
 
-def _epoch_targets(config: ml_collections.ConfigDict, key: jax.Array,
-                   data: TrainingData, params, *, epoch: int, previous=None):
-  del previous
-  features = peer_features.training_features(
-      config, config.method.bihalf.features, data, params, key)
-  return {"features": features}, {"epoch": epoch,
-                                  "features": config.method.bihalf.features,
-                                  "feature_dim": int(features.shape[1])}
+_epoch_targets, _abstract_targets = peer_features.feature_targets("bihalf")
 
 
 def _loss(config, outputs, targets, position, *, key, attention):
@@ -84,10 +76,7 @@ METHOD = Method(
     name="bihalf", num_views=1, view_augmentation=lambda config: config.data.augment,
     classifier_outputs=lambda config: 0, epoch_targets=_epoch_targets,
     refresh_due=lambda config, epoch: False,
-    abstract_targets=lambda config, num_train, model, sharding, *, pixel_dim,
-    attention: peer_features.abstract_features(
-        config, config.method.bihalf.features, num_train, model, sharding,
-        pixel_dim=pixel_dim),
+    abstract_targets=_abstract_targets,
     loss=_loss,
     describe=lambda stats: (f"bihalf: cosines of {stats['features']} features "
                             f"(D = {stats['feature_dim']})"))

@@ -4,9 +4,8 @@ feature pairs (the authors' ssppp/GreedyHash, unsupervised_vgg.py; docs/method.m
 "GreedyHash")."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from psch_jax.methods.interface import Method, TrainingData
+from psch_jax.methods.interface import Method
 from psch_jax.methods import peer_features
 
 
@@ -54,14 +53,7 @@ def greedyhash_loss(hash_logits: jax.Array, features: jax.Array, *,
   return cosine + cubic_weight * cubic, {"loss_cosine": cosine, "loss_cubic": cubic}
 
 
-def _epoch_targets(config: ml_collections.ConfigDict, key: jax.Array,
-                   data: TrainingData, params, *, epoch: int, previous=None):
-  del previous
-  features = peer_features.training_features(
-      config, config.method.greedyhash.features, data, params, key)
-  return {"features": features}, {"epoch": epoch, "features":
-                                  config.method.greedyhash.features,
-                                  "feature_dim": int(features.shape[1])}
+_epoch_targets, _abstract_targets = peer_features.feature_targets("greedyhash")
 
 
 def _loss(config, outputs, targets, position, *, key, attention):
@@ -76,10 +68,7 @@ METHOD = Method(
     view_augmentation=lambda config: config.data.augment,
     classifier_outputs=lambda config: 0, epoch_targets=_epoch_targets,
     refresh_due=lambda config, epoch: False,
-    abstract_targets=lambda config, num_train, model, sharding, *, pixel_dim,
-    attention: peer_features.abstract_features(
-        config, config.method.greedyhash.features, num_train, model, sharding,
-        pixel_dim=pixel_dim),
+    abstract_targets=_abstract_targets,
     loss=_loss,
     describe=lambda stats: (f"greedyhash: cosines of {stats['features']} features "
                             f"(D = {stats['feature_dim']})"))

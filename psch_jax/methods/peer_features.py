@@ -18,17 +18,7 @@ from psch_jax import config_schema
 from psch_jax import encoding
 from psch_jax import spectral
 from psch_jax.methods.interface import TrainingData
-
-# A row of zeros (an all-black image) stays zero instead of dividing by zero; its
-# cosine with every image is then 0.
-_MIN_NORM = 1e-12
-
-
-def unit_rows(rows: np.ndarray) -> np.ndarray:
-  """float32 (N, D) rows scaled to unit L2 norm (zero rows stay zero)."""
-  rows = np.asarray(rows, np.float32)
-  return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), _MIN_NORM)
-
+from psch_jax.targets import unit_rows
 
 def training_features(config: ml_collections.ConfigDict, kind: str,
                       data: TrainingData, params, key: jax.Array) -> np.ndarray:
@@ -77,6 +67,27 @@ def abstract_features(config: ml_collections.ConfigDict, kind: str, num_train: i
   dim = feature_dim(config, kind, model, pixel_dim=pixel_dim)
   return {"features": jax.ShapeDtypeStruct((num_train, dim), jnp.float32,
                                            sharding=sharding)}
+
+
+def feature_targets(method: str):
+  """(epoch_targets, abstract_targets) of a method whose only targets are the fixed
+  features of `config.method.<method>.features` (GreedyHash, BiHalf):
+  {"features": float32 (N, D) unit rows}, made once before training."""
+
+  def epoch_targets(config: ml_collections.ConfigDict, key: jax.Array,
+                    data: TrainingData, params, *, epoch: int, previous=None):
+    del previous
+    kind = config.method[method].features
+    features = training_features(config, kind, data, params, key)
+    return {"features": features}, {"epoch": epoch, "features": kind,
+                                    "feature_dim": int(features.shape[1])}
+
+  def abstract_targets(config, num_train, model, sharding, *, pixel_dim, attention):
+    del attention
+    return abstract_features(config, config.method[method].features, num_train,
+                             model, sharding, pixel_dim=pixel_dim)
+
+  return epoch_targets, abstract_targets
 
 
 def cosine_of_halves(rows: jax.Array) -> jax.Array:

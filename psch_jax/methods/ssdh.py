@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from psch_jax import reference
 from psch_jax.errors import UserError
 from psch_jax.methods.interface import Method, TrainingData
 from psch_jax.methods import peer_features
@@ -188,7 +189,7 @@ def _same_class(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   """(len a, len b) bool: the images share a class (a label, for multi-label sets)."""
   if a.ndim == 1:
     return a[:, None] == b[None, :]
-  return (a.astype(np.float32) @ b.astype(np.float32).T) > 0
+  return reference.shares_a_label(a, b)
 
 
 def _loss(config, outputs, targets, position, *, key, attention):
