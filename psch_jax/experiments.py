@@ -67,8 +67,9 @@ from psch_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
-class Method:
-  """One row of the table.
+class TableRow:
+  """One row of the table (a `--methods` name; not a training method of
+  `psch_jax.methods`, which a peer row names in its overrides).
 
   Attributes:
     name: the --methods name.
@@ -87,37 +88,37 @@ class Method:
 
 
 _METHOD_LIST = (
-    Method("psch", "PSCH"),
+    TableRow("psch", "PSCH"),
     # No override: PSCH trained as long as the ablations (--epochs_ablation), the row
     # the ablations are read against when their schedule is shorter.
-    Method("psch_short", "PSCH at the ablations' schedule (reference)"),
-    Method("hard_similarity", "PSCH, hard similarity",
+    TableRow("psch_short", "PSCH at the ablations' schedule (reference)"),
+    TableRow("hard_similarity", "PSCH, hard similarity",
            (("similarity.hard", True),)),
-    Method("no_threshold", "PSCH, no distance threshold (q = 1)",
+    TableRow("no_threshold", "PSCH, no distance threshold (q = 1)",
            (("pseudo_labels.keep_quantile", 1.0),)),
-    Method("one_part", "PSCH, one part (P = 1)", (("attention.num_parts", 1),)),
-    Method("no_attention", "PSCH, no attention (uniform A)",
+    TableRow("one_part", "PSCH, one part (P = 1)", (("attention.num_parts", 1),)),
+    TableRow("no_attention", "PSCH, no attention (uniform A)",
            (("attention.uniform", True),)),
-    Method("no_lcls", "PSCH, no L_cls (alpha = 0)", (("loss.alpha", 0.0),)),
-    Method("no_lq", "PSCH, no L_q (beta = 0)", (("loss.beta", 0.0),)),
-    Method("pixel_kmeans", "PSCH, k-means on pixels (no Eq. 1a)",
+    TableRow("no_lcls", "PSCH, no L_cls (alpha = 0)", (("loss.alpha", 0.0),)),
+    TableRow("no_lq", "PSCH, no L_q (beta = 0)", (("loss.beta", 0.0),)),
+    TableRow("pixel_kmeans", "PSCH, k-means on pixels (no Eq. 1a)",
            (("pseudo_labels.features", "pixels"),)),
-    Method("minus_one_across", "PSCH, -1 across clusters (no Eq. 7b)",
+    TableRow("minus_one_across", "PSCH, -1 across clusters (no Eq. 7b)",
            (("similarity.cross_cluster_ceiling", None),)),
-    Method("one_level", "PSCH, one level of pseudo labels (no Eqs. 2b, 7c, 9b)",
+    TableRow("one_level", "PSCH, one level of pseudo labels (no Eqs. 2b, 7c, 9b)",
            (("pseudo_labels.fine_clusters", None),)),
-    Method("no_fine_classifier", "PSCH, no fine classifier (alpha_f = 0)",
+    TableRow("no_fine_classifier", "PSCH, no fine classifier (alpha_f = 0)",
            (("loss.fine_alpha", 0.0),)),
-    Method("ssdh", "SSDH", (("method.name", "ssdh"),), peer=True),
-    Method("greedyhash", "GreedyHash", (("method.name", "greedyhash"),), peer=True),
-    Method("bihalf", "BiHalf", (("method.name", "bihalf"),), peer=True),
-    Method("cibhash", "CIBHash", (("method.name", "cibhash"),), peer=True),
-    Method("lsh", "LSH", baseline=True),
-    Method("pcah", "PCAH", baseline=True),
-    Method("itq", "ITQ", baseline=True),
-    Method("sh", "SH", baseline=True),
+    TableRow("ssdh", "SSDH", (("method.name", "ssdh"),), peer=True),
+    TableRow("greedyhash", "GreedyHash", (("method.name", "greedyhash"),), peer=True),
+    TableRow("bihalf", "BiHalf", (("method.name", "bihalf"),), peer=True),
+    TableRow("cibhash", "CIBHash", (("method.name", "cibhash"),), peer=True),
+    TableRow("lsh", "LSH", baseline=True),
+    TableRow("pcah", "PCAH", baseline=True),
+    TableRow("itq", "ITQ", baseline=True),
+    TableRow("sh", "SH", baseline=True),
 )
-METHODS: dict[str, Method] = {m.name: m for m in _METHOD_LIST}
+METHODS: dict[str, TableRow] = {m.name: m for m in _METHOD_LIST}
 ABLATIONS = tuple(m.name for m in _METHOD_LIST
                   if m.name != "psch" and not m.baseline and not m.peer)
 _ENCODE_CHUNK = 8192

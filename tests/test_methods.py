@@ -17,7 +17,7 @@ from psch_jax import methods
 from psch_jax import targets
 from psch_jax.methods import bihalf, cibhash, greedyhash, ssdh
 from psch_jax.preprocess import augment, contrastive_view
-from tests.helpers import ROOT, needs_fashion_mnist
+from tests.helpers import ROOT, needs_fashion_mnist, repo_config
 
 
 def test_every_configured_method_is_registered():
@@ -228,14 +228,10 @@ def test_ssdh_thresholds_are_the_authors_half_gaussian_fit():
 
 # ------------------------------------------------------------------ end to end
 
-METHOD_TINY = "--config=configs/fashion_mnist.py:tiny"
-
-
-def _main(workdir: str, method: str, *extra: str) -> subprocess.Popen:
-  return subprocess.Popen(
-      [sys.executable, "main.py", METHOD_TINY, f"--workdir={workdir}",
-       f"--config.method.name={method}", *extra], cwd=ROOT, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True)
+def _tiny_config(method: str):
+  config = repo_config("fashion_mnist", "tiny")
+  config.method.name = method
+  return config
 
 
 def _codes(workdir: str) -> dict[str, np.ndarray]:
@@ -253,15 +249,19 @@ def _metrics(workdir: str) -> dict:
 @pytest.mark.slow
 @needs_fashion_mnist
 @pytest.mark.parametrize("method", ["ssdh", "greedyhash", "bihalf", "cibhash"])
-def test_method_killed_mid_training_resumes_to_the_uninterrupted_codes(method,
-                                                                       tmp_path):
+def test_method_killed_mid_training_resumes_to_the_uninterrupted_codes(
+    method, tmp_path, capsys):
+  """Only the killed run is a process of its own (`main.py`, SIGKILLed); the
+  uninterrupted run, the resumption and `--mode=eval` are the same library calls
+  `main.py` makes, in this process, where they share its compiled programs."""
+  from psch_jax import train
   reference, workdir = str(tmp_path / "reference"), str(tmp_path / "work")
-  done = _main(reference, method)
-  output = done.communicate(timeout=600)[0]
-  assert done.returncode == 0, output
   # Train, and SIGKILL once a checkpoint before the last one is complete.
   checkpoints = os.path.join(workdir, "checkpoints")
-  killed = _main(workdir, method)
+  killed = subprocess.Popen(
+      [sys.executable, "main.py", "--config=configs/fashion_mnist.py:tiny",
+       f"--workdir={workdir}", f"--config.method.name={method}"], cwd=ROOT,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   deadline = time.monotonic() + 300
   while not (os.path.isdir(checkpoints) and any(
       n.isdigit() and int(n) < 10 for n in os.listdir(checkpoints))):
@@ -271,16 +271,15 @@ def test_method_killed_mid_training_resumes_to_the_uninterrupted_codes(method,
   killed.kill()
   killed.wait()
   assert not os.path.exists(os.path.join(workdir, "results.json"))
-  resumed = _main(workdir, method)
-  output = resumed.communicate(timeout=600)[0]
-  assert resumed.returncode == 0 and "resumed from step" in output, output
+  train.train_and_evaluate(_tiny_config(method), reference)
+  capsys.readouterr()
+  train.train_and_evaluate(_tiny_config(method), workdir)
+  assert "resumed from step" in capsys.readouterr().out
   for name, codes in _codes(reference).items():
     np.testing.assert_array_equal(_codes(workdir)[name], codes)
   assert _metrics(workdir) == _metrics(reference)
   # --mode=eval of the checkpoint gives the same numbers again.
-  evaluated = _main(workdir, method, "--mode=eval")
-  output = evaluated.communicate(timeout=600)[0]
-  assert evaluated.returncode == 0, output
+  train.evaluate_checkpoint(_tiny_config(method), workdir)
   assert _metrics(workdir) == _metrics(reference)
 
 
@@ -293,7 +292,6 @@ def test_the_paper_setting_runs_every_peer_on_mock_cifar10(method, tmp_path):
   configs do (the small CNN's default is the pixels, run above)."""
   import tensorflow_datasets as tfds
   from psch_jax import io_utils, train
-  from tests.helpers import repo_config
   config = repo_config("cifar10", "tiny")
   config.method.name = method
   if "features" in config.method[method]:
