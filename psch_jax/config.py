@@ -31,6 +31,8 @@ METHODS = ("psch", "ssdh", "greedyhash", "bihalf", "cibhash")
 # spectral embedding of the pixels' k-NN graph (Eq. 1a), or the global feature
 # (VGG-16's fc7) of the network before training.
 PEER_FEATURES = ("pixels", "spectral", "global")
+# psch_jax/preprocess.py augment: the random views a training batch may get.
+AUGMENTATIONS = ("none", "flip", "crop_flip", "contrastive")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -58,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.method.cibhash.temperature = 0.3                 # tau of NT-Xent
   c.method.cibhash.kl_weight = 0.001                 # beta of the KL term
   c.method.cibhash.stochastic = True                 # b = sign(p - u), u ~ U(0, 1)
-  c.method.cibhash.augment = "contrastive"           # preprocess.AUGMENTATIONS
+  c.method.cibhash.augment = "contrastive"           # AUGMENTATIONS
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "fashion_mnist"
@@ -74,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Take fewer images than asked where a class is too small (tiny and mock sets)
   # instead of stopping with an error.
   c.data.allow_fewer = False
-  c.data.augment = "none"                            # preprocess.AUGMENTATIONS
+  c.data.augment = "none"                            # AUGMENTATIONS
   c.data.mean = (0.5,)
   c.data.std = (0.5,)
 

@@ -35,7 +35,6 @@ from psch_jax import config as psch_config
 from psch_jax.data import sources
 from psch_jax.data import splits as splits_lib
 from psch_jax.errors import UserError
-from psch_jax.preprocess import AUGMENTATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +107,7 @@ FIELDS: dict[str, Field] = {
         "the NT-Xent temperature")),
     "method.cibhash.kl_weight": _float(0.0, meaning="the weight of the KL term"),
     "method.cibhash.stochastic": _BOOL,
-    "method.cibhash.augment": _choice(AUGMENTATIONS),
+    "method.cibhash.augment": _choice(psch_config.AUGMENTATIONS),
     "data.name": _choice(sources.DATASETS),
     "data.data_dir": _PATH,
     "data.manual_dir": _PATH,
@@ -122,7 +121,7 @@ FIELDS: dict[str, Field] = {
     "data.num_database": _int(1, nullable=True, meaning=(
         "the size of a database subset for smoke runs (unset: the preset's)")),
     "data.allow_fewer": _BOOL,
-    "data.augment": _choice(AUGMENTATIONS),
+    "data.augment": _choice(psch_config.AUGMENTATIONS),
     "data.mean": Field(tuple, item=float, example="(0.5,)", meaning=(
         "the per-channel mean in [0, 1] pixel units")),
     "data.std": Field(tuple, item=float, low=0.0, low_open=True, example="(0.5,)",

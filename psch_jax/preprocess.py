@@ -10,7 +10,8 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-AUGMENTATIONS = ("none", "flip", "crop_flip", "contrastive")
+from psch_jax.config import AUGMENTATIONS
+
 
 # CIBHash's views (its authors' utils/data.py): a random resized crop of 50-100 % of
 # the area at aspect 3/4-4/3, a flip, colour jitter of strength 0.4 with probability

@@ -29,13 +29,28 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 # Fixtures whose tests are end-to-end by nature: a trained run, a storage server.
 _SLOW_FIXTURES = ("tiny_run", "gcs_bucket")
 
+# The files that take the workers longest, longest first (per-file sums of
+# `--durations=0`, docs/testing.md). xdist's loadfile hands out whole files in
+# collection order (pytest.ini turns off its reordering by test count, which put
+# these few-test files last), so starting with the longest leaves the many short
+# files to even out the two workers' ends: longest processing time first. A stale
+# list costs minutes, never a result.
+_LONGEST_FILES = ("test_transaction.py", "test_methods.py", "test_reliability.py",
+                  "test_mixed_precision.py", "test_train.py", "test_gcs_workdir.py",
+                  "test_experiments.py", "test_spectral.py", "test_main.py",
+                  "test_hub.py", "test_pretrained.py", "test_pseudo_labels.py",
+                  "test_diagnostics.py", "test_search.py", "test_kmeans.py")
+
 
 def pytest_collection_modifyitems(items):
   """Marks `slow` every test that needs a trained run or the Cloud Storage emulator
-  (directly or through another fixture), beside the tests marked by hand."""
+  (directly or through another fixture), beside the tests marked by hand; puts the
+  longest files first (stable: each file's tests keep their order)."""
   for item in items:
     if any(name in getattr(item, "fixturenames", ()) for name in _SLOW_FIXTURES):
       item.add_marker(pytest.mark.slow)
+  rank = {name: i for i, name in enumerate(_LONGEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session")

@@ -21,10 +21,11 @@ needs_fashion_mnist = pytest.mark.skipif(
     reason="apt-get install dataset-fashion-mnist")
 
 BITS, SEEDS = (8, 16), (0, 1)
-# One PSCH-type row (an ablation, so --epochs_ablation is exercised too): the harness
-# runs every PSCH variant through the same path, and each (variant, bits) compiles
-# its own programs, the bulk of a tiny run's time on a CPU.
+# One PSCH-type row (an ablation, so --epochs_ablation and --ablation_bits are
+# exercised too): the harness runs every PSCH variant through the same path, and each
+# (variant, bits) compiles its own programs, the bulk of a tiny run's time on a CPU.
 METHODS = ("no_lq", "itq", "lsh")
+ABLATION_BITS = (8,)
 
 
 def test_ablation_configs_are_the_overrides_of_method_md():
@@ -133,7 +134,7 @@ def experiment(tmp_path_factory):
       [sys.executable, "-m", "psch_jax.commands.experiments", f"--config={CONFIG}:tiny",
        f"--workdir={workdir}", "--bits=" + ",".join(map(str, BITS)),
        "--seeds=" + ",".join(map(str, SEEDS)), "--methods=" + ",".join(METHODS),
-       "--epochs_ablation=1"],
+       "--epochs_ablation=1", "--ablation_bits=8"],
       cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
@@ -155,10 +156,18 @@ def test_table_has_every_row_and_column_with_the_per_run_statistics(experiment):
   rows = [line for line in table.splitlines() if line.startswith("| ")]
   assert rows[0] == "| method | 8 bits | 16 bits |"
   assert len(rows) == 1 + len(METHODS) and not any("—" in row for row in rows)
-  assert len(report["runs"]) == len(METHODS) * len(BITS) * len(SEEDS)
+  runs_per_seed = sum(len(ABLATION_BITS if m in experiments.ABLATIONS else BITS)
+                      for m in METHODS)
+  assert len(report["runs"]) == runs_per_seed * len(SEEDS)
   for method in METHODS:
     cells = []
     for bits in BITS:
+      if method in experiments.ABLATIONS and bits not in ABLATION_BITS:
+        assert str(bits) not in report["summary"][method]
+        assert not os.path.exists(os.path.join(experiment, "runs", method,
+                                               f"{bits}bits_seed0"))
+        cells.append("·")
+        continue
       per_run = [run_results(experiment, method, bits, seed) for seed in SEEDS]
       cell = report["summary"][method][str(bits)]
       for metric in ("map@all", "map@10"):
@@ -168,7 +177,8 @@ def test_table_has_every_row_and_column_with_the_per_run_statistics(experiment):
       cells.append(f"{experiments.format_statistic(cell['map@all'])} / "
                    f"{experiments.format_statistic(cell['map@10'])}")
     assert f"| {experiments.METHODS[method].label} | {' | '.join(cells)} |" in table
-  assert "ablations train 1 epoch, a shorter schedule than PSCH's 2" in table
+  assert ("ablations train 1 epoch at 8 bits only (--ablation_bits), a shorter "
+          "schedule than PSCH's 2") in table
   with open(os.path.join(experiment, "results.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -176,12 +186,12 @@ def test_table_has_every_row_and_column_with_the_per_run_statistics(experiment):
 @pytest.mark.slow
 @needs_fashion_mnist
 def test_runs_use_their_method_config_and_the_seed_splits(experiment):
-  with open(os.path.join(experiment, "runs", "no_lq", "16bits_seed1",
+  with open(os.path.join(experiment, "runs", "no_lq", "8bits_seed1",
                          "config.json")) as f:
     config = json.load(f)
   assert (config["loss"]["beta"], config["train"]["num_epochs"]) == (0.0, 1)
-  assert config["model"]["num_bits"] == 16 and config["seed"] == 1
-  assert run_results(experiment, "no_lq", 16, 1)["epochs"] == 1
+  assert config["model"]["num_bits"] == 8 and config["seed"] == 1
+  assert run_results(experiment, "no_lq", 8, 1)["epochs"] == 1
   seed_splits = splits.load_splits(os.path.join(experiment, "seed1", "splits"))
   psch_splits = splits.load_splits(os.path.join(experiment, "runs", "no_lq",
                                                 "8bits_seed1", "splits"))
@@ -210,7 +220,8 @@ def test_rerun_skips_finished_runs_and_refuses_a_changed_config(experiment,
     before = json.load(f)["summary"]
   config = psch_config.load_config(f"{CONFIG}:tiny")
   report = experiments.run_experiments(config, workdir=experiment, bits=BITS,
-                                       seeds=SEEDS, methods=METHODS, ablation_epochs=1)
+                                       seeds=SEEDS, methods=METHODS, ablation_epochs=1,
+                                       ablation_bits=ABLATION_BITS)
   assert report["summary"] == before
   for path, mtime in mtimes.items():
     # The table itself is rewritten (a new generation of it replaces the old).
@@ -221,6 +232,7 @@ def test_rerun_skips_finished_runs_and_refuses_a_changed_config(experiment,
     table = f.read()
   with pytest.raises(UserError, match="train.num_epochs"):
     experiments.run_experiments(config, workdir=experiment, bits=BITS, seeds=SEEDS,
-                                methods=METHODS, ablation_epochs=2)
+                                methods=METHODS, ablation_epochs=2,
+                                ablation_bits=ABLATION_BITS)
   with open(os.path.join(experiment, "results.md")) as f:
     assert f.read() == table  # refused before anything was written

@@ -103,6 +103,15 @@ def test_train_imports_without_the_command_line():
   assert result.returncode == 0, result.stderr[-3000:]
 
 
+def test_config_rules_load_without_jax():
+  # A config that breaks a rule is refused before JAX's 1.5 s of imports.
+  result = subprocess.run(
+      [sys.executable, "-c", "import psch_jax.config_schema, sys; "
+       "assert 'jax' not in sys.modules, 'config_schema imports jax'"], cwd=ROOT,
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
 # ----------------------------------------------------------------- docs and code
 
 DOC_FILES = [os.path.join(ROOT, "README.md")] + [

@@ -5,7 +5,7 @@ reports and experiments are shared by every method (`psch_jax.train`); a method
 contributes only what differs:
 
 - `num_views`: how many augmented views of a batch its loss reads (1 or 2), and
-  `view_augmentation(config)`, the `preprocess.AUGMENTATIONS` kind of each view;
+  `view_augmentation(config)`, the `config.AUGMENTATIONS` kind of each view;
 - `classifier_outputs(config)`: the outputs of the network's linear classifier on
   the relaxed codes (0: no classifier); the backbone and the hash head are shared;
 - its per-epoch state, "targets" (a dict of arrays, one row per training image, held
