@@ -53,14 +53,28 @@ def start_main(log_path: str, *args: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
+# Linux counts in a child's peak RSS (ru_maxrss) what its parent held when it spawned
+# it: a pytest worker that has run the VGG-16 tests holds 2 GB, and every child it
+# starts then "peaked" at 2 GB. So main.py is spawned by a small Python that only
+# waits for it and writes its peak (KiB) to a file.
+_PEAK_RSS_OF_CHILD = (
+    "import os, sys; pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ); "
+    "_, status, usage = os.wait4(pid, 0); "
+    "open(sys.argv[1], 'w').write(str(usage.ru_maxrss)); "
+    "sys.exit(os.waitstatus_to_exitcode(status))")
+
+
 def run_main(tmp_path, *args: str) -> tuple[int, str, int]:
   """Runs `python main.py *args` to the end: (exit code, output, peak RSS in MiB)."""
   log_path = str(tmp_path / f"main-{time.monotonic_ns()}.log")
-  proc = start_main(log_path, *args)
-  _, status, usage = os.wait4(proc.pid, 0)
-  proc.returncode = os.waitstatus_to_exitcode(status)
-  with open(log_path) as f:
-    return proc.returncode, f.read(), usage.ru_maxrss // 1024
+  peak_path = log_path + ".peak"
+  with open(log_path, "w") as log:
+    code = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS_OF_CHILD, peak_path, sys.executable,
+         "main.py", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        check=False).returncode
+  with open(log_path) as f, open(peak_path) as peak:
+    return code, f.read(), int(peak.read()) // 1024
 
 
 def tiny_config(**fields):
