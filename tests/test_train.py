@@ -103,7 +103,7 @@ def test_eval_mode_reproduces_the_final_metrics(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_eight_devices_and_one_device_give_the_same_loss_after_20_steps():
+def test_four_devices_and_one_device_give_the_same_loss_after_20_steps():
   config = repo_config("cifar10", "tiny")
   config.unlock()
   config.train.global_batch_size = 32
@@ -138,9 +138,9 @@ def test_eight_devices_and_one_device_give_the_same_loss_after_20_steps():
       out.append(float(metrics["loss"]))
     return np.array(out)
 
-  one, eight = losses(jax.devices()[:1]), losses(jax.devices()[:8])
-  assert len(jax.devices()) == 8
-  assert abs(one[-1] - eight[-1]) <= 1e-4, (one, eight)
+  one, four = losses(jax.devices()[:1]), losses(jax.devices())
+  assert len(jax.devices()) == 4
+  assert abs(one[-1] - four[-1]) <= 1e-4, (one, four)
 
 
 @pytest.mark.parametrize("name,list_file,label_file,image_dir,num_labels", [
