@@ -11,9 +11,6 @@ from collections.abc import Sequence
 from absl import flags
 
 from psch_jax import cli
-from psch_jax import diagnostics
-from psch_jax import io_utils
-from psch_jax import xla_settings
 
 FLAGS = flags.FLAGS
 
@@ -31,7 +28,13 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  # Imported here: --help and flag errors answer before JAX's imports.
+  # pylint: disable=g-import-not-at-top
+  from psch_jax import xla_settings
   xla_settings.apply(FLAGS.config)  # before the backend starts
+  from psch_jax import diagnostics
+  from psch_jax import io_utils
+  # pylint: enable=g-import-not-at-top
   report = diagnostics.target_quality(FLAGS.config, FLAGS.workdir,
                                       query_stride=FLAGS.query_stride)
   path = io_utils.join(io_utils.workdir_path(FLAGS.workdir), diagnostics.REPORT_FILE)

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from absl import flags
 
 from psch_jax import cli
-from psch_jax import reports
 
 FLAGS = flags.FLAGS
 
@@ -23,6 +22,8 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> int:
   del argv
+  # Imported here: --help and flag errors answer before JAX's imports.
+  from psch_jax import reports  # pylint: disable=g-import-not-at-top
   return reports.print_comparison(FLAGS.workdir)
 
 

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from absl import flags
 
 from psch_jax import cli
-from psch_jax import search
 
 FLAGS = flags.FLAGS
 
@@ -26,6 +25,8 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  # Imported here: --help and flag errors answer before JAX's imports.
+  from psch_jax import search  # pylint: disable=g-import-not-at-top
   paths = [p for p in FLAGS.images.split(",") if p]
   results = search.search(FLAGS.workdir, paths, topk=FLAGS.topk)
   print("\n\n".join(search.format_matches(p, m) for p, m in zip(paths, results)))
