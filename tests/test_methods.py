@@ -2,8 +2,6 @@
 authors' procedures (docs/method.md, "Deep peers"), and each method end to end:
 trained, SIGKILLed, resumed to the codes of an uninterrupted run, evaluated."""
 import os
-import subprocess
-import sys
 import time
 
 import jax
@@ -17,7 +15,8 @@ from psch_jax import methods
 from psch_jax import targets
 from psch_jax.methods import bihalf, cibhash, greedyhash, ssdh
 from psch_jax.preprocess import augment, contrastive_view
-from tests.helpers import ROOT, needs_fashion_mnist, repo_config
+from tests import test_train
+from tests.helpers import needs_fashion_mnist, repo_config
 
 
 def test_every_configured_method_is_registered():
@@ -265,10 +264,7 @@ def test_method_killed_mid_training_resumes_to_the_uninterrupted_codes(
   reference, workdir = str(tmp_path / "reference"), str(tmp_path / "work")
   # Train, and SIGKILL once a checkpoint before the last one is complete.
   checkpoints = os.path.join(workdir, "checkpoints")
-  killed = subprocess.Popen(
-      [sys.executable, "main.py", "--config=configs/fashion_mnist.py:tiny",
-       f"--workdir={workdir}", f"--config.method.name={method}"], cwd=ROOT,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  killed = test_train.run_main(workdir, f"--config.method.name={method}")
   deadline = time.monotonic() + 300
   while not (os.path.isdir(checkpoints) and any(
       n.isdigit() and int(n) < 10 for n in os.listdir(checkpoints))):

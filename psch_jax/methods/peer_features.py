@@ -20,6 +20,7 @@ from psch_jax import spectral
 from psch_jax.methods.interface import TrainingData
 from psch_jax.targets import unit_rows
 
+
 def training_features(config: ml_collections.ConfigDict, kind: str,
                       data: TrainingData, params, key: jax.Array) -> np.ndarray:
   """float32 (N, D) unit rows of the training images' `kind` features ("pixels":
