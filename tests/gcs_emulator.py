@@ -207,6 +207,10 @@ def serve(ready_file: str, bucket: str, cert: str, key: str) -> None:
   from gcp_storage_emulator.server import RequestHandler
   from gcp_storage_emulator.storage import Storage
   _fix_emulator(server_module, objects)
+  # In memory, the metadata the emulator re-serialises whole after every write (its
+  # .meta file, read only at start) is never read again: skipping it keeps each
+  # request's cost flat instead of growing with the objects the session wrote.
+  Storage._write_config_to_file = lambda self: None  # pylint: disable=protected-access
   storage = Storage(use_memory_fs=True)
   buckets.create_bucket(bucket, storage)
   httpd = _EmulatorHTTPServer(("127.0.0.1", 0),

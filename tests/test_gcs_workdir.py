@@ -37,6 +37,16 @@ from tests.helpers import free_port, FASHION_MNIST, ROOT, needs_fashion_mnist, r
 
 # Seconds a tiny run may take on a busy 2-core CPU (as tests/test_train.py allows).
 _RUN_TIMEOUT_S = 600
+# The runs on gs:// save at the epoch ends only (steps 5 and 10 of the tiny run's 10)
+# instead of every 2 steps: a save is many requests to the emulator, and one save
+# before the last is all a kill, a resumption and two processes need.
+_EPOCH_END_SAVES = 5
+
+
+def _epoch_end_saves_config():
+  config = repo_config("fashion_mnist", "tiny")
+  config.train.checkpoint_every_steps = _EPOCH_END_SAVES
+  return config
 
 
 def _unique_workdir(bucket, name: str) -> str:
@@ -74,7 +84,8 @@ def resumed_gcs_run(gcs_bucket):
   if not FASHION_MNIST:
     pytest.skip("apt-get install dataset-fashion-mnist")
   workdir = _unique_workdir(gcs_bucket, "run")
-  proc = test_train.run_main(workdir)
+  proc = test_train.run_main(
+      workdir, f"--config.train.checkpoint_every_steps={_EPOCH_END_SAVES}")
   deadline = time.monotonic() + _RUN_TIMEOUT_S
   while not _first_checkpoint_committed(gcs_bucket, workdir):
     if proc.poll() is not None or time.monotonic() > deadline:
@@ -88,7 +99,7 @@ def resumed_gcs_run(gcs_bucket):
   # The rerun in this process: what `main.py` calls, with its output.
   output = io.StringIO()
   with contextlib.redirect_stdout(output):
-    train.train_and_evaluate(repo_config("fashion_mnist", "tiny"), workdir)
+    train.train_and_evaluate(_epoch_end_saves_config(), workdir)
   return workdir, output.getvalue()
 
 
@@ -121,7 +132,7 @@ def test_eval_mode_on_gcs_reproduces_the_final_metrics(resumed_gcs_run):
   results, codes = read_gcs_outputs(workdir)
   io_utils.remove(io_utils.join(workdir, "results.json"))
   # In-process: what `main.py --mode=eval` calls (the command line is test_main's).
-  train.evaluate_checkpoint(repo_config("fashion_mnist", "tiny"), workdir)
+  train.evaluate_checkpoint(_epoch_end_saves_config(), workdir)
   again, codes_again = read_gcs_outputs(workdir)
   assert again["selection"] == "last epoch"  # the checkpoint of the finished run
   metrics = [k for k, v in results.items()
@@ -165,8 +176,9 @@ def test_two_processes_train_one_run_into_one_gcs_workdir(gcs_bucket):
   # One device each: the mesh spans the two processes, each feeding its own device.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   address = f"127.0.0.1:{free_port()}"
+  saves = f"--config.train.checkpoint_every_steps={_EPOCH_END_SAVES}"
   procs = [test_train.run_main(workdir, f"--coordinator_address={address}",
-                               "--num_processes=2", f"--process_id={i}", env=env)
+                               "--num_processes=2", f"--process_id={i}", saves, env=env)
            for i in range(2)]
   outputs = [p.communicate(timeout=_RUN_TIMEOUT_S)[0] for p in procs]
   for p, out in zip(procs, outputs):

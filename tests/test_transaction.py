@@ -6,7 +6,9 @@ its exit code, its message, and the work directory: byte for byte as before for 
 refusal (a directory that did not exist stays absent), or the expected generation of
 results for a success.
 """
+import contextlib
 import hashlib
+import io
 import json
 import os
 import signal
@@ -19,6 +21,8 @@ import pytest
 from PIL import Image
 
 from psch_jax import checkpointing
+from psch_jax import diagnostics
+from psch_jax import experiments
 from psch_jax import search
 from psch_jax import train
 from psch_jax import workdir as workdir_lib
@@ -67,6 +71,22 @@ def _results(workdir: str) -> dict:
     return json.load(f)
 
 
+def _lsh_table(table: str) -> None:
+  """The table of `experiments --bits=8 --seeds=0 --methods=lsh` on the tiny config,
+  made in this process (what the command calls; its refusals are the subprocesses)."""
+  experiments.run_experiments(repo_config("fashion_mnist", "tiny"), workdir=table,
+                              bits=(8,), seeds=(0,), methods=("lsh",))
+
+
+def _rerun_in_process(workdir: str) -> str:
+  """What the rerun of `main.py TINY --workdir=workdir` calls, in this process
+  (compiled already); returns what it printed."""
+  output = io.StringIO()
+  with contextlib.redirect_stdout(output):
+    train.train_and_evaluate(repo_config("fashion_mnist", "tiny"), workdir)
+  return output.getvalue()
+
+
 # ------------------------------------------------- 1. a failed start writes nothing
 
 @pytest.mark.parametrize("args,expected", [
@@ -93,9 +113,8 @@ def test_a_refused_start_leaves_a_finished_run_byte_for_byte(tiny_run, tmp_path)
   assert_refused(code, output, "needs at least")
   assert snapshot(workdir) == before
   # And the refused value was not recorded: the next run with the right config is
-  # not "a changed config".
-  code, output = run_command("main.py", TINY, f"--workdir={workdir}", "--mode=eval")
-  assert code == 0, output
+  # not "a changed config" (in-process: what `main.py --mode=eval` calls).
+  train.evaluate_checkpoint(repo_config("fashion_mnist", "tiny"), workdir)
 
 
 def test_checkpoints_without_config_json_are_refused_not_adopted(tiny_run, tmp_path):
@@ -204,10 +223,7 @@ def test_experiments_on_a_main_py_run_and_main_py_on_a_table_are_refused(
   assert snapshot(workdir) == before
 
   table = str(tmp_path / "table")
-  code, output = run_command("-m", "psch_jax.commands.experiments", TINY,
-                             f"--workdir={table}", "--bits=8", "--seeds=0",
-                             "--methods=lsh")
-  assert code == 0, output
+  _lsh_table(table)
   assert _results(table)["generation"]["step"] is None
   before = snapshot(table)
   code, output = run_command("main.py", TINY, f"--workdir={table}")
@@ -219,12 +235,12 @@ def test_experiments_on_a_main_py_run_and_main_py_on_a_table_are_refused(
                  "training run of main.py", "runs/<method>/")
 
 
-@pytest.mark.slow  # runs the command end to end first
+@pytest.mark.slow  # makes the report end to end first
 def test_main_py_on_a_diagnostics_directory_is_refused(tmp_path):
   workdir = str(tmp_path / "diagnostics")
-  code, output = run_command("-m", "psch_jax.commands.diagnostics", TINY,
-                             f"--workdir={workdir}")
-  assert code == 0, output
+  # In-process: what the diagnostics command calls (test_diagnostics runs the command).
+  diagnostics.target_quality(repo_config("fashion_mnist", "tiny"), workdir,
+                             query_stride=1)
   with open(os.path.join(workdir, "kind.json")) as f:
     assert json.load(f) == {"kind": "diagnostics"}
   before = snapshot(workdir)
@@ -248,13 +264,12 @@ def test_experiments_takes_the_lock(tmp_path):
     held.release()
 
 
-@pytest.mark.slow  # runs the command end to end first
+@pytest.mark.slow  # makes a table end to end first
 def test_experiments_after_a_changed_data_field_never_reuses_the_old_splits(tmp_path):
   table = str(tmp_path / "table")
   common = ("-m", "psch_jax.commands.experiments", TINY, f"--workdir={table}",
             "--bits=8", "--seeds=0", "--methods=lsh")
-  code, output = run_command(*common)
-  assert code == 0, output
+  _lsh_table(table)
   code, output = run_command(*common, "--config.data.train_per_class=5")
   assert_refused(code, output, "was made with a different config",
                  "seed<seed>/ directories")
@@ -328,14 +343,10 @@ def test_search_ranks_a_sixteen_bit_png_as_its_eight_bit_original(tiny_run, tmp_
   pixels = source.read(database[:1])[0, ..., 0]
   Image.fromarray(pixels).save(tmp_path / "query.png")
   Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "query16.png")
-  outputs = []
-  for name in ("query.png", "query16.png"):
-    code, output = run_command("-m", "psch_jax.commands.search",
-                               f"--workdir={tiny_run}", f"--images={tmp_path / name}",
-                               "--topk=5")
-    assert code == 0, output
-    outputs.append(output.replace(name, "IMAGE"))
-  assert outputs[0] == outputs[1]
+  # In-process: what the search command calls (test_search runs the command).
+  eight_bit, sixteen_bit = search.search(
+      tiny_run, [str(tmp_path / "query.png"), str(tmp_path / "query16.png")], topk=5)
+  assert len(eight_bit) == 5 and eight_bit == sixteen_bit
   # A FIFO is refused before it is opened (opening it would wait for a writer).
   os.mkfifo(tmp_path / "pipe.png")
   code, output = run_command("-m", "psch_jax.commands.search", f"--workdir={tiny_run}",
@@ -397,8 +408,8 @@ def test_a_signal_stops_training_with_one_line_and_the_rerun_resumes(
   stopped = [line for line in output.splitlines() if line.startswith("stopped by")]
   assert len(stopped) == 1 and signal.Signals(signum).name in stopped[0], output
   assert "Rerun the same command to resume" in stopped[0]
-  code, output = run_command("main.py", TINY, f"--workdir={workdir}")
-  assert code == 0 and "resumed from step" in output, output
+  output = _rerun_in_process(workdir)
+  assert "resumed from step" in output, output
   with open(os.path.join(tiny_run, "codes", "database.npy"), "rb") as f:
     reference = f.read()
   with open(os.path.join(workdir, "codes", "database.npy"), "rb") as f:
@@ -423,8 +434,7 @@ def test_a_full_disk_is_an_error_line_and_the_rerun_resumes(tiny_run, tmp_path):
     assert not [n for n in os.listdir(workdir) if n.startswith(".tmp")]
     # Space freed: the same command completes, to the uninterrupted run's codes.
     subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
-    code, output = run_command("main.py", TINY, f"--workdir={workdir}")
-    assert code == 0, output
+    _rerun_in_process(workdir)
     for name in ("query", "database"):
       with open(os.path.join(tiny_run, "codes", f"{name}.npy"), "rb") as f:
         reference = f.read()
