@@ -55,6 +55,10 @@ _EULER_GAMMA = 0.57721566490153286061
 # Below this argument harmonic numbers come from an exact table, above it from the
 # asymptotic series, whose first omitted term is then below 1e-16.
 _HARMONIC_TABLE_SIZE = 64
+# Sums of precisions are exact: fixed point in int32 limbs of 16 bits, so they do not
+# depend on the order of the additions (nor on block sizes or the algorithm).
+_LIMB_BITS = 16
+_LIMB_SCALE = float(1 << _LIMB_BITS)
 
 
 # ------------------------------------------------------------------ packed codes
@@ -169,12 +173,41 @@ def _relevance(query_labels: jax.Array, db_labels: jax.Array) -> jax.Array:
   return jnp.any((query_labels[:, None, :] & db_labels[None, :, :]) != 0, axis=-1)
 
 
-def _two_sum(hi: jax.Array, lo: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Compensated float32 accumulation: hi + lo += x, keeping the rounding error in lo."""
-  total = hi + x
-  x_part = total - hi
-  error = (hi - (total - x_part)) + (x - x_part)
-  return total, lo + error
+def _precision_limbs(precision: jax.Array) -> jax.Array:
+  """float32 (...) in [0, 1] -> int32 (..., 3): the limbs (a, b, c) of its exact value
+  p = a 2^-16 + b 2^-32 + c 2^-48, each below 2^16 (a <= 2^16).
+
+  Exact: a precision is h / r rounded to float32 with r < 2^24, so p >= 2^-24 (or 0)
+  and its 24-bit significand ends at or above 2^-47; every product and difference
+  below keeps at most 24 significant bits.
+  """
+  scaled = precision * _LIMB_SCALE
+  high = jnp.floor(scaled)
+  rest = (scaled - high) * _LIMB_SCALE
+  middle = jnp.floor(rest)
+  low = (rest - middle) * _LIMB_SCALE
+  return jnp.stack([high, middle, low], -1).astype(jnp.int32)
+
+
+def _add_limbs(total: jax.Array, block: jax.Array) -> jax.Array:
+  """Exact sum of precisions: int32 (..., 4) limbs (d, a, b, c) of sum p =
+  (d 2^16 + a) 2^-16 + b 2^-32 + c 2^-48, a, b, c < 2^16, plus int32 (..., 3) limb
+  sums (a, b, c) of at most 2^14 precisions (`_precision_limbs`); carries propagated."""
+  low = total[..., 3] + block[..., 2]
+  middle = total[..., 2] + block[..., 1] + (low >> _LIMB_BITS)
+  high = total[..., 1] + block[..., 0] + (middle >> _LIMB_BITS)
+  top = total[..., 0] + (high >> _LIMB_BITS)
+  mask = (1 << _LIMB_BITS) - 1
+  return jnp.stack([top, high & mask, middle & mask, low & mask], -1)
+
+
+def _limbs_to_float(limbs: np.ndarray) -> np.ndarray:
+  """int (..., 4) limbs of `_add_limbs` -> float64 (...): the exact sum, rounded once."""
+  limbs = limbs.astype(np.int64)
+  whole = (limbs[..., 0] << _LIMB_BITS) + limbs[..., 1]     # units of 2^-16, < 2^40
+  fraction = (limbs[..., 2] << _LIMB_BITS) + limbs[..., 3]  # units of 2^-48, < 2^32
+  return np.ldexp(whole.astype(np.float64), -_LIMB_BITS) + np.ldexp(
+      fraction.astype(np.float64), -3 * _LIMB_BITS)
 
 
 def _histogram_pass(counts: jax.Array, query_packed: jax.Array, query_labels: jax.Array,
@@ -231,14 +264,14 @@ def _initial_ranking_state(counts: jax.Array, *, num_buckets: int
     num_buckets: number of rank breakpoints + 1.
 
   Returns:
-    (running int32 (Q, L + 1, 2), hi float32 (Q, num_buckets), lo float32 (Q,
-    num_buckets), relevant_counts int32 (Q, num_buckets)), the sums at zero.
+    (running int32 (Q, L + 1, 2), precision_limbs int32 (Q, num_buckets, 4) as in
+    `_add_limbs`, relevant_counts int32 (Q, num_buckets)), the sums at zero.
   """
   counts = counts[:, :-1]
   per_distance = jnp.stack([counts.sum(-1), counts[..., 1]], axis=-1)
   running = jnp.cumsum(per_distance, axis=1) - per_distance
-  zeros = jnp.zeros((counts.shape[0], num_buckets), jnp.float32)
-  return running, zeros, zeros, jnp.zeros_like(zeros, jnp.int32)
+  return (running, jnp.zeros((counts.shape[0], num_buckets, 4), jnp.int32),
+          jnp.zeros((counts.shape[0], num_buckets), jnp.int32))
 
 
 def _ranking_pass(state: tuple[jax.Array, ...], query_packed: jax.Array,
@@ -258,10 +291,10 @@ def _ranking_pass(state: tuple[jax.Array, ...], query_packed: jax.Array,
 
   Returns:
     The carry after these blocks: running (Q, L + 1, 2), and per rank bucket the
-    two-float sum (hi, lo) of P@rank over the relevant items ranked in it and the
-    number of relevant items ranked in it.
+    exact sum of P@rank over the relevant items ranked in it (limbs, `_add_limbs`)
+    and the number of relevant items ranked in it.
   """
-  running, hi, lo, relevant_counts = state
+  running, precision_limbs, relevant_counts = state
   num_queries = query_packed.shape[0]
   num_distances = code_length + 1
   query_rows = jnp.arange(num_queries, dtype=jnp.int32)
@@ -285,23 +318,25 @@ def _ranking_pass(state: tuple[jax.Array, ...], query_packed: jax.Array,
     # Padding items (never relevant, after all real ones) may rank past the table.
     bucket = bucket_of_rank.at[jnp.minimum(rank, last_rank)].get(
         mode="promise_in_bounds")
-    update = jnp.stack([precision, relevant.astype(jnp.float32)], -1)
+    update = jnp.concatenate([_precision_limbs(precision),
+                              relevant.astype(jnp.int32)[:, None]], -1)
     block_sums = block_sums.at[bucket_rows + bucket].add(update, mode="promise_in_bounds")
     return (running, block_sums), None
 
   def block_step(carry, block):
-    running, hi, lo, relevant_counts = carry
-    block_sums = jnp.zeros((num_queries * num_buckets, 2), jnp.float32)
+    running, precision_limbs, relevant_counts = carry
+    block_sums = jnp.zeros((num_queries * num_buckets, 4), jnp.int32)
     (running, block_sums), _ = lax.scan(item_step, (running, block_sums), block)
-    block_sums = block_sums.reshape(num_queries, num_buckets, 2)
-    hi, lo = _two_sum(hi, lo, block_sums[..., 0])
-    relevant_counts = relevant_counts + block_sums[..., 1].astype(jnp.int32)
-    return (running, hi, lo, relevant_counts), None
+    block_sums = block_sums.reshape(num_queries, num_buckets, 4)
+    precision_limbs = _add_limbs(precision_limbs, block_sums[..., :3])
+    relevant_counts = relevant_counts + block_sums[..., 3]
+    return (running, precision_limbs, relevant_counts), None
 
-  (running, hi, lo, relevant_counts), _ = lax.scan(
-      block_step, (running.reshape(-1, 2), hi, lo, relevant_counts),
+  (running, precision_limbs, relevant_counts), _ = lax.scan(
+      block_step, (running.reshape(-1, 2), precision_limbs, relevant_counts),
       (db_blocks, db_label_blocks))
-  return running.reshape(num_queries, num_distances, 2), hi, lo, relevant_counts
+  return (running.reshape(num_queries, num_distances, 2), precision_limbs,
+          relevant_counts)
 
 
 def _chunk_statistics(query_packed: jax.Array, query_labels: jax.Array,
@@ -322,8 +357,8 @@ def _chunk_statistics(query_packed: jax.Array, query_labels: jax.Array,
 
   Returns:
     counts: int32 (Q, L + 1, 2): items at each distance, [irrelevant, relevant].
-    precision_sums: float32 (Q, num_buckets, 2): per rank bucket, a two-float sum
-      (hi, lo) of P@rank over the relevant items ranked in the bucket.
+    precision_limbs: int32 (Q, num_buckets, 4): per rank bucket, the exact sum of
+      P@rank over the relevant items ranked in the bucket (`_add_limbs`).
     relevant_counts: int32 (Q, num_buckets): relevant items ranked in each bucket.
   """
   num_queries = query_packed.shape[0]
@@ -332,10 +367,10 @@ def _chunk_statistics(query_packed: jax.Array, query_labels: jax.Array,
       query_labels, db_blocks, db_label_blocks, jnp.int32(0), jnp.int32(num_database),
       code_length=code_length)
   state = _initial_ranking_state(counts, num_buckets=num_buckets)
-  _, hi, lo, relevant_counts = _ranking_pass(
+  _, precision_limbs, relevant_counts = _ranking_pass(
       state, query_packed, query_labels, db_blocks, db_label_blocks, bucket_of_rank,
       code_length=code_length, num_buckets=num_buckets)
-  return counts[:, :-1], jnp.stack([hi, lo], -1), relevant_counts
+  return counts[:, :-1], precision_limbs, relevant_counts
 
 
 def _query_spec(mesh: Mesh) -> P:
@@ -522,7 +557,7 @@ def _segmented_statistics(query_steps: list, read_segment, *, num_database: int,
     read_segment: (start, stop) -> (codes, labels) blocks of `segment_size` rows.
 
   Returns:
-    [(counts, precision_sums, relevant_counts)] per query step, as
+    [(counts, precision_limbs, relevant_counts)] per query step, as
     `sharded_statistics` returns them.
   """
   split = NamedSharding(mesh, _query_spec(mesh))
@@ -544,8 +579,7 @@ def _segmented_statistics(query_steps: list, read_segment, *, num_database: int,
       lambda state, query, segment, start: _sharded_ranking(
           state, *query, *segment, bucket_of_rank, mesh=mesh, code_length=code_length,
           num_buckets=num_buckets))
-  return [(c[:, :-1], jnp.stack([hi, lo], -1), relevant)
-          for c, (_, hi, lo, relevant) in zip(counts, states)]
+  return [(c[:, :-1], limbs, relevant) for c, (_, limbs, relevant) in zip(counts, states)]
 
 
 # ------------------------------------------------- float64 metrics from counts
@@ -758,16 +792,17 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
             block_size=db_chunk, code_length=code_length),
         num_database=num_database, segment_size=segment_size, mesh=mesh,
         code_length=code_length, bucket_of_rank=bucket_of_rank, num_buckets=num_buckets)
-  counts, precision_sums, relevant_counts = (
+  counts, precision_limbs, relevant_counts = (
       [np.asarray(output) for output in outputs] for outputs in zip(*pending))
   counts = np.concatenate(counts)[:num_queries].astype(np.int64)
-  precision_sums = np.concatenate(precision_sums)[:num_queries].astype(np.float64).sum(-1)
+  precision_limbs = np.concatenate(precision_limbs)[:num_queries].astype(np.int64)
   relevant_counts = np.concatenate(relevant_counts)[:num_queries].astype(np.int64)
 
   totals, relevant = counts.sum(-1), counts[..., 1]
   num_relevant = relevant.sum(axis=1)
-  # Cumulative over buckets: column i covers ranks <= breakpoints[i].
-  precision_upto = np.cumsum(precision_sums, axis=1)
+  # Cumulative over buckets: column i covers ranks <= breakpoints[i]; summed as
+  # integers, so each column is its exact sum rounded once.
+  precision_upto = _limbs_to_float(np.cumsum(precision_limbs, axis=1))
   relevant_upto = np.cumsum(relevant_counts, axis=1)
   result: dict[str, np.ndarray] = {"num_relevant": num_relevant}
   for k, cutoff in cutoffs.items():

@@ -119,6 +119,35 @@ def test_every_metric_matches_stable_argsort_reference(single_label, code_length
         want[f"precision@top{n}"].mean(), abs=1e-6)
 
 
+def _exact_average_precision(case, k):
+  """(nq,) AP@k as the ranking defines its bits: P@rank = hits / rank rounded to
+  float32, summed exactly (math.fsum) over the relevant items of the stable ranking's
+  top k, divided in float64."""
+  ranked = reference.ranked_relevance(reference.hamming_distances(case[0], case[2]),
+                                      reference.shares_a_label(case[1], case[3]))
+  result = []
+  for row in ranked[:, :k]:
+    ranks = np.flatnonzero(row) + 1
+    precisions = (np.arange(1, len(ranks) + 1, dtype=np.float32)
+                  / ranks.astype(np.float32))
+    result.append(math.fsum(precisions.tolist()) / len(ranks) if len(ranks) else 0.0)
+  return np.asarray(result)
+
+
+def test_average_precision_is_the_exact_sum_whatever_the_blocks_and_segments():
+  # 3,000 items: a relevant item ranked below 1,000 has a precision with bits down to
+  # 2^-34, so a float32 running sum would lose some and depend on its order.
+  case = _random_case(seed=11, num_queries=9, num_database=3000, code_length=10,
+                      num_labels=3, single_label=True)
+  runs = [ranking.retrieval_metrics_per_query(*case, topk=(100, None), topn=(),
+                                              db_chunk=chunk, db_segment=segment)
+          for chunk, segment in ((1024, 65_536), (17, 65_536), (100, 700))]
+  for k, name in ((100, "ap@100"), (3000, "ap@all")):
+    want = _exact_average_precision(case, k)
+    for run in runs:
+      np.testing.assert_array_equal(run[name], want, err_msg=name)
+
+
 def test_one_device_and_four_devices_agree():
   case = _random_case(seed=4, num_queries=19, num_database=50, code_length=12,
                       num_labels=4, single_label=False)
