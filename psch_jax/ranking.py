@@ -59,6 +59,8 @@ _HARMONIC_TABLE_SIZE = 64
 # depend on the order of the additions (nor on block sizes or the algorithm).
 _LIMB_BITS = 16
 _LIMB_SCALE = float(1 << _LIMB_BITS)
+# Items per database block: a block's limb sums (each limb below 2^16) stay in int32.
+_MAX_BLOCK = 2**14
 
 
 # ------------------------------------------------------------------ packed codes
@@ -256,8 +258,8 @@ def _initial_ranking_state(counts: jax.Array, *, num_buckets: int
   """Pass 2's carry before the first database item, from pass 1's complete counts.
 
   `running[q, d]` starts at (items, relevant items) at distances < d; the ranking
-  pass adds the items at distance d in index order, so after adding item j its own
-  slot holds (rank_j, relevant items ranked <= rank_j).
+  pass adds the items at distance d in index order, so with the items before item j
+  added, rank_j = running[q, d_j, 0] + 1 + (items at d_j before j in its block).
 
   Args:
     counts: int32 (Q, L + 2, 2) from `_histogram_pass` over the whole database.
@@ -274,29 +276,25 @@ def _initial_ranking_state(counts: jax.Array, *, num_buckets: int
           jnp.zeros((counts.shape[0], num_buckets), jnp.int32))
 
 
-def _ranking_pass(state: tuple[jax.Array, ...], query_packed: jax.Array,
-                  query_labels: jax.Array, db_blocks: jax.Array,
-                  db_label_blocks: jax.Array, bucket_of_rank: jax.Array, *,
-                  code_length: int, num_buckets: int) -> tuple[jax.Array, ...]:
-  """Pass 2 over a run of database blocks, in index order, continuing `state`.
+def _scan_ranking_pass(state: tuple[jax.Array, ...], query_packed: jax.Array,
+                       query_labels: jax.Array, db_blocks: jax.Array,
+                       db_label_blocks: jax.Array, breakpoints: jax.Array,
+                       bucket_of_rank: jax.Array, first_item: jax.Array,
+                       num_database: jax.Array, *, code_length: int
+                       ) -> tuple[jax.Array, ...]:
+  """Pass 2 as a loop over the database items, all queries at once ("scan").
 
-  Args:
-    state: the carry of `_initial_ranking_state`, or of this pass over the blocks
-      before these.
-    query_packed, query_labels, db_blocks, db_label_blocks: as in `_histogram_pass`.
-    bucket_of_rank: int32 (R + 1,): rank r -> number of breakpoints below r, for
-      r <= R; every rank above R is in the bucket of R (`_bucket_table`).
-    code_length: L.
-    num_buckets: number of breakpoints + 1.
-
-  Returns:
-    The carry after these blocks: running (Q, L + 1, 2), and per rank bucket the
-    exact sum of P@rank over the relevant items ranked in it (limbs, `_add_limbs`)
-    and the number of relevant items ranked in it.
+  Each step adds one item to `running` and reads back its rank and hits: a counting
+  sort done by every query in parallel. The fastest form on XLA's CPU backend, whose
+  sort is slow; on GPUs and TPUs its one small step per item is loop overhead.
+  Arguments and result as in `_ranking_pass` (padding items rank after every real
+  one, are never relevant, and fall in the last bucket of `bucket_of_rank`).
   """
+  del breakpoints, first_item, num_database
   running, precision_limbs, relevant_counts = state
   num_queries = query_packed.shape[0]
   num_distances = code_length + 1
+  num_buckets = precision_limbs.shape[1]
   query_rows = jnp.arange(num_queries, dtype=jnp.int32)
   bucket_rows = query_rows * num_buckets
   last_rank = bucket_of_rank.shape[0] - 1
@@ -339,10 +337,141 @@ def _ranking_pass(state: tuple[jax.Array, ...], query_packed: jax.Array,
           relevant_counts)
 
 
+def _searchsorted_rows(rows: jax.Array, values: jax.Array, side: str) -> jax.Array:
+  """int32 (Q, T) rows, each sorted, and (M,) values -> int32 (Q, M): per row, the
+  number of entries < value (side "left") or <= value ("right"). A binary search of
+  log2(T) unrolled steps: no loop in the compiled program."""
+  search = functools.partial(jnp.searchsorted, side=side, method="scan_unrolled")
+  return jax.vmap(search, in_axes=(0, None))(rows, values).astype(jnp.int32)
+
+
+def _with_zero_first(through: jax.Array) -> jax.Array:
+  """(Q, T, ...) inclusive running sums -> (Q, T + 1, ...) with a zero row first, so
+  entry t is the sum of the first t items."""
+  return jnp.concatenate([jnp.zeros_like(through[:, :1]), through], axis=1)
+
+
+def _per_bucket(upto: jax.Array, total: jax.Array) -> jax.Array:
+  """(Q, M, ...) sums over ranks <= each breakpoint and (Q, ...) sums over the block
+  -> (Q, M + 1, ...) sums per bucket (ranks between consecutive breakpoints)."""
+  bounds = jnp.concatenate([jnp.zeros_like(upto[:, :1]), upto, total[:, None]], axis=1)
+  return jnp.diff(bounds, axis=1)
+
+
+def _sort_ranking_pass(state: tuple[jax.Array, ...], query_packed: jax.Array,
+                       query_labels: jax.Array, db_blocks: jax.Array,
+                       db_label_blocks: jax.Array, breakpoints: jax.Array,
+                       bucket_of_rank: jax.Array, first_item: jax.Array,
+                       num_database: jax.Array, *, code_length: int
+                       ) -> tuple[jax.Array, ...]:
+  """Pass 2 as a loop over blocks, each sorted per query ("sort"): no loop over items.
+
+  Each query's items of a block are sorted by (distance, index): an item's rank is
+  then the rank of its distance group's first item in the block (from `running`)
+  plus its offset in the group, and the ranks increase along the sorted row, so the
+  sums over ranks <= K are running sums read at one position per breakpoint
+  (docs/evaluation.md). For GPUs and TPUs; XLA's CPU sort makes it slower there
+  than `_scan_ranking_pass`. Arguments and result as in `_ranking_pass`.
+  """
+  del bucket_of_rank
+  num_blocks, block_size, _ = db_blocks.shape
+  positions = jnp.arange(block_size, dtype=jnp.int32)
+  # A key orders by (distance, index) and carries relevance in its lowest bit;
+  # padding items get distance L + 1, after every real one.
+  group_keys = jnp.arange(code_length + 2, dtype=jnp.int32) * (2 * block_size)
+  unranked = jnp.iinfo(jnp.int32).max
+
+  def block_step(carry, block):
+    running, precision_limbs, relevant_counts = carry
+    codes, labels, start = block
+    is_real = start + positions < num_database
+    distances = jnp.where(is_real[None, :], _hamming(query_packed, codes),
+                          code_length + 1)
+    relevant = _relevance(query_labels, labels).astype(jnp.int32)
+    keys = lax.sort(((distances * block_size + positions[None, :]) << 1) | relevant,
+                    dimension=1)
+    sorted_distance = (keys >> 1) // block_size
+    sorted_relevant = keys & 1
+    # Per distance d: the block's items at distances < d, and the relevant ones.
+    group_start = _searchsorted_rows(keys, group_keys, "left")  # (Q, L + 2)
+    relevant_through = jnp.cumsum(sorted_relevant, axis=1)
+    relevant_before = jnp.take_along_axis(_with_zero_first(relevant_through),
+                                          group_start, axis=1)
+    # rank = items ranked before the group's first item in the block + 1 + offset.
+    offsets = jnp.stack([running[..., 0] + 1 - group_start[:, :-1],
+                         running[..., 1] - relevant_before[:, :-1]], axis=-1)
+    group = jnp.minimum(sorted_distance, code_length)[..., None]
+    item_offsets = jnp.take_along_axis(offsets, group, axis=1)  # (Q, T, 2)
+    rank = jnp.where(sorted_distance <= code_length,
+                     item_offsets[..., 0] + positions[None, :], unranked)
+    hits = item_offsets[..., 1] + relevant_through
+    precision = jnp.where(sorted_relevant == 1,
+                          hits.astype(jnp.float32) / rank.astype(jnp.float32), 0.0)
+    limbs_through = jnp.cumsum(_precision_limbs(precision), axis=1)  # (Q, T, 3)
+    ranked_upto = _searchsorted_rows(rank, breakpoints, "right")  # (Q, M)
+    limbs_upto = jnp.take_along_axis(_with_zero_first(limbs_through),
+                                     ranked_upto[..., None], axis=1)
+    relevant_upto = jnp.take_along_axis(_with_zero_first(relevant_through),
+                                        ranked_upto, axis=1)
+    precision_limbs = _add_limbs(precision_limbs,
+                                 _per_bucket(limbs_upto, limbs_through[:, -1]))
+    relevant_counts = relevant_counts + _per_bucket(relevant_upto,
+                                                    relevant_through[:, -1])
+    running = running + jnp.stack([jnp.diff(group_start, axis=1),
+                                   jnp.diff(relevant_before, axis=1)], axis=-1)
+    return (running, precision_limbs, relevant_counts), None
+
+  starts = first_item + jnp.arange(num_blocks, dtype=jnp.int32) * block_size
+  state, _ = lax.scan(block_step, state, (db_blocks, db_label_blocks, starts))
+  return state
+
+
+# The forms of pass 2, by name; both give the same bits (the sums are exact).
+ALGORITHMS = {"scan": _scan_ranking_pass, "sort": _sort_ranking_pass}
+
+
+def default_algorithm(mesh: Mesh) -> str:
+  """"scan" on CPUs, "sort" on GPUs and TPUs (docs/evaluation.md gives the
+  measurements)."""
+  return "scan" if mesh.devices.flat[0].platform == "cpu" else "sort"
+
+
+def _ranking_pass(state: tuple[jax.Array, ...], query_packed: jax.Array,
+                  query_labels: jax.Array, db_blocks: jax.Array,
+                  db_label_blocks: jax.Array, breakpoints: jax.Array,
+                  bucket_of_rank: jax.Array, first_item: jax.Array,
+                  num_database: jax.Array, *, code_length: int, algorithm: str
+                  ) -> tuple[jax.Array, ...]:
+  """Pass 2 over a run of database blocks, in index order, continuing `state`.
+
+  Args:
+    state: the carry of `_initial_ranking_state`, or of this pass over the blocks
+      before these.
+    query_packed, query_labels, db_blocks, db_label_blocks, first_item,
+      num_database: as in `_histogram_pass`; blocks of at most 2^14 items.
+    breakpoints: int32 (M,) increasing rank breakpoints (every K and N, and the
+      database size).
+    bucket_of_rank: int32 (R + 1,): rank r -> number of breakpoints below r, for
+      r <= R; every rank above R is in the bucket of R (`_bucket_table`).
+    code_length: L.
+    algorithm: a key of `ALGORITHMS`.
+
+  Returns:
+    The carry after these blocks: running (Q, L + 1, 2), and per rank bucket (ranks
+    in (breakpoints[b - 1], breakpoints[b]], the last one past the database) the
+    exact sum of P@rank over the relevant items ranked in it (int32 (Q, M + 1, 4),
+    `_add_limbs`) and their number (int32 (Q, M + 1)).
+  """
+  return ALGORITHMS[algorithm](
+      state, query_packed, query_labels, db_blocks, db_label_blocks, breakpoints,
+      bucket_of_rank, first_item, num_database, code_length=code_length)
+
+
 def _chunk_statistics(query_packed: jax.Array, query_labels: jax.Array,
                       db_blocks: jax.Array, db_label_blocks: jax.Array,
-                      bucket_of_rank: jax.Array, *, code_length: int, num_database: int,
-                      num_buckets: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+                      breakpoints: jax.Array, bucket_of_rank: jax.Array, *,
+                      code_length: int, num_database: int, algorithm: str
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Both passes for one chunk of queries over a database held whole on the device.
 
   Args:
@@ -350,26 +479,26 @@ def _chunk_statistics(query_packed: jax.Array, query_labels: jax.Array,
     query_labels: uint32 (Q, Wl) packed query labels.
     db_blocks: uint32 (B, T, W) packed database codes in index order, zero-padded.
     db_label_blocks: uint32 (B, T, Wl) packed database labels, padding rows all zero.
-    bucket_of_rank: int32 (R + 1,) from `_bucket_table`.
+    breakpoints, bucket_of_rank, algorithm: as in `_ranking_pass`.
     code_length: L.
     num_database: number of real database items (the rest of B x T is padding).
-    num_buckets: number of breakpoints + 1.
 
   Returns:
     counts: int32 (Q, L + 1, 2): items at each distance, [irrelevant, relevant].
-    precision_limbs: int32 (Q, num_buckets, 4): per rank bucket, the exact sum of
-      P@rank over the relevant items ranked in the bucket (`_add_limbs`).
-    relevant_counts: int32 (Q, num_buckets): relevant items ranked in each bucket.
+    precision_limbs: int32 (Q, M + 1, 4): per rank bucket, the exact sum of P@rank
+      over the relevant items ranked in the bucket (`_add_limbs`).
+    relevant_counts: int32 (Q, M + 1): relevant items ranked in each bucket.
   """
   num_queries = query_packed.shape[0]
   counts = _histogram_pass(
       jnp.zeros((num_queries, code_length + 2, 2), jnp.int32), query_packed,
       query_labels, db_blocks, db_label_blocks, jnp.int32(0), jnp.int32(num_database),
       code_length=code_length)
-  state = _initial_ranking_state(counts, num_buckets=num_buckets)
+  state = _initial_ranking_state(counts, num_buckets=breakpoints.shape[0] + 1)
   _, precision_limbs, relevant_counts = _ranking_pass(
-      state, query_packed, query_labels, db_blocks, db_label_blocks, bucket_of_rank,
-      code_length=code_length, num_buckets=num_buckets)
+      state, query_packed, query_labels, db_blocks, db_label_blocks, breakpoints,
+      bucket_of_rank, jnp.int32(0), jnp.int32(num_database), code_length=code_length,
+      algorithm=algorithm)
   return counts[:, :-1], precision_limbs, relevant_counts
 
 
@@ -383,23 +512,23 @@ def _query_spec(mesh: Mesh) -> P:
 # would ask for pcasts of every zero-initialised scan carry) buys nothing.
 
 @functools.partial(jax.jit, static_argnames=("mesh", "code_length", "num_database",
-                                             "num_buckets"))
+                                             "algorithm"))
 def sharded_statistics(query_packed: jax.Array, query_labels: jax.Array,
                         db_blocks: jax.Array, db_label_blocks: jax.Array,
-                        bucket_of_rank: jax.Array, *, mesh: Mesh, code_length: int,
-                        num_database: int, num_buckets: int
-                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                        breakpoints: jax.Array, bucket_of_rank: jax.Array, *,
+                        mesh: Mesh, code_length: int, num_database: int,
+                        algorithm: str) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The device step of `retrieval_metrics_per_query` for a database held whole: both
   passes (`_chunk_statistics`, whose docstring gives the shapes) with the queries split
   over every axis of `mesh` and the database replicated. Public so that its
   compiled memory can be checked (`.lower(...).compile().memory_analysis()`)."""
   body = functools.partial(_chunk_statistics, code_length=code_length,
-                           num_database=num_database, num_buckets=num_buckets)
+                           num_database=num_database, algorithm=algorithm)
   split = _query_spec(mesh)
-  return jax.shard_map(body, mesh=mesh, in_specs=(split, split, P(), P(), P()),
+  return jax.shard_map(body, mesh=mesh, in_specs=(split, split, P(), P(), P(), P()),
                        out_specs=(split, split, split), check_vma=False)(
                            query_packed, query_labels, db_blocks, db_label_blocks,
-                           bucket_of_rank)
+                           breakpoints, bucket_of_rank)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "code_length"))
@@ -423,24 +552,25 @@ def _sharded_initial_state(counts: jax.Array, *, mesh: Mesh, num_buckets: int
   """`_initial_ranking_state` with the queries split over the mesh."""
   split = _query_spec(mesh)
   return jax.shard_map(
-      functools.partial(_initial_ranking_state, num_buckets=num_buckets), mesh=mesh,
-      in_specs=(split,), out_specs=split, check_vma=False)(counts)
+      functools.partial(_initial_ranking_state, num_buckets=num_buckets),
+      mesh=mesh, in_specs=(split,), out_specs=split, check_vma=False)(counts)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "code_length", "num_buckets"))
+@functools.partial(jax.jit, static_argnames=("mesh", "code_length", "algorithm"))
 def _sharded_ranking(state: tuple[jax.Array, ...], query_packed: jax.Array,
                      query_labels: jax.Array, db_blocks: jax.Array,
-                     db_label_blocks: jax.Array, bucket_of_rank: jax.Array, *,
-                     mesh: Mesh, code_length: int, num_buckets: int
-                     ) -> tuple[jax.Array, ...]:
+                     db_label_blocks: jax.Array, breakpoints: jax.Array,
+                     bucket_of_rank: jax.Array, first_item: jax.Array,
+                     num_database: jax.Array, *, mesh: Mesh, code_length: int,
+                     algorithm: str) -> tuple[jax.Array, ...]:
   """`_ranking_pass` over one database segment, queries split over the mesh."""
   split = _query_spec(mesh)
   return jax.shard_map(
-      functools.partial(_ranking_pass, code_length=code_length,
-                        num_buckets=num_buckets), mesh=mesh,
-      in_specs=(split, split, split, P(), P(), P()), out_specs=split,
-      check_vma=False)(state, query_packed, query_labels, db_blocks, db_label_blocks,
-                       bucket_of_rank)
+      functools.partial(_ranking_pass, code_length=code_length, algorithm=algorithm),
+      mesh=mesh, in_specs=(split, split, split, P(), P(), P(), P(), P(), P()),
+      out_specs=split, check_vma=False)(
+          state, query_packed, query_labels, db_blocks, db_label_blocks, breakpoints,
+          bucket_of_rank, first_item, num_database)
 
 
 # ------------------------------------------------------- reading the database
@@ -546,7 +676,8 @@ def _sweep_segments(states: list, query_steps: list, update, read_segment, *,
 
 def _segmented_statistics(query_steps: list, read_segment, *, num_database: int,
                           segment_size: int, mesh: Mesh, code_length: int,
-                          bucket_of_rank: jax.Array, num_buckets: int) -> list:
+                          breakpoints: jax.Array, bucket_of_rank: jax.Array,
+                          algorithm: str) -> list:
   """Both passes with the database read in segments of `segment_size` items.
 
   Each pass reads every segment once and runs it for all query steps, so host and
@@ -575,10 +706,11 @@ def _segmented_statistics(query_steps: list, read_segment, *, num_database: int,
           counts, *query, *segment, jnp.int32(start), total, mesh=mesh,
           code_length=code_length))
   states = sweep(
-      [_sharded_initial_state(c, mesh=mesh, num_buckets=num_buckets) for c in counts],
+      [_sharded_initial_state(c, mesh=mesh, num_buckets=breakpoints.shape[0] + 1)
+       for c in counts],
       lambda state, query, segment, start: _sharded_ranking(
-          state, *query, *segment, bucket_of_rank, mesh=mesh, code_length=code_length,
-          num_buckets=num_buckets))
+          state, *query, *segment, breakpoints, bucket_of_rank, jnp.int32(start), total,
+          mesh=mesh, code_length=code_length, algorithm=algorithm))
   return [(c[:, :-1], limbs, relevant) for c, (_, limbs, relevant) in zip(counts, states)]
 
 
@@ -676,6 +808,9 @@ def _checked_inputs(query_codes: Any, query_labels: Any, db_codes: Any, db_label
   query_labels = _packed_labels(query_labels, "query_labels")
   _check_sizes((query_chunk, db_chunk, db_segment),
                "query_chunk, db_chunk and db_segment", allow_none=False)
+  if db_chunk > _MAX_BLOCK:
+    raise UserError(f"db_chunk={db_chunk} is above {_MAX_BLOCK}, the most items a "
+                    "block's exact sums hold; use the default 1024.")
   if num_database >= _MAX_DATABASE:
     raise UserError(f"the database has {num_database} items; this evaluation supports "
                     f"fewer than {_MAX_DATABASE}: evaluate on a subset.")
@@ -719,7 +854,7 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
                                 topn: Sequence[int] = DEFAULT_TOPN, radius: int = 2,
                                 query_chunk: int = 256, db_chunk: int = 1024,
                                 db_segment: int = 65_536, code_length: int | None = None,
-                                mesh: Mesh | None = None
+                                mesh: Mesh | None = None, algorithm: str | None = None
                                 ) -> dict[str, np.ndarray]:
   """Per-query retrieval metrics (conventions: the module docstring, docs/evaluation.md).
 
@@ -735,7 +870,8 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
     radius: Hamming radius of "precision@radius{radius}".
     query_chunk: queries per device per step; device memory is
       O(query_chunk x (db_chunk + L)) plus the packed database segment.
-    db_chunk: database items per histogram step and per float32 partial sum.
+    db_chunk: database items per block of either pass (at most 2^14), each sorted
+      per query in the ranking pass.
     db_segment: at most this many database items are read, checked, packed and sent
       to the devices at a time (equal segments of whole `db_chunk` blocks). A
       database of at most this many items stays on the devices for all queries; a
@@ -746,6 +882,9 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
     mesh: the devices that share the queries: this process's devices of `mesh` (a
       run passes its one mesh, `sharding.make_mesh`); None: every local device (on CPU
       the threads of --xla_force_host_platform_device_count).
+    algorithm: how the ranking pass runs: "scan" (a loop over database items, all
+      queries at once) or "sort" (a loop over blocks of `db_chunk` items, each sorted
+      per query); None: `default_algorithm(mesh)`. The results are the same bits.
 
   Returns:
     float64 arrays: "ap@{K}" / "ap@all" / "ap@all_tie_aware" / "precision@radius{r}"
@@ -766,12 +905,17 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
   list_sizes = {n: min(int(n), num_database) for n in topn}
   breakpoints = np.unique(
       np.array([num_database, *cutoffs.values(), *list_sizes.values()]))
-  num_buckets = len(breakpoints) + 1
 
   mesh = _local_mesh(mesh)
+  if algorithm is None:
+    algorithm = default_algorithm(mesh)
+  elif algorithm not in ALGORITHMS:
+    raise UserError(f"algorithm must be one of {sorted(ALGORITHMS)} or None (the "
+                    f"mesh's default), got {algorithm!r}.")
   query_steps = _query_steps(query_packed, query_labels, mesh=mesh,
                              query_chunk=query_chunk)
   replicated = sharding.replicated(mesh)
+  device_breakpoints = jax.device_put(breakpoints.astype(np.int32), replicated)
   bucket_of_rank = jax.device_put(_bucket_table(breakpoints), replicated)
   db_chunk = min(db_chunk, num_database)
 
@@ -783,15 +927,17 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
         db_codes, db_labels, 0, num_database, num_rows=num_rows, block_size=db_chunk,
         code_length=code_length), replicated)
     pending = [sharded_statistics(  # dispatched asynchronously, collected below
-        *query, *database, bucket_of_rank, mesh=mesh, code_length=code_length,
-        num_database=num_database, num_buckets=num_buckets) for query in query_steps]
+        *query, *database, device_breakpoints, bucket_of_rank, mesh=mesh,
+        code_length=code_length, num_database=num_database, algorithm=algorithm)
+               for query in query_steps]
   else:
     pending = _segmented_statistics(
         query_steps, functools.partial(
             _database_blocks, db_codes, db_labels, num_rows=segment_size,
             block_size=db_chunk, code_length=code_length),
         num_database=num_database, segment_size=segment_size, mesh=mesh,
-        code_length=code_length, bucket_of_rank=bucket_of_rank, num_buckets=num_buckets)
+        code_length=code_length, breakpoints=device_breakpoints,
+        bucket_of_rank=bucket_of_rank, algorithm=algorithm)
   counts, precision_limbs, relevant_counts = (
       [np.asarray(output) for output in outputs] for outputs in zip(*pending))
   counts = np.concatenate(counts)[:num_queries].astype(np.int64)
@@ -828,7 +974,8 @@ def retrieval_metrics(query_codes: Any, query_labels: Any, db_codes: Any, db_lab
                       topn: Sequence[int] = DEFAULT_TOPN, radius: int = 2,
                       query_chunk: int = 256, db_chunk: int = 1024,
                       db_segment: int = 65_536, code_length: int | None = None,
-                      mesh: Mesh | None = None) -> dict[str, Any]:
+                      mesh: Mesh | None = None, algorithm: str | None = None
+                      ) -> dict[str, Any]:
   """Mean retrieval metrics over all queries, as JSON-serialisable Python values.
 
   Arguments as in `retrieval_metrics_per_query`; `curves=False` skips the PR and
@@ -844,7 +991,7 @@ def retrieval_metrics(query_codes: Any, query_labels: Any, db_codes: Any, db_lab
       query_codes, query_labels, db_codes, db_labels, topk=topk,
       topn=topn if curves else (), radius=radius, query_chunk=query_chunk,
       db_chunk=db_chunk, db_segment=db_segment, code_length=code_length,
-      mesh=mesh)
+      mesh=mesh, algorithm=algorithm)
   metrics: dict[str, Any] = {}
   for k in topk:
     name = "all" if k is None else str(int(k))

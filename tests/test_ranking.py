@@ -7,6 +7,7 @@ not divide the query or database counts, so padding is always exercised; most ca
 run on the 4 fake CPU devices of conftest.py, the reference comparison also on 2
 devices with several steps.
 """
+import functools
 import itertools
 import json
 import math
@@ -80,13 +81,16 @@ TOPK = (1, 7, 50, 290, 1000, None)  # 290 > database size 263: the whole databas
 TOPN = (1, 5, 100, 400)
 
 
+@pytest.mark.parametrize("algorithm", sorted(ranking.ALGORITHMS))
 @pytest.mark.parametrize("single_label,code_length", [(False, 12), (True, 40)])
-def test_every_metric_matches_stable_argsort_reference(single_label, code_length):
+def test_every_metric_matches_stable_argsort_reference(single_label, code_length,
+                                                       algorithm):
   case = _random_case(seed=code_length, num_queries=23, num_database=263,
                       code_length=code_length, num_labels=6, single_label=single_label)
   ours = ranking.retrieval_metrics_per_query(
       *case, topk=TOPK, topn=TOPN, radius=2, query_chunk=QUERY_CHUNK, db_chunk=DB_CHUNK,
-      mesh=jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",)))
+      mesh=jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",)),
+      algorithm=algorithm)
   want = _reference(*case, topk=TOPK, topn=TOPN, radius=2)
   assert ours["ap@all"].shape == (23,)
   # The 12-bit case has ties at every distance; a query that gets nothing relevant
@@ -140,8 +144,10 @@ def test_average_precision_is_the_exact_sum_whatever_the_blocks_and_segments():
   case = _random_case(seed=11, num_queries=9, num_database=3000, code_length=10,
                       num_labels=3, single_label=True)
   runs = [ranking.retrieval_metrics_per_query(*case, topk=(100, None), topn=(),
-                                              db_chunk=chunk, db_segment=segment)
-          for chunk, segment in ((1024, 65_536), (17, 65_536), (100, 700))]
+                                              db_chunk=chunk, db_segment=segment,
+                                              algorithm=algorithm)
+          for chunk, segment in ((1024, 65_536), (17, 65_536), (100, 700))
+          for algorithm in ranking.ALGORITHMS]
   for k, name in ((100, "ap@100"), (3000, "ap@all")):
     want = _exact_average_precision(case, k)
     for run in runs:
@@ -171,20 +177,79 @@ def test_tie_aware_matches_reference_when_groups_are_large():
   np.testing.assert_allclose(ours["ap@all"], want["ap@all"], atol=1e-6)
 
 
-def test_device_memory_stays_small_for_a_nus_wide_sized_database():
-  # Compiled, not run: 256 queries x 193,734 items at 64 bits, 1,024-item blocks.
+def _nus_wide_sized_step(algorithm):
+  """The compiled device step for 256 queries x 193,734 items at 64 bits, in 1,024-item
+  blocks, mAP@1000 (compiled, not run)."""
   num_database, block = 193_734, 1024
   num_blocks = -(-num_database // block)
   shapes = [((256, 2), np.uint32), ((256, 1), np.uint32),
             ((num_blocks, block, 2), np.uint32), ((num_blocks, block, 1), np.uint32),
-            ((num_database + 1,), np.int32)]
-  compiled = ranking.sharded_statistics.lower(
+            ((2,), np.int32),      # breakpoints: K = 1000 and the database size
+            ((1002,), np.int32)]   # the bucket table of ranks 0..1001
+  lowered = ranking.sharded_statistics.lower(
       *(jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes),
       mesh=jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)), code_length=64,
-      num_database=num_database, num_buckets=3).compile()
-  memory = compiled.memory_analysis()
+      num_database=num_database, algorithm=algorithm)
+  return lowered, num_blocks
+
+
+@pytest.mark.parametrize("algorithm", sorted(ranking.ALGORITHMS))
+def test_device_memory_stays_small_for_a_nus_wide_sized_database(algorithm):
+  memory = _nus_wide_sized_step(algorithm)[0].compile().memory_analysis()
   assert memory.temp_size_in_bytes < 32 * 2**20
   assert memory.argument_size_in_bytes < 8 * 2**20
+
+
+def _sequential_steps(jaxpr) -> list[int]:
+  """The sequential steps of every loop in a jaxpr (nested loops multiplied out); a
+  fully unrolled scan is straight-line code, not a loop."""
+  steps = []
+  for equation in jaxpr.eqns:
+    params = equation.params
+    if equation.primitive.name == "while":
+      raise AssertionError(f"a while loop of unknown trip count: {equation}")
+    if equation.primitive.name == "scan":
+      length, unroll = params["length"], params["unroll"]
+      inner = _sequential_steps(params["jaxpr"].jaxpr)
+      if unroll is True or unroll >= length:
+        steps += inner
+      else:
+        steps += [length] + [length * n for n in inner]
+      continue
+    for value in params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+        if hasattr(sub, "eqns"):
+          steps += _sequential_steps(sub)
+  return steps
+
+
+def test_the_sort_algorithm_loops_over_blocks_never_over_items():
+  steps = {}
+  for algorithm in ranking.ALGORITHMS:
+    lowered, num_blocks = _nus_wide_sized_step(algorithm)
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in lowered.args_info[0]]
+    jaxpr = jax.make_jaxpr(functools.partial(
+        ranking.sharded_statistics, mesh=jax.sharding.Mesh(
+            np.array(jax.devices()[:1]), ("data",)), code_length=64,
+        num_database=193_734, algorithm=algorithm))(*shapes)
+    steps[algorithm] = max(_sequential_steps(jaxpr.jaxpr))
+  # Both passes of "sort" step once per 1,024-item block; the check sees the per-item
+  # loop of "scan" (every item, in blocks).
+  assert steps == {"sort": num_blocks, "scan": num_blocks * 1024}
+
+
+@pytest.mark.parametrize("db_chunk,db_segment", [(17, 65_536), (100, 700)])
+def test_both_algorithms_give_the_same_bits(db_chunk, db_segment):
+  case = _random_case(seed=3, num_queries=21, num_database=1100, code_length=12,
+                      num_labels=5, single_label=False)
+  scan, sort = (ranking.retrieval_metrics_per_query(
+      *case, topk=(1, 50, None), topn=(10, 1000), db_chunk=db_chunk,
+      db_segment=db_segment, query_chunk=QUERY_CHUNK, algorithm=algorithm)
+                for algorithm in ("scan", "sort"))
+  assert scan.keys() == sort.keys()
+  for key in scan:
+    np.testing.assert_array_equal(scan[key], sort[key], err_msg=key)
 
 
 # ------------------------------------------------------------- hand-computed cases
