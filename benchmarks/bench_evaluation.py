@@ -1,16 +1,18 @@
-"""Benchmark: mAP@1000 for 10,000 queries x 50,000 database items at 64 bits.
+"""Benchmark: every retrieval metric at 64 bits for 10,000 queries x 50,000 items,
+NUS-WIDE's 2,100 x 193,734 and 10,000 x 1,000,000.
 
-Times psch_jax.ranking.retrieval_metrics (every metric in one pass: mAP@1000, mAP@all,
-the tie-aware mAP and precision@radius2) after a compile warm-up, against the NumPy
-reference (psch_jax/reference.py: Hamming distances by a matrix product,
-`np.argsort(kind="stable")` per query, the loop of public hashing code; timed on a
-subset of the queries and extrapolated linearly) and, when installed, faiss
-`IndexBinaryFlat` top-1000 search (search only; faiss does not promise an order among
-tied items). The two must agree to 1e-6 on the subset.
+Per row, after a compile warm-up: psch_jax.ranking.retrieval_metrics_per_query
+(mAP@1000, mAP@all, the tie-aware mAP, precision@radius2) by each form of its ranking
+pass ("scan", "sort"; they must give the same bits) with the sequential loop steps of
+its compiled step, the distances alone (the popcount limit), faiss `IndexBinaryFlat`
+top-1000 search (search only; faiss does not promise an order among tied items;
+installed by requirements-test.txt) and, up to 200,000 items, the NumPy reference
+(psch_jax/reference.py: a stable argsort per query, the loop of public hashing code;
+timed on a subset of the queries and extrapolated linearly, agreeing to 1e-6).
 
 Run from the repository root:  python -m benchmarks.bench_evaluation
-      (--num-queries / --num-database / --numpy-queries to resize; --quick for a
-      seconds-long smoke run at 512 x 5,000).
+      (--sizes=10000x50000,... to choose rows; --quick for a seconds-long smoke run
+      at 512 x 5,000).
 With --per-pair it instead prints the CPU time per query-item pair of the ranking
 (one device, 256 queries against the same database) and of the formulations it was
 chosen over; docs/benchmarks.md holds the figures.
@@ -40,6 +42,7 @@ from psch_jax import cli  # pylint: disable=wrong-import-position
 from psch_jax import ranking  # pylint: disable=wrong-import-position
 from psch_jax import reference  # pylint: disable=wrong-import-position
 from psch_jax import sharding  # pylint: disable=wrong-import-position
+from psch_jax.errors import UserError  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -164,10 +167,102 @@ def per_pair_costs(query_codes, query_labels, db_codes, db_labels, *, k: int,
          jax.jit(one_hot_histogram), queries, db_blocks)
 
 
+# (queries, database items): the issue-23 rows. NUS-WIDE's is its usual protocol
+# (2,100 queries, 193,734 database images); the million-item row has no NumPy
+# reference (an argsort per query of a million items).
+SIZES = ((10_000, 50_000), (2_100, 193_734), (10_000, 1_000_000))
+NUMPY_LIMIT = 200_000
+
+
+def distances_alone_seconds(query_codes, db_codes, *, db_chunk: int, repeats: int
+                            ) -> float:
+  """Wall time of the Hamming distances alone (XOR, popcount, summed per query) over
+  every local device, queries split as the ranking splits them: the popcount limit."""
+  mesh = sharding.make_mesh(jax.local_devices())
+  queries = ranking.pack_codes(query_codes)
+  pad = -len(queries) % mesh.size
+  queries = jax.device_put(np.pad(queries, ((0, pad), (0, 0))),
+                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+                               mesh.axis_names)))
+  packed = ranking.pack_codes(db_codes)
+  rows = -(-len(packed) // db_chunk) * db_chunk
+  blocks = np.zeros((rows, packed.shape[1]), np.uint32)
+  blocks[:len(packed)] = packed
+  blocks = jax.device_put(blocks.reshape(rows // db_chunk, db_chunk, -1),
+                          sharding.replicated(mesh))
+
+  @jax.jit
+  def distances(queries, blocks):
+    return lax.scan(lambda total, codes: (total + jnp.sum(
+        ranking.hamming_distance_packed(queries, codes), axis=1), None),
+                    jnp.zeros(queries.shape[0], jnp.int32), blocks)[0]
+
+  jax.block_until_ready(distances(queries, blocks))
+  return best_of(repeats, lambda: jax.block_until_ready(distances(queries, blocks)))[0]
+
+
+def benchmark_row(num_queries: int, num_database: int, *, num_bits: int, k: int,
+                  numpy_queries: int, query_chunk: int, db_chunk: int, repeats: int
+                  ) -> None:
+  """Times every metric by each form of the ranking pass, the distances alone, faiss
+  and (below NUMPY_LIMIT items) the NumPy reference at one size, and prints the
+  table; exits if the forms' bits or the reference disagree."""
+  query_codes, query_labels, db_codes, db_labels = make_data(
+      num_queries, num_database, num_bits, num_classes=10)
+  print(f"\n{num_queries} queries x {num_database} database items, {num_bits} bits, "
+        f"mAP@{k}; {os.cpu_count()} CPUs, {len(jax.local_devices())} JAX devices, "
+        f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
+  chunks = {"query_chunk": query_chunk, "db_chunk": db_chunk}
+  warm_up = slice(0, query_chunk * len(jax.local_devices()))  # same shapes: compile
+  rows, results = [], {}
+  for algorithm in ranking.ALGORITHMS:
+    every_metric = lambda queries, a=algorithm: ranking.retrieval_metrics_per_query(
+        query_codes[queries], query_labels[queries], db_codes, db_labels, topk=(k,),
+        topn=(), algorithm=a, **chunks)
+    every_metric(warm_up)
+    seconds, results[algorithm] = best_of(repeats, lambda: every_metric(slice(None)))
+    steps = ranking.sequential_loop_steps(
+        num_queries=query_chunk, num_database=num_database, code_length=num_bits,
+        algorithm=algorithm, db_chunk=db_chunk)
+    rows.append((f"psch_jax, every metric, algorithm={algorithm!r}", seconds,
+                 f"{steps:,} loop steps per query chunk"))
+  first, second = (results[a] for a in ranking.ALGORITHMS)
+  if any(first[key].tobytes() != second[key].tobytes() for key in first):
+    raise SystemExit("the two forms of the ranking pass gave different bits")
+  ours = results[ranking.default_algorithm(sharding.make_mesh(jax.local_devices()))]
+  print(f"mAP@{k} = {ours[f'ap@{k}'].mean():.8f}, mAP@all = {ours['ap@all'].mean():.6f}, "
+        f"tie-aware mAP@all = {ours['ap@all_tie_aware'].mean():.6f}; both forms give "
+        "the same bits", flush=True)
+  rows.append(("distances alone (XOR + popcount, summed)", distances_alone_seconds(
+      query_codes, db_codes, db_chunk=db_chunk, repeats=repeats), "the popcount limit"))
+  faiss_seconds = faiss_search_seconds(query_codes, db_codes, k, repeats)
+  rows.append(("faiss IndexBinaryFlat top-1000 search", faiss_seconds,
+               "search only" if faiss_seconds is not None else "faiss not installed"))
+  if num_database <= NUMPY_LIMIT:
+    subset = slice(0, numpy_queries)
+    numpy_seconds, numpy_map = best_of(repeats, lambda: reference_map_at_k(
+        query_codes[subset], query_labels[subset], db_codes, db_labels, k))
+    difference = abs(float(ours[f"ap@{k}"][subset].mean()) - numpy_map)
+    if difference > 1e-6:
+      raise SystemExit(f"retrieval_metrics and the NumPy reference differ by "
+                       f"{difference}")
+    rows.append(("NumPy reference (argsort per query)",
+                 numpy_seconds * num_queries / numpy_queries,
+                 f"extrapolated from {numpy_queries} queries; |diff| {difference:.0e}"))
+  reference_seconds = rows[0][1]
+  print(f"{'':<48s} {'seconds':>9s} {'/ scan':>8s}  note (best of {repeats})")
+  for name, seconds, note in rows:
+    if seconds is None:
+      print(f"{name:<48s} {'-':>9s} {'-':>8s}  {note}")
+    else:
+      print(f"{name:<48s} {seconds:9.2f} {seconds / reference_seconds:7.2f}x  {note}")
+  print(f"load average at end {os.getloadavg()[0]:.1f}", flush=True)
+
+
 def define_flags() -> None:
   """The benchmark's flags (the module docstring has the commands)."""
-  flags.DEFINE_integer("num-queries", 10_000, "queries")
-  flags.DEFINE_integer("num-database", 50_000, "database items")
+  flags.DEFINE_list("sizes", None, "QUERIESxITEMS rows to run, e.g. 10000x50000 "
+                    "(default: the three of SIZES)")
   flags.DEFINE_integer("num-bits", 64, "code length")
   flags.DEFINE_integer("numpy-queries", 500,
                        "queries timed for the NumPy loop (extrapolated linearly)")
@@ -180,66 +275,30 @@ def define_flags() -> None:
                     "items, 100 NumPy queries, one repeat")
 
 
+def _parse_size(text: str) -> tuple[int, int]:
+  queries, _, items = text.lower().partition("x")
+  if not (queries.isdigit() and items.isdigit()):
+    raise UserError(f"--sizes={text!r}: write QUERIESxITEMS, e.g. 10000x50000.")
+  return int(queries), int(items)
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
-  num_queries, num_database = FLAGS["num-queries"].value, FLAGS["num-database"].value
   num_bits, numpy_queries = FLAGS["num-bits"].value, FLAGS["numpy-queries"].value
   query_chunk, db_chunk = FLAGS["query-chunk"].value, FLAGS["db-chunk"].value
-  repeats = FLAGS.repeats
+  repeats, k = FLAGS.repeats, 1000
+  sizes = [_parse_size(text) for text in FLAGS.sizes] if FLAGS.sizes else SIZES
   if FLAGS.quick:
-    num_queries, num_database, numpy_queries, repeats = 512, 5_000, 100, 1
+    sizes, numpy_queries, repeats = [(512, 5_000)], 100, 1
     query_chunk = min(query_chunk, 64)
-  k = 1000
-  query_codes, query_labels, db_codes, db_labels = make_data(
-      num_queries, num_database, num_bits, num_classes=10)
   if FLAGS["per-pair"].value:
-    per_pair_costs(query_codes, query_labels, db_codes, db_labels, k=k,
+    per_pair_costs(*make_data(*sizes[0], num_bits, num_classes=10), k=k,
                    block_size=db_chunk)
     return
-  print(f"{num_queries} queries x {num_database} database items, "
-        f"{num_bits} bits, mAP@{k}; {os.cpu_count()} CPUs, "
-        f"{len(jax.local_devices())} JAX devices, load average "
-        f"{os.getloadavg()[0]:.1f} at start", flush=True)
-
-  chunks = {"query_chunk": query_chunk, "db_chunk": db_chunk}
-  warm_up = slice(0, query_chunk * len(jax.local_devices()))  # same shapes: compile
-  every_metric = lambda queries: ranking.retrieval_metrics(
-      query_codes[queries], query_labels[queries], db_codes, db_labels, topk=(k,),
-      curves=False, **chunks)
-  every_metric(warm_up)
-  full_seconds, full = best_of(repeats, lambda: every_metric(slice(None)))
-
-  subset = slice(0, numpy_queries)
-  numpy_seconds, numpy_subset_map = best_of(repeats, lambda: reference_map_at_k(
-      query_codes[subset], query_labels[subset], db_codes, db_labels, k))
-  numpy_seconds *= num_queries / numpy_queries
-  full_subset = every_metric(subset)[f"map@{k}"]
-  faiss_seconds = faiss_search_seconds(query_codes, db_codes, k, repeats)
-
-  print(f"\nmAP@{k} = {full[f'map@{k}']:.8f}, mAP@all = {full['map@all']:.6f}, "
-        f"tie-aware mAP@all = {full['map@all_tie_aware']:.6f}, precision@radius2 = "
-        f"{full['precision@radius2']:.6f}")
-  difference = abs(full_subset - numpy_subset_map)
-  print(f"check on the first {numpy_queries} queries: retrieval_metrics "
-        f"{full_subset:.8f}, NumPy reference {numpy_subset_map:.8f}, |diff| "
-        f"{difference:.1e}\n")
-  if difference > 1e-6:
-    raise SystemExit(f"retrieval_metrics and the NumPy reference differ by {difference}")
-  rows = [("psch_jax retrieval_metrics (all metrics)", full_seconds, "measured"),
-          ("NumPy reference (argsort per query)", numpy_seconds,
-           f"extrapolated from {numpy_queries} queries")]
-  if faiss_seconds is None:
-    rows.append(("faiss IndexBinaryFlat top-1000 search", None, "faiss not installed"))
-  else:
-    rows.append(("faiss IndexBinaryFlat top-1000 search", faiss_seconds,
-                 "measured, search only"))
-  print(f"{'method':<46s} {'seconds':>9s} {'/ psch':>8s}  note (best of {repeats})")
-  for name, seconds, note in rows:
-    if seconds is None:
-      print(f"{name:<46s} {'-':>9s} {'-':>8s}  {note}")
-    else:
-      print(f"{name:<46s} {seconds:9.2f} {seconds / full_seconds:7.2f}x  {note}")
-  print(f"load average at end {os.getloadavg()[0]:.1f}")
+  for num_queries, num_database in sizes:
+    benchmark_row(num_queries, num_database, num_bits=num_bits, k=k,
+                  numpy_queries=min(numpy_queries, num_queries),
+                  query_chunk=query_chunk, db_chunk=db_chunk, repeats=repeats)
 
 
 if __name__ == "__main__":

@@ -358,6 +358,53 @@ def _per_bucket(upto: jax.Array, total: jax.Array) -> jax.Array:
   return jnp.diff(bounds, axis=1)
 
 
+def _sorted_block_ranks(running: jax.Array, distances: jax.Array, relevant: jax.Array,
+                        *, code_length: int) -> dict[str, jax.Array]:
+  """One block of the "sort" ranking pass: each query's items sorted by (distance,
+  index), with their ranks and hits.
+
+  Args:
+    running: int32 (Q, L + 1, 2): per distance, the items and relevant items ranked
+      before this block's first item at that distance.
+    distances: int32 (Q, T): the block's distances in index order; L + 1 marks a
+      padding item (ranked after every real one).
+    relevant: int32 (Q, T) 0/1, likewise.
+    code_length: L.
+
+  Returns:
+    int32 (Q, T) "position" (the item's index in the block), "distance", "relevant",
+    "rank" (int32 max for padding) and "hits" in sorted order; "relevant_through"
+    (inclusive running count along the sorted row); int32 (Q, L + 1, 2) "block_counts"
+    (the block's items and relevant items per distance).
+  """
+  block_size = distances.shape[1]
+  positions = jnp.arange(block_size, dtype=jnp.int32)
+  # A key orders by (distance, index) and carries relevance in its lowest bit.
+  keys = lax.sort(((distances * block_size + positions[None, :]) << 1) | relevant,
+                  dimension=1)
+  sorted_distance = (keys >> 1) // block_size
+  sorted_relevant = keys & 1
+  # Per distance d: the block's items at distances < d, and the relevant ones.
+  group_keys = jnp.arange(code_length + 2, dtype=jnp.int32) * (2 * block_size)
+  group_start = _searchsorted_rows(keys, group_keys, "left")  # (Q, L + 2)
+  relevant_through = jnp.cumsum(sorted_relevant, axis=1)
+  relevant_before = jnp.take_along_axis(_with_zero_first(relevant_through),
+                                        group_start, axis=1)
+  # rank = items ranked before the group's first item in the block + 1 + offset.
+  offsets = jnp.stack([running[..., 0] + 1 - group_start[:, :-1],
+                       running[..., 1] - relevant_before[:, :-1]], axis=-1)
+  group = jnp.minimum(sorted_distance, code_length)[..., None]
+  item_offsets = jnp.take_along_axis(offsets, group, axis=1)  # (Q, T, 2)
+  rank = jnp.where(sorted_distance <= code_length,
+                   item_offsets[..., 0] + positions[None, :], jnp.iinfo(jnp.int32).max)
+  return {"position": (keys >> 1) % block_size, "distance": sorted_distance,
+          "relevant": sorted_relevant, "rank": rank,
+          "hits": item_offsets[..., 1] + relevant_through,
+          "relevant_through": relevant_through,
+          "block_counts": jnp.stack([jnp.diff(group_start, axis=1),
+                                     jnp.diff(relevant_before, axis=1)], axis=-1)}
+
+
 def _sort_ranking_pass(state: tuple[jax.Array, ...], query_packed: jax.Array,
                        query_labels: jax.Array, db_blocks: jax.Array,
                        db_label_blocks: jax.Array, breakpoints: jax.Array,
@@ -366,47 +413,28 @@ def _sort_ranking_pass(state: tuple[jax.Array, ...], query_packed: jax.Array,
                        ) -> tuple[jax.Array, ...]:
   """Pass 2 as a loop over blocks, each sorted per query ("sort"): no loop over items.
 
-  Each query's items of a block are sorted by (distance, index): an item's rank is
-  then the rank of its distance group's first item in the block (from `running`)
-  plus its offset in the group, and the ranks increase along the sorted row, so the
-  sums over ranks <= K are running sums read at one position per breakpoint
-  (docs/evaluation.md). For GPUs and TPUs; XLA's CPU sort makes it slower there
-  than `_scan_ranking_pass`. Arguments and result as in `_ranking_pass`.
+  Each query's items of a block are sorted by (distance, index) (`_sorted_block_ranks`):
+  an item's rank is then the rank of its distance group's first item in the block
+  (from `running`) plus its offset in the group, and the ranks increase along the
+  sorted row, so the sums over ranks <= K are running sums read at one position per
+  breakpoint (docs/evaluation.md). For GPUs and TPUs; XLA's CPU sort makes it slower
+  there than `_scan_ranking_pass`. Arguments and result as in `_ranking_pass`.
   """
   del bucket_of_rank
   num_blocks, block_size, _ = db_blocks.shape
   positions = jnp.arange(block_size, dtype=jnp.int32)
-  # A key orders by (distance, index) and carries relevance in its lowest bit;
-  # padding items get distance L + 1, after every real one.
-  group_keys = jnp.arange(code_length + 2, dtype=jnp.int32) * (2 * block_size)
-  unranked = jnp.iinfo(jnp.int32).max
 
   def block_step(carry, block):
     running, precision_limbs, relevant_counts = carry
     codes, labels, start = block
     is_real = start + positions < num_database
-    distances = jnp.where(is_real[None, :], _hamming(query_packed, codes),
-                          code_length + 1)
-    relevant = _relevance(query_labels, labels).astype(jnp.int32)
-    keys = lax.sort(((distances * block_size + positions[None, :]) << 1) | relevant,
-                    dimension=1)
-    sorted_distance = (keys >> 1) // block_size
-    sorted_relevant = keys & 1
-    # Per distance d: the block's items at distances < d, and the relevant ones.
-    group_start = _searchsorted_rows(keys, group_keys, "left")  # (Q, L + 2)
-    relevant_through = jnp.cumsum(sorted_relevant, axis=1)
-    relevant_before = jnp.take_along_axis(_with_zero_first(relevant_through),
-                                          group_start, axis=1)
-    # rank = items ranked before the group's first item in the block + 1 + offset.
-    offsets = jnp.stack([running[..., 0] + 1 - group_start[:, :-1],
-                         running[..., 1] - relevant_before[:, :-1]], axis=-1)
-    group = jnp.minimum(sorted_distance, code_length)[..., None]
-    item_offsets = jnp.take_along_axis(offsets, group, axis=1)  # (Q, T, 2)
-    rank = jnp.where(sorted_distance <= code_length,
-                     item_offsets[..., 0] + positions[None, :], unranked)
-    hits = item_offsets[..., 1] + relevant_through
-    precision = jnp.where(sorted_relevant == 1,
-                          hits.astype(jnp.float32) / rank.astype(jnp.float32), 0.0)
+    ranked = _sorted_block_ranks(
+        running, jnp.where(is_real[None, :], _hamming(query_packed, codes),
+                           code_length + 1),
+        _relevance(query_labels, labels).astype(jnp.int32), code_length=code_length)
+    rank, relevant_through = ranked["rank"], ranked["relevant_through"]
+    precision = jnp.where(ranked["relevant"] == 1, ranked["hits"].astype(jnp.float32)
+                          / rank.astype(jnp.float32), 0.0)
     limbs_through = jnp.cumsum(_precision_limbs(precision), axis=1)  # (Q, T, 3)
     ranked_upto = _searchsorted_rows(rank, breakpoints, "right")  # (Q, M)
     limbs_upto = jnp.take_along_axis(_with_zero_first(limbs_through),
@@ -417,9 +445,7 @@ def _sort_ranking_pass(state: tuple[jax.Array, ...], query_packed: jax.Array,
                                  _per_bucket(limbs_upto, limbs_through[:, -1]))
     relevant_counts = relevant_counts + _per_bucket(relevant_upto,
                                                     relevant_through[:, -1])
-    running = running + jnp.stack([jnp.diff(group_start, axis=1),
-                                   jnp.diff(relevant_before, axis=1)], axis=-1)
-    return (running, precision_limbs, relevant_counts), None
+    return (running + ranked["block_counts"], precision_limbs, relevant_counts), None
 
   starts = first_item + jnp.arange(num_blocks, dtype=jnp.int32) * block_size
   state, _ = lax.scan(block_step, state, (db_blocks, db_label_blocks, starts))
@@ -573,6 +599,51 @@ def _sharded_ranking(state: tuple[jax.Array, ...], query_packed: jax.Array,
           bucket_of_rank, first_item, num_database)
 
 
+def _loop_steps(jaxpr) -> list[int]:
+  """The sequential steps of every loop in a jaxpr, nested loops multiplied out; a
+  fully unrolled scan is straight-line code, not a loop."""
+  steps = []
+  for equation in jaxpr.eqns:
+    params = equation.params
+    if equation.primitive.name == "while":
+      raise ValueError(f"a while loop of unknown trip count: {equation}")
+    if equation.primitive.name == "scan":
+      length, unroll = params["length"], params["unroll"]
+      inner = _loop_steps(params["jaxpr"].jaxpr)
+      if unroll is True or unroll >= length:
+        steps += inner
+      else:
+        steps += [length] + [length * n for n in inner]
+      continue
+    for value in params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+        if hasattr(sub, "eqns"):
+          steps += _loop_steps(sub)
+  return steps
+
+
+def sequential_loop_steps(*, num_queries: int, num_database: int, code_length: int,
+                          algorithm: str, db_chunk: int = 1024,
+                          num_breakpoints: int = 2) -> int:
+  """The longest chain of sequential loop steps in the device step of
+  `retrieval_metrics_per_query` (both passes, one device, the database held whole),
+  read from its jaxpr: how many steps one query chunk waits for, whatever the
+  hardware does per step."""
+  num_blocks = -(-num_database // db_chunk)
+  num_words = -(-code_length // _WORD_BITS)
+  shapes = [((num_queries, num_words), jnp.uint32), ((num_queries, 1), jnp.uint32),
+            ((num_blocks, db_chunk, num_words), jnp.uint32),
+            ((num_blocks, db_chunk, 1), jnp.uint32), ((num_breakpoints,), jnp.int32),
+            ((2,), jnp.int32)]
+  step = functools.partial(
+      sharded_statistics, mesh=Mesh(np.array(jax.devices()[:1]), (sharding.AXIS,)),
+      code_length=code_length, num_database=num_database, algorithm=algorithm)
+  jaxpr = jax.make_jaxpr(step)(*(jax.ShapeDtypeStruct(shape, dtype)
+                                 for shape, dtype in shapes))
+  return max(_loop_steps(jaxpr.jaxpr), default=0)
+
+
 # ------------------------------------------------------- reading the database
 
 def _code_layout(query_codes: Any, db_codes: Any, code_length: int | None
@@ -712,6 +783,93 @@ def _segmented_statistics(query_steps: list, read_segment, *, num_database: int,
           state, *query, *segment, breakpoints, bucket_of_rank, jnp.int32(start), total,
           mesh=mesh, code_length=code_length, algorithm=algorithm))
   return [(c[:, :-1], limbs, relevant) for c, (_, limbs, relevant) in zip(counts, states)]
+
+
+# ------------------------------------------------------------- top k (search)
+
+@functools.partial(jax.jit, static_argnames=("code_length", "k", "num_database"))
+def _top_k_device(query_packed: jax.Array, db_blocks: jax.Array, *, code_length: int,
+                  k: int, num_database: int) -> tuple[jax.Array, jax.Array]:
+  """Both passes without labels, keeping each item ranked <= k at its place.
+
+  Args:
+    query_packed: uint32 (Q, W); db_blocks: uint32 (B, T, W) zero-padded.
+
+  Returns:
+    int32 (Q, k) database rows and int32 (Q, k) their distances, best first.
+  """
+  num_queries = query_packed.shape[0]
+  num_blocks, block_size, _ = db_blocks.shape
+  no_query_labels = jnp.zeros((num_queries, 1), jnp.uint32)
+  no_db_labels = jnp.zeros((num_blocks, block_size, 1), jnp.uint32)
+  counts = _histogram_pass(
+      jnp.zeros((num_queries, code_length + 2, 2), jnp.int32), query_packed,
+      no_query_labels, db_blocks, no_db_labels, jnp.int32(0), jnp.int32(num_database),
+      code_length=code_length)
+  running, _, _ = _initial_ranking_state(counts, num_buckets=1)
+  positions = jnp.arange(block_size, dtype=jnp.int32)
+  query_rows = jnp.arange(num_queries, dtype=jnp.int32)[:, None]
+
+  def block_step(carry, block):
+    running, best_rows, best_distances = carry
+    codes, start = block
+    is_real = start + positions < num_database
+    ranked = _sorted_block_ranks(
+        running, jnp.where(is_real[None, :], _hamming(query_packed, codes),
+                           code_length + 1),
+        jnp.zeros((num_queries, block_size), jnp.int32), code_length=code_length)
+    place = ranked["rank"] - 1  # past k (or padding): dropped
+    best_rows = best_rows.at[query_rows, place].set(start + ranked["position"],
+                                                    mode="drop")
+    best_distances = best_distances.at[query_rows, place].set(ranked["distance"],
+                                                              mode="drop")
+    return (running + ranked["block_counts"], best_rows, best_distances), None
+
+  starts = jnp.arange(num_blocks, dtype=jnp.int32) * block_size
+  (_, best_rows, best_distances), _ = lax.scan(
+      block_step, (running, jnp.zeros((num_queries, k), jnp.int32),
+                   jnp.zeros((num_queries, k), jnp.int32)), (db_blocks, starts))
+  return best_rows, best_distances
+
+
+def top_k(query_packed: Any, db_packed: Any, *, k: int, db_chunk: int = 1024
+          ) -> tuple[np.ndarray, np.ndarray]:
+  """The first k items of each query's ranking: by Hamming distance, ties by database
+  row, as the evaluation ranks them (the "sort" form of its ranking pass).
+
+  For a few queries (search, report grids); memory is O(queries x (db_chunk + L + k))
+  plus the packed database.
+
+  Args:
+    query_packed: uint32 (nq, W) from `pack_codes`.
+    db_packed: uint32 (ndb, W) from `pack_codes`.
+    k: items per query (clipped to ndb).
+    db_chunk: database items per block.
+
+  Returns:
+    rows: int64 (nq, min(k, ndb)) database rows, best first.
+    distances: int32 (nq, min(k, ndb)) their Hamming distances.
+  """
+  query_packed, db_packed = np.asarray(query_packed), np.asarray(db_packed)
+  if (query_packed.ndim != 2 or db_packed.ndim != 2 or len(db_packed) == 0
+      or query_packed.shape[1] != db_packed.shape[1]
+      or query_packed.dtype != np.uint32 or db_packed.dtype != np.uint32):
+    raise UserError(f"packed codes must be uint32 (n, W) with the same W, got "
+                    f"{query_packed.dtype}{query_packed.shape} and "
+                    f"{db_packed.dtype}{db_packed.shape}; pack both with pack_codes.")
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    raise UserError(f"k must be a positive int, got {k!r}; e.g. k=10.")
+  _check_sizes((db_chunk,), "db_chunk", allow_none=False)
+  num_database, num_words = db_packed.shape
+  block_size = min(db_chunk, num_database, _MAX_BLOCK)
+  rows = -(-num_database // block_size) * block_size
+  blocks = np.zeros((rows, num_words), np.uint32)
+  blocks[:num_database] = db_packed
+  best_rows, best_distances = _top_k_device(
+      jnp.asarray(query_packed), jnp.asarray(blocks.reshape(-1, block_size, num_words)),
+      code_length=_WORD_BITS * num_words, k=min(int(k), num_database),
+      num_database=num_database)
+  return np.asarray(best_rows).astype(np.int64), np.asarray(best_distances)
 
 
 # ------------------------------------------------- float64 metrics from counts

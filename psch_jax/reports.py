@@ -52,10 +52,8 @@ _QUERY_COLOUR = "#1f77b4"
 
 def top_matches(query_packed: Any, database_packed: Any, *, topk: int
                 ) -> tuple[np.ndarray, np.ndarray]:
-  """The evaluation's ranking for a few queries: Hamming distance, ties by row.
-
-  Builds the dense (nq, ndb) distance matrix, so use it for a handful of queries
-  (report grids, interactive search), not for a whole query set.
+  """The evaluation's ranking for a few queries: Hamming distance, ties by row
+  (`ranking.top_k`, the evaluation's ranking pass).
 
   Args:
     query_packed: uint32 (nq, W) codes from `ranking.pack_codes`.
@@ -68,12 +66,9 @@ def top_matches(query_packed: Any, database_packed: Any, *, topk: int
   """
   if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1:
     raise UserError(f"topk must be a positive int, got {topk!r}; e.g. topk=10.")
-  distances = np.asarray(ranking.hamming_distance_packed(query_packed,
-                                                            database_packed))
-  # Database rows are in increasing global index (splits are sorted), so a stable
-  # sort on distance breaks ties by database index, as the evaluation does.
-  rows = np.argsort(distances, axis=1, kind="stable")[:, :topk]
-  return rows.astype(np.int64), np.take_along_axis(distances, rows, axis=1)
+  # Database rows are in increasing global index (splits are sorted), so ties by row
+  # are ties by database index, as the evaluation breaks them.
+  return ranking.top_k(query_packed, database_packed, k=int(topk))
 
 
 def unpack_codes(packed: np.ndarray, num_bits: int) -> np.ndarray:

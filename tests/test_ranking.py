@@ -7,7 +7,6 @@ not divide the query or database counts, so padding is always exercised; most ca
 run on the 4 fake CPU devices of conftest.py, the reference comparison also on 2
 devices with several steps.
 """
-import functools
 import itertools
 import json
 import math
@@ -154,6 +153,22 @@ def test_average_precision_is_the_exact_sum_whatever_the_blocks_and_segments():
       np.testing.assert_array_equal(run[name], want, err_msg=name)
 
 
+@pytest.mark.parametrize("k", [1, 37, 500])
+def test_top_k_is_the_stable_argsort_of_the_distances(k):
+  # 10-bit codes: every distance is tied many times; 17-item blocks leave padding.
+  query_codes, _, db_codes, _ = _random_case(seed=k, num_queries=6, num_database=300,
+                                             code_length=10, num_labels=2,
+                                             single_label=True)
+  rows, distances = ranking.top_k(ranking.pack_codes(query_codes),
+                                  ranking.pack_codes(db_codes), k=k, db_chunk=17)
+  every_distance = reference.hamming_distances(query_codes, db_codes)
+  want = np.argsort(every_distance, axis=1, kind="stable")[:, :k]
+  np.testing.assert_array_equal(rows, want)
+  np.testing.assert_array_equal(distances,
+                                np.take_along_axis(every_distance, want, axis=1))
+  assert rows.dtype == np.int64 and distances.dtype == np.int32
+
+
 def test_one_device_and_four_devices_agree():
   case = _random_case(seed=4, num_queries=19, num_database=50, code_length=12,
                       num_labels=4, single_label=False)
@@ -186,57 +201,26 @@ def _nus_wide_sized_step(algorithm):
             ((num_blocks, block, 2), np.uint32), ((num_blocks, block, 1), np.uint32),
             ((2,), np.int32),      # breakpoints: K = 1000 and the database size
             ((1002,), np.int32)]   # the bucket table of ranks 0..1001
-  lowered = ranking.sharded_statistics.lower(
+  return ranking.sharded_statistics.lower(
       *(jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes),
       mesh=jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)), code_length=64,
       num_database=num_database, algorithm=algorithm)
-  return lowered, num_blocks
 
 
 @pytest.mark.parametrize("algorithm", sorted(ranking.ALGORITHMS))
 def test_device_memory_stays_small_for_a_nus_wide_sized_database(algorithm):
-  memory = _nus_wide_sized_step(algorithm)[0].compile().memory_analysis()
+  memory = _nus_wide_sized_step(algorithm).compile().memory_analysis()
   assert memory.temp_size_in_bytes < 32 * 2**20
   assert memory.argument_size_in_bytes < 8 * 2**20
 
 
-def _sequential_steps(jaxpr) -> list[int]:
-  """The sequential steps of every loop in a jaxpr (nested loops multiplied out); a
-  fully unrolled scan is straight-line code, not a loop."""
-  steps = []
-  for equation in jaxpr.eqns:
-    params = equation.params
-    if equation.primitive.name == "while":
-      raise AssertionError(f"a while loop of unknown trip count: {equation}")
-    if equation.primitive.name == "scan":
-      length, unroll = params["length"], params["unroll"]
-      inner = _sequential_steps(params["jaxpr"].jaxpr)
-      if unroll is True or unroll >= length:
-        steps += inner
-      else:
-        steps += [length] + [length * n for n in inner]
-      continue
-    for value in params.values():
-      for sub in value if isinstance(value, (list, tuple)) else [value]:
-        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
-        if hasattr(sub, "eqns"):
-          steps += _sequential_steps(sub)
-  return steps
-
-
 def test_the_sort_algorithm_loops_over_blocks_never_over_items():
-  steps = {}
-  for algorithm in ranking.ALGORITHMS:
-    lowered, num_blocks = _nus_wide_sized_step(algorithm)
-    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in lowered.args_info[0]]
-    jaxpr = jax.make_jaxpr(functools.partial(
-        ranking.sharded_statistics, mesh=jax.sharding.Mesh(
-            np.array(jax.devices()[:1]), ("data",)), code_length=64,
-        num_database=193_734, algorithm=algorithm))(*shapes)
-    steps[algorithm] = max(_sequential_steps(jaxpr.jaxpr))
-  # Both passes of "sort" step once per 1,024-item block; the check sees the per-item
-  # loop of "scan" (every item, in blocks).
-  assert steps == {"sort": num_blocks, "scan": num_blocks * 1024}
+  steps = {algorithm: ranking.sequential_loop_steps(
+      num_queries=256, num_database=193_734, code_length=64, algorithm=algorithm)
+           for algorithm in ranking.ALGORITHMS}
+  # Both passes of "sort" step once per 1,024-item block (190 blocks); the count sees
+  # the per-item loop of "scan" (every item, block by block).
+  assert steps == {"sort": 190, "scan": 190 * 1024}
 
 
 @pytest.mark.parametrize("db_chunk,db_segment", [(17, 65_536), (100, 700)])
