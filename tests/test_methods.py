@@ -259,9 +259,12 @@ def test_method_killed_mid_training_resumes_to_the_uninterrupted_codes(
 
   Only the killed run is a process of its own (`main.py`, SIGKILLed); the
   uninterrupted run, the resumption and `--mode=eval` are the same library calls
-  `main.py` makes, in this process, where they share its compiled programs."""
+  `main.py` makes, in this process, where they share its compiled programs. The
+  uninterrupted run goes first, so the killed process finds those programs in the
+  session's compilation cache (tests/conftest.py) instead of compiling them."""
   from psch_jax import train
   reference, workdir = str(tmp_path / "reference"), str(tmp_path / "work")
+  train.train_and_evaluate(_tiny_config(method), reference)
   # Train, and SIGKILL once a checkpoint before the last one is complete.
   checkpoints = os.path.join(workdir, "checkpoints")
   killed = test_train.run_main(workdir, f"--config.method.name={method}")
@@ -274,7 +277,6 @@ def test_method_killed_mid_training_resumes_to_the_uninterrupted_codes(
   killed.kill()
   killed.wait()
   assert not os.path.exists(os.path.join(workdir, "results.json"))
-  train.train_and_evaluate(_tiny_config(method), reference)
   capsys.readouterr()
   train.train_and_evaluate(_tiny_config(method), workdir)
   assert "resumed from step" in capsys.readouterr().out
