@@ -130,11 +130,13 @@ def per_pair_costs(query_codes, query_labels, db_codes, db_labels, *, k: int,
   print(f"CPU time per query-item pair, {num_queries} queries x {num_database} items, "
         f"{code_length} bits, K = {k}, one device (median of {repeats}); load average "
         f"{os.getloadavg()[0]:.1f}")
-  report("ranking.retrieval_metrics_per_query (both passes, host metrics included)",
-         lambda: ranking.retrieval_metrics_per_query(
-             query_codes[:num_queries], query_labels, db_codes, db_labels, topk=(k,),
-             topn=(), query_chunk=num_queries, db_chunk=block_size,
-             mesh=sharding.make_mesh(jax.devices()[:1])))
+  for algorithm in ranking.ALGORITHMS:
+    report(f"ranking.retrieval_metrics_per_query, algorithm={algorithm!r} (both "
+           "passes, host metrics included)",
+           lambda a=algorithm: ranking.retrieval_metrics_per_query(
+               query_codes[:num_queries], query_labels, db_codes, db_labels, topk=(k,),
+               topn=(), query_chunk=num_queries, db_chunk=block_size,
+               mesh=sharding.make_mesh(jax.devices()[:1]), algorithm=a))
   print("alternatives:")
 
   def distances_only(queries, db_blocks):
@@ -151,6 +153,15 @@ def per_pair_costs(query_codes, query_labels, db_codes, db_labels, *, k: int,
       return lax.top_k(jnp.concatenate([best, keys], axis=1), k)[0], None
     return lax.scan(merge, jnp.full((num_queries, k), -jnp.inf), db_blocks)[0]
 
+  positions = jnp.arange(block_size, dtype=jnp.int32)
+
+  def sort_keys(queries, db_blocks):  # the sort of the "sort" form, alone
+    return lax.scan(lambda total, codes: (total + lax.sort(
+        hamming(queries, codes) * block_size + positions, dimension=1)[:, -1], None),
+                    jnp.zeros(num_queries, jnp.int32), db_blocks)[0]
+
+  report(f"distances + lax.sort of each {block_size}-item block's keys per query",
+         jax.jit(sort_keys), queries, db_blocks)
   report(f"lax.top_k of the running top K and each {top_k_block}-item block",
          jax.jit(top_k_merge), queries, blocks(top_k_block))
 

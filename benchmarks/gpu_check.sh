@@ -7,7 +7,8 @@
 #      batch 128 / 1024: FLOPs per step, step time, MFU;
 #   3. the same :tiny run twice with train.deterministic on (the default) and twice
 #      with it off: are the codes bitwise equal within each pair?
-#   4. bench_evaluation (10,000 x 50,000 at 64 bits: the ranking on the GPU);
+#   4. bench_evaluation (10,000 x 50,000 and NUS-WIDE's 2,100 x 193,734 at 64 bits:
+#      both forms of the ranking pass on the GPU; faiss only if installed there);
 #   5. preset "modern" in the time left.
 # Writes $OUT/run.log, $OUT/util.csv (GPU utilisation every 0.5 s) and $OUT/work.tar.gz
 # (every log, and the small files of every work directory: metrics.jsonl holds each
@@ -63,7 +64,8 @@ for run in fast1 fast2; do
     --config.train.deterministic=False --workdir="$work/tiny_$run" $data
 done
 same_codes "$work/tiny_fast1" "$work/tiny_fast2" "train.deterministic=False"
-step evaluation 60 python3 -m benchmarks.bench_evaluation --numpy-queries 100 --repeats 1
+step evaluation 120 python3 -m benchmarks.bench_evaluation \
+  --sizes=10000x50000,2100x193734 --numpy-queries 100 --repeats 1
 left=$(( 560 - ($(date +%s) - start) ))
 if [ "$left" -gt 30 ]; then
   step modern "$left" $main --config=configs/fashion_mnist.py \

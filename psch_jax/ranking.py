@@ -13,15 +13,18 @@ full and derives the algorithm; in short:
 - precision@radius r, the PR curve over radii 0..L and precision@N use the same
   ranking (0 for an empty denominator).
 
-Algorithm (no sort, no query x database matrix): queries are split over this
-process's devices of the mesh (`jax.shard_map`; a run passes its one mesh), the
-packed database read in segments of `db_segment` items and scanned in blocks of
+Algorithm (no sort of the database, no query x database matrix): queries are split
+over this process's devices of the mesh (`jax.shard_map`; a run passes its one mesh),
+the packed database read in segments of `db_segment` items and scanned in blocks of
 `db_chunk`. Pass 1 (histogram) counts per query the (irrelevant, relevant) items at
 each distance 0..L; the tie-aware mAP, precision@radius and the PR curve come from
 these counts alone (float64, on the host). Pass 2 (ranking)
-scans the database in index order carrying running counts per distance, which give each
-item's exact rank and precision; the precisions are summed per rank bucket between the
-requested K and N, so one pass serves every mAP@K, mAP@all and precision@N.
+carries running counts per distance, which give each item's exact rank and
+precision, in one of two forms with the same bits: "scan" walks the items in index
+order (fastest on CPUs), "sort" sorts each block per query and has no loop over
+items (GPUs, TPUs). The precisions are summed exactly (integer limbs) per rank bucket
+between the requested K and N, so one pass serves every mAP@K, mAP@all and
+precision@N. `top_k` (search) ranks with the same passes.
 Limit: fewer than 2^24 database items (ranks pass through float32).
 """
 from __future__ import annotations
@@ -457,8 +460,8 @@ ALGORITHMS = {"scan": _scan_ranking_pass, "sort": _sort_ranking_pass}
 
 
 def default_algorithm(mesh: Mesh) -> str:
-  """"scan" on CPUs, "sort" on GPUs and TPUs (docs/evaluation.md gives the
-  measurements)."""
+  """The default form of the ranking pass on `mesh`'s devices: "scan" on CPUs, "sort"
+  on GPUs and TPUs (docs/benchmarks.md, "Retrieval evaluation", gives the reasons)."""
   return "scan" if mesh.devices.flat[0].platform == "cpu" else "sort"
 
 
