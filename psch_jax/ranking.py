@@ -302,8 +302,7 @@ def _scan_ranking_pass(state: tuple[jax.Array, ...], query_packed: jax.Array,
   bucket_rows = query_rows * num_buckets
   last_rank = bucket_of_rank.shape[0] - 1
 
-  def item_step(carry, item):
-    running, block_sums = carry
+  def item_step(running, item):
     code, labels = item
     distances = _hamming(query_packed, code[None, :])[:, 0]
     relevant = _relevance(query_labels, labels[None, :])[:, 0]
@@ -319,15 +318,18 @@ def _scan_ranking_pass(state: tuple[jax.Array, ...], query_packed: jax.Array,
     # Padding items (never relevant, after all real ones) may rank past the table.
     bucket = bucket_of_rank.at[jnp.minimum(rank, last_rank)].get(
         mode="promise_in_bounds")
-    update = jnp.concatenate([_precision_limbs(precision),
-                              relevant.astype(jnp.int32)[:, None]], -1)
-    block_sums = block_sums.at[bucket_rows + bucket].add(update, mode="promise_in_bounds")
-    return (running, block_sums), None
+    return running, (precision, bucket)
 
   def block_step(carry, block):
     running, precision_limbs, relevant_counts = carry
-    block_sums = jnp.zeros((num_queries * num_buckets, 4), jnp.int32)
-    (running, block_sums), _ = lax.scan(item_step, (running, block_sums), block)
+    # The step only ranks; the block's precisions are split into limbs and summed
+    # per bucket afterwards, all at once.
+    running, (precision, bucket) = lax.scan(item_step, running, block)  # (T, Q)
+    update = jnp.concatenate([_precision_limbs(precision),
+                              (precision > 0).astype(jnp.int32)[..., None]], -1)
+    block_sums = jnp.zeros((num_queries * num_buckets, 4), jnp.int32).at[
+        (bucket_rows[None, :] + bucket).reshape(-1)].add(
+            update.reshape(-1, 4), mode="promise_in_bounds")
     block_sums = block_sums.reshape(num_queries, num_buckets, 4)
     precision_limbs = _add_limbs(precision_limbs, block_sums[..., :3])
     relevant_counts = relevant_counts + block_sums[..., 3]
