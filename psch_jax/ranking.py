@@ -288,7 +288,8 @@ def _scan_ranking_pass(state: tuple[jax.Array, ...], query_packed: jax.Array,
   """Pass 2 as a loop over the database items, all queries at once ("scan").
 
   Each step adds one item to `running` and reads back its rank and hits: a counting
-  sort done by every query in parallel. The fastest form on XLA's CPU backend, whose
+  sort done by every query in parallel; each block's precisions are then split into
+  limbs and summed per bucket at once. The fastest form on XLA's CPU backend, whose
   sort is slow; on GPUs and TPUs its one small step per item is loop overhead.
   Arguments and result as in `_ranking_pass` (padding items rank after every real
   one, are never relevant, and fall in the last bucket of `bucket_of_rank`).
