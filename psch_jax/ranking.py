@@ -162,13 +162,18 @@ def hamming_distance_packed(query_packed: Any, db_packed: Any) -> jax.Array:
     int32 `(nq, ndb)`: number of differing bits.
   """
   query_packed, db_packed = jnp.asarray(query_packed), jnp.asarray(db_packed)
+  _check_packed_pair(query_packed, db_packed)
+  return _hamming_jit(query_packed, db_packed)
+
+
+def _check_packed_pair(query_packed: Any, db_packed: Any) -> None:
+  """Refuses anything but two uint32 (n, W) matrices of packed codes with one W."""
   if (query_packed.ndim != 2 or db_packed.ndim != 2
       or query_packed.shape[1] != db_packed.shape[1]
-      or query_packed.dtype != jnp.uint32 or db_packed.dtype != jnp.uint32):
+      or query_packed.dtype != np.uint32 or db_packed.dtype != np.uint32):
     raise UserError(f"packed codes must be uint32 (n, W) with the same W, got "
                     f"{query_packed.dtype}{query_packed.shape} and "
                     f"{db_packed.dtype}{db_packed.shape}; pack both with pack_codes.")
-  return _hamming_jit(query_packed, db_packed)
 
 
 # ------------------------------------------------------------- per-chunk kernel
@@ -857,12 +862,9 @@ def top_k(query_packed: Any, db_packed: Any, *, k: int, db_chunk: int = 1024
     distances: int32 (nq, min(k, ndb)) their Hamming distances.
   """
   query_packed, db_packed = np.asarray(query_packed), np.asarray(db_packed)
-  if (query_packed.ndim != 2 or db_packed.ndim != 2 or len(db_packed) == 0
-      or query_packed.shape[1] != db_packed.shape[1]
-      or query_packed.dtype != np.uint32 or db_packed.dtype != np.uint32):
-    raise UserError(f"packed codes must be uint32 (n, W) with the same W, got "
-                    f"{query_packed.dtype}{query_packed.shape} and "
-                    f"{db_packed.dtype}{db_packed.shape}; pack both with pack_codes.")
+  _check_packed_pair(query_packed, db_packed)
+  if len(db_packed) == 0:
+    raise UserError("the database holds no codes; search needs at least one item.")
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
     raise UserError(f"k must be a positive int, got {k!r}; e.g. k=10.")
   _check_sizes((db_chunk,), "db_chunk", allow_none=False)
