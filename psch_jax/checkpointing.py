@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from psch_jax import interrupts
 from psch_jax import io_utils
 from psch_jax import workdir as workdir_lib
 from psch_jax.errors import UserError
@@ -224,7 +225,8 @@ def wait(mngr: ocp.CheckpointManager) -> None:
   OSError (ENOSPC) it is, naming the checkpoint directory, rather than the
   ValueError Orbax wraps TensorStore's error in."""
   try:
-    mngr.wait_until_finished()
+    with interrupts.deferred():
+      mngr.wait_until_finished()
   except Exception as e:  # Orbax re-raises its background thread's error as is.
     if not any(text in str(e) for text in _DISK_FULL):
       raise
@@ -250,11 +252,12 @@ def _check_free_space(directory, items: Any) -> None:
 
 def close(mngr: ocp.CheckpointManager) -> None:
   """Waits for pending saves, records their checksums, then closes."""
-  try:
-    wait(mngr)
-    record_checksums(mngr, workdir_of(mngr))
-  finally:
-    mngr.close()
+  with interrupts.deferred():
+    try:
+      wait(mngr)
+      record_checksums(mngr, workdir_of(mngr))
+    finally:
+      mngr.close()
 
 
 # What stands for the targets of a method that keeps none (CIBHash): Orbax refuses
@@ -272,19 +275,21 @@ def save(mngr: ocp.CheckpointManager, step: int, *, state: Any, targets: Any,
          meta: dict) -> None:
   """Saves asynchronously; the rename that makes it visible happens when it is done.
 
-  Waits for the previous save first (Orbax would), to record its checksums.
+  Waits for the previous save first (Orbax would), to record its checksums. A
+  stopping signal is held until the save is under way (`interrupts.deferred`).
   """
   targets = _savable_targets(targets)
-  wait(mngr)
-  workdir = workdir_of(mngr)
-  record_checksums(mngr, workdir)
-  _check_free_space(mngr.directory, (state, targets))
-  if jax.process_index() == 0:
-    io_utils.write_bytes(_pending_path(workdir, step), b"")  # announces the save
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      targets=ocp.args.StandardSave(targets),
-      meta=ocp.args.JsonSave(meta)))
+  with interrupts.deferred():
+    wait(mngr)
+    workdir = workdir_of(mngr)
+    record_checksums(mngr, workdir)
+    _check_free_space(mngr.directory, (state, targets))
+    if jax.process_index() == 0:
+      io_utils.write_bytes(_pending_path(workdir, step), b"")  # announces the save
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        targets=ocp.args.StandardSave(targets),
+        meta=ocp.args.JsonSave(meta)))
 
 
 def restore_latest(mngr: ocp.CheckpointManager, *, abstract_state: Any,

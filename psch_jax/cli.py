@@ -20,7 +20,7 @@ code 2, `errors.EXIT_BAD_INPUT`, never with a traceback. Whatever else `main` re
 is the exit code (`commands.reports` returns 1 when a metric disagrees).
 
 SIGINT (Ctrl-C) and SIGTERM stop a command with one line, after its cleanup has run
-(a checkpoint save in flight completes, the lock is released): what the work
+(a checkpoint save in flight completes, `interrupts.deferred`; the lock is released): what the work
 directory keeps and how to resume; the exit code is 128 + the signal's number (130,
 143). A full disk (ENOSPC, EDQUOT) is an "error:" line naming the path, exit code 2:
 every file is written aside and renamed, so nothing is half-written.
@@ -43,6 +43,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from psch_jax import config as psch_config
+from psch_jax import interrupts
 from psch_jax.errors import EXIT_BAD_INPUT, UserError, flag_error_message
 
 FLAGS = flags.FLAGS
@@ -137,19 +138,6 @@ def check_no_positional_arguments(remaining: Sequence[str]) -> None:
       "set as --config.<section>.<field>=<value>.")
 
 
-class Stopped(KeyboardInterrupt):
-  """SIGTERM, raised where the main thread is, so cleanup runs as for Ctrl-C."""
-
-  def __init__(self, signum: int):
-    super().__init__(signal.Signals(signum).name)
-    self.signum = signum
-
-
-def _raise_stopped(signum, frame) -> NoReturn:
-  del frame
-  raise Stopped(signum)
-
-
 def _exit_now(code: int) -> NoReturn:
   """Exits without the interpreter's shutdown, once the command's cleanup has run:
   Orbax's and TensorStore's background work of a failed or interrupted save would
@@ -206,8 +194,7 @@ def run(main: Callable[[list[str]], int | None], *,
     # tfds and Orbax log every read and save at INFO (the level app.run sets);
     # each command prints what it did.
     logging.set_verbosity(logging.WARNING)
-    signal.signal(signal.SIGTERM, _raise_stopped)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupts.install()
     sys.excepthook = _quiet_closed_event_loop(sys.excepthook)
     try:
       return main(argv)

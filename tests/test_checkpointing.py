@@ -183,3 +183,29 @@ def test_restore_params_reads_only_the_params_as_numpy(tmp_path):
   with pytest.raises(UserError, match="holds no checkpoint"):
     os.makedirs(tmp_path / "empty" / "checkpoints")
     checkpointing.restore_params(str(tmp_path / "empty"), {"w": params["w"]})
+
+
+def test_a_signal_during_a_save_is_raised_after_it_completes(tmp_path, monkeypatch):
+  # What a command sees on Ctrl-C while Orbax finalizes a save: the save completes
+  # (checksums recorded, so it restores), then Stopped; never an error inside Orbax.
+  import signal
+  from psch_jax import interrupts
+  config = psch_config.base_config()
+  mngr = checkpointing.manager(str(tmp_path), keep=2)
+  checkpointing.save(mngr, 7, state={"w": jnp.arange(6.0)}, targets={}, meta={
+      "epoch": 1, "signature": checkpointing.shape_signature(config)})
+  wait_until_finished = mngr.wait_until_finished
+
+  def interrupted_wait():
+    os.kill(os.getpid(), signal.SIGINT)  # handled in this thread, inside the wait
+    wait_until_finished()
+
+  monkeypatch.setattr(mngr, "wait_until_finished", interrupted_wait)
+  previous = signal.getsignal(signal.SIGINT)
+  interrupts.install()
+  try:
+    with pytest.raises(interrupts.Stopped):
+      checkpointing.close(mngr)
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  assert checkpointing.check_newest(str(tmp_path)) == 7
