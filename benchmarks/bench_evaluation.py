@@ -40,6 +40,7 @@ from absl import flags  # pylint: disable=wrong-import-position
 
 from psch_jax import cli  # pylint: disable=wrong-import-position
 from psch_jax import ranking  # pylint: disable=wrong-import-position
+from psch_jax import ranking_passes  # pylint: disable=wrong-import-position
 from psch_jax import reference  # pylint: disable=wrong-import-position
 from psch_jax import sharding  # pylint: disable=wrong-import-position
 from psch_jax.errors import UserError  # pylint: disable=wrong-import-position
@@ -130,7 +131,7 @@ def per_pair_costs(query_codes, query_labels, db_codes, db_labels, *, k: int,
   print(f"CPU time per query-item pair, {num_queries} queries x {num_database} items, "
         f"{code_length} bits, K = {k}, one device (median of {repeats}); load average "
         f"{os.getloadavg()[0]:.1f}")
-  for algorithm in ranking.ALGORITHMS:
+  for algorithm in ranking_passes.ALGORITHMS:
     report(f"ranking.retrieval_metrics_per_query, algorithm={algorithm!r} (both "
            "passes, host metrics included)",
            lambda a=algorithm: ranking.retrieval_metrics_per_query(
@@ -226,21 +227,21 @@ def benchmark_row(num_queries: int, num_database: int, *, num_bits: int, k: int,
   chunks = {"query_chunk": query_chunk, "db_chunk": db_chunk}
   warm_up = slice(0, query_chunk * len(jax.local_devices()))  # same shapes: compile
   rows, results = [], {}
-  for algorithm in ranking.ALGORITHMS:
+  for algorithm in ranking_passes.ALGORITHMS:
     every_metric = lambda queries, a=algorithm: ranking.retrieval_metrics_per_query(
         query_codes[queries], query_labels[queries], db_codes, db_labels, topk=(k,),
         topn=(), algorithm=a, **chunks)
     every_metric(warm_up)
     seconds, results[algorithm] = best_of(repeats, lambda: every_metric(slice(None)))
-    steps = ranking.sequential_loop_steps(
+    steps = ranking_passes.sequential_loop_steps(
         num_queries=query_chunk, num_database=num_database, code_length=num_bits,
         algorithm=algorithm, db_chunk=db_chunk)
     rows.append((f"psch_jax, every metric, algorithm={algorithm!r}", seconds,
                  f"{steps:,} loop steps per query chunk"))
-  first, second = (results[a] for a in ranking.ALGORITHMS)
+  first, second = (results[a] for a in ranking_passes.ALGORITHMS)
   if any(first[key].tobytes() != second[key].tobytes() for key in first):
     raise SystemExit("the two forms of the ranking pass gave different bits")
-  ours = results[ranking.default_algorithm(sharding.make_mesh(jax.local_devices()))]
+  ours = results[ranking_passes.default_algorithm(sharding.make_mesh(jax.local_devices()))]
   print(f"mAP@{k} = {ours[f'ap@{k}'].mean():.8f}, mAP@all = {ours['ap@all'].mean():.6f}, "
         f"tie-aware mAP@all = {ours['ap@all_tie_aware'].mean():.6f}; both forms give "
         "the same bits", flush=True)

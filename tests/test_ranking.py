@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from psch_jax import ranking
+from psch_jax import ranking_passes
 from psch_jax import reference
 from psch_jax.errors import UserError
 
@@ -80,7 +81,7 @@ TOPK = (1, 7, 50, 290, 1000, None)  # 290 > database size 263: the whole databas
 TOPN = (1, 5, 100, 400)
 
 
-@pytest.mark.parametrize("algorithm", sorted(ranking.ALGORITHMS))
+@pytest.mark.parametrize("algorithm", sorted(ranking_passes.ALGORITHMS))
 @pytest.mark.parametrize("single_label,code_length", [(False, 12), (True, 40)])
 def test_every_metric_matches_stable_argsort_reference(single_label, code_length,
                                                        algorithm):
@@ -146,7 +147,7 @@ def test_average_precision_is_the_exact_sum_whatever_the_blocks_and_segments():
                                               db_chunk=chunk, db_segment=segment,
                                               algorithm=algorithm)
           for chunk, segment in ((1024, 65_536), (17, 65_536), (100, 700))
-          for algorithm in ranking.ALGORITHMS]
+          for algorithm in ranking_passes.ALGORITHMS]
   for k, name in ((100, "ap@100"), (3000, "ap@all")):
     want = _exact_average_precision(case, k)
     for run in runs:
@@ -190,37 +191,6 @@ def test_tie_aware_matches_reference_when_groups_are_large():
   np.testing.assert_allclose(ours["ap@all_tie_aware"], want["ap@all_tie_aware"],
                              rtol=1e-12, atol=0)
   np.testing.assert_allclose(ours["ap@all"], want["ap@all"], atol=1e-6)
-
-
-def _nus_wide_sized_step(algorithm):
-  """The compiled device step for 256 queries x 193,734 items at 64 bits, in 1,024-item
-  blocks, mAP@1000 (compiled, not run)."""
-  num_database, block = 193_734, 1024
-  num_blocks = -(-num_database // block)
-  shapes = [((256, 2), np.uint32), ((256, 1), np.uint32),
-            ((num_blocks, block, 2), np.uint32), ((num_blocks, block, 1), np.uint32),
-            ((2,), np.int32),      # breakpoints: K = 1000 and the database size
-            ((1002,), np.int32)]   # the bucket table of ranks 0..1001
-  return ranking.sharded_statistics.lower(
-      *(jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes),
-      mesh=jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)), code_length=64,
-      num_database=num_database, algorithm=algorithm)
-
-
-@pytest.mark.parametrize("algorithm", sorted(ranking.ALGORITHMS))
-def test_device_memory_stays_small_for_a_nus_wide_sized_database(algorithm):
-  memory = _nus_wide_sized_step(algorithm).compile().memory_analysis()
-  assert memory.temp_size_in_bytes < 32 * 2**20
-  assert memory.argument_size_in_bytes < 8 * 2**20
-
-
-def test_the_sort_algorithm_loops_over_blocks_never_over_items():
-  steps = {algorithm: ranking.sequential_loop_steps(
-      num_queries=256, num_database=193_734, code_length=64, algorithm=algorithm)
-           for algorithm in ranking.ALGORITHMS}
-  # Both passes of "sort" step once per 1,024-item block (190 blocks); the count sees
-  # the per-item loop of "scan" (every item, block by block).
-  assert steps == {"sort": 190, "scan": 190 * 1024}
 
 
 @pytest.mark.parametrize("db_chunk,db_segment", [(17, 65_536), (100, 700)])
