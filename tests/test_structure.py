@@ -112,6 +112,24 @@ def test_config_rules_load_without_jax():
   assert result.returncode == 0, result.stderr[-3000:]
 
 
+COMMAND_MODULES = sorted(
+    name[:-3] for name in os.listdir(os.path.join(ROOT, "psch_jax", "commands"))
+    if name.endswith(".py") and name != "__init__.py")
+
+
+@pytest.mark.parametrize("command", COMMAND_MODULES)
+def test_every_command_defines_its_flags_without_jax(command):
+  # `--help` and flag errors answer before JAX's imports (the experiments command
+  # lists its --methods from psch_jax.table_rows, not from psch_jax.experiments).
+  script = (f"import sys, psch_jax.commands.{command} as command; "
+            "command.define_flags(); "
+            "loaded = [m for m in ('jax', 'tensorflow') if m in sys.modules]; "
+            "assert not loaded, loaded")
+  result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
 # ----------------------------------------------------------------- docs and code
 
 DOC_FILES = [os.path.join(ROOT, "README.md")] + [

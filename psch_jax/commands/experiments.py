@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from absl import flags
 
 from psch_jax import cli
-from psch_jax import experiments
 from psch_jax import io_utils
+from psch_jax import table_rows
 from psch_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
@@ -26,7 +26,7 @@ def define_flags() -> None:
   cli.define_config_flag(
       "PSCH config file, e.g. configs/fashion_mnist.py (:tiny for the smoke variant); "
       "--config.<field>=<value> overrides apply to every PSCH run.")
-  methods = list(experiments.METHODS)
+  methods = list(table_rows.METHODS)
   flags.DEFINE_list("bits", ["16", "32", "64"], "Code lengths (table columns).")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (mean ± std over them).")
   flags.DEFINE_list("methods", methods, f"Table rows, from {methods}.")
@@ -47,6 +47,7 @@ def main(argv: Sequence[str]) -> None:
   from psch_jax import xla_settings  # pylint: disable=g-import-not-at-top
   xla_settings.apply(FLAGS.config)
   import jax  # pylint: disable=g-import-not-at-top
+  from psch_jax import experiments  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join("experiments", config.data.name)
