@@ -16,13 +16,14 @@ full and derives the algorithm; in short:
 Algorithm (no sort of the database, no query x database matrix): queries are split
 over this process's devices of the mesh (`jax.shard_map`; a run passes its one mesh),
 the packed database read in segments of `db_segment` items and scanned in blocks of
-`db_chunk` by the device passes of `ranking_passes`. Pass 1 (histogram) counts per
-query the (irrelevant, relevant) items at each distance 0..L; the tie-aware mAP,
-precision@radius and the PR curve come from these counts alone (float64, on the
-host). Pass 2 (ranking, "scan" or "sort": `ranking_passes.ALGORITHMS`, the same bits)
-gives each item its exact rank and precision and sums the precisions exactly per rank
-bucket between the requested K and N, so one pass serves every mAP@K, mAP@all and
-precision@N. `top_k` (search) ranks with the same passes.
+`db_chunk` by the device passes of `ranking_passes`, or, on CPUs, packed whole and
+ranked by the compiled loops of `ranking_host` (`ALGORITHMS`, the same bits). Pass 1
+(histogram) counts per query the (irrelevant, relevant) items at each distance 0..L;
+the tie-aware mAP, precision@radius and the PR curve come from these counts alone
+(float64, on the host). Pass 2 (ranking) gives each item its exact rank and precision
+and sums the precisions exactly per rank bucket between the requested K and N, so
+one pass serves every mAP@K, mAP@all and precision@N. `top_k` (search) ranks with
+the device passes.
 Limit: fewer than 2^24 database items (ranks pass through float32).
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from psch_jax import ranking_host
 from psch_jax import ranking_passes
 from psch_jax import sharding
 from psch_jax.errors import UserError
@@ -52,6 +54,18 @@ _EULER_GAMMA = 0.57721566490153286061
 # Below this argument harmonic numbers come from an exact table, above it from the
 # asymptotic series, whose first omitted term is then below 1e-16.
 _HARMONIC_TABLE_SIZE = 64
+
+
+# How the ranking pass runs, all with the same bits: "host", compiled loops on the host
+# (`ranking_host`; CPUs); "scan" and "sort", the device passes (`ranking_passes`; "sort"
+# has no loop over items, for GPUs and TPUs).
+ALGORITHMS = ("host", *ranking_passes.ALGORITHMS)
+
+
+def default_algorithm(mesh: Mesh) -> str:
+  """The default form of the ranking on `mesh`'s devices: "host" on CPUs, "sort" on
+  GPUs and TPUs (docs/benchmarks.md, "Retrieval evaluation", gives the reasons)."""
+  return "host" if mesh.devices.flat[0].platform == "cpu" else "sort"
 
 
 # ------------------------------------------------------------------ packed codes
@@ -474,6 +488,59 @@ def _query_steps(query_packed: np.ndarray, query_labels: np.ndarray, *, mesh: Me
                        for step in range(num_steps))]
 
 
+def _host_statistics(query_packed: np.ndarray, query_labels: np.ndarray, db_codes: Any,
+                     db_labels: Any, *, segment_size: int, code_length: int,
+                     breakpoints: np.ndarray) -> tuple[np.ndarray, ...]:
+  """Both passes on the host (`ranking_host`): the database is read, checked and
+  packed `segment_size` items at a time, and ranked packed, whole."""
+  num_database = db_codes.shape[0]
+  segments = [(_packed_codes(db_codes[start:start + segment_size], "db_codes",
+                             code_length=code_length),
+               _packed_labels(db_labels[start:start + segment_size], "db_labels"))
+              for start in range(0, num_database, segment_size)]
+  return ranking_host.statistics(
+      query_packed, query_labels, np.concatenate([codes for codes, _ in segments]),
+      np.concatenate([labels for _, labels in segments]), code_length=code_length,
+      bucket_of_rank=_bucket_table(breakpoints), num_buckets=len(breakpoints) + 1)
+
+
+def _device_statistics(query_packed: np.ndarray, query_labels: np.ndarray,
+                       db_codes: Any, db_labels: Any, *, mesh: Mesh, query_chunk: int,
+                       db_chunk: int, num_segments: int, segment_size: int,
+                       code_length: int, breakpoints: np.ndarray, algorithm: str
+                       ) -> list:
+  """Both passes on the devices of `mesh` (`ranking_passes`), queries split over
+  them, the database held whole on every device or read in segments.
+
+  Returns:
+    [(counts, precision_limbs, relevant_counts)] per query step, device arrays.
+  """
+  num_database = db_codes.shape[0]
+  query_steps = _query_steps(query_packed, query_labels, mesh=mesh,
+                             query_chunk=query_chunk)
+  replicated = sharding.replicated(mesh)
+  device_breakpoints = jax.device_put(breakpoints.astype(np.int32), replicated)
+  bucket_of_rank = jax.device_put(_bucket_table(breakpoints), replicated)
+  if num_segments == 1:
+    num_rows = -(-num_database // db_chunk) * db_chunk
+    # Copied to every device once, not at every step.
+    database = jax.device_put(_database_blocks(
+        db_codes, db_labels, 0, num_database, num_rows=num_rows, block_size=db_chunk,
+        code_length=code_length), replicated)
+    # Dispatched asynchronously, collected by the caller.
+    return [ranking_passes.sharded_statistics(
+        *query, *database, device_breakpoints, bucket_of_rank, mesh=mesh,
+        code_length=code_length, num_database=num_database, algorithm=algorithm)
+            for query in query_steps]
+  return _segmented_statistics(
+      query_steps, functools.partial(
+          _database_blocks, db_codes, db_labels, num_rows=segment_size,
+          block_size=db_chunk, code_length=code_length),
+      num_database=num_database, segment_size=segment_size, mesh=mesh,
+      code_length=code_length, breakpoints=device_breakpoints,
+      bucket_of_rank=bucket_of_rank, algorithm=algorithm)
+
+
 def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: Any,
                                 db_labels: Any, *, topk: Sequence[int | None] = (1000,),
                                 topn: Sequence[int] = DEFAULT_TOPN, radius: int = 2,
@@ -507,9 +574,11 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
     mesh: the devices that share the queries: this process's devices of `mesh` (a
       run passes its one mesh, `sharding.make_mesh`); None: every local device (on CPU
       the threads of --xla_force_host_platform_device_count).
-    algorithm: how the ranking pass runs: "scan" (a loop over database items, all
-      queries at once) or "sort" (a loop over blocks of `db_chunk` items, each sorted
-      per query); None: `default_algorithm(mesh)`. The results are the same bits.
+    algorithm: how the ranking passes run (`ALGORITHMS`): "host" (compiled loops on
+      the host's cores, `ranking_host`), "scan" (on the devices, a loop over database
+      items, all queries at once) or "sort" (on the devices, a loop over blocks of
+      `db_chunk` items, each sorted per query); None: `default_algorithm(mesh)`. The
+      results are the same bits.
 
   Returns:
     float64 arrays: "ap@{K}" / "ap@all" / "ap@all_tie_aware" / "precision@radius{r}"
@@ -533,37 +602,22 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
 
   mesh = _local_mesh(mesh)
   if algorithm is None:
-    algorithm = ranking_passes.default_algorithm(mesh)
-  elif algorithm not in ranking_passes.ALGORITHMS:
-    raise UserError(f"algorithm must be one of {sorted(ranking_passes.ALGORITHMS)} or "
-                    f"None (the mesh's default), got {algorithm!r}.")
-  query_steps = _query_steps(query_packed, query_labels, mesh=mesh,
-                             query_chunk=query_chunk)
-  replicated = sharding.replicated(mesh)
-  device_breakpoints = jax.device_put(breakpoints.astype(np.int32), replicated)
-  bucket_of_rank = jax.device_put(_bucket_table(breakpoints), replicated)
+    algorithm = default_algorithm(mesh)
+  elif algorithm not in ALGORITHMS:
+    raise UserError(f"algorithm must be one of {list(ALGORITHMS)} or None (the mesh's "
+                    f"default), got {algorithm!r}.")
   db_chunk = min(db_chunk, num_database)
-
   num_segments, segment_size = _segment_layout(num_database, db_segment, db_chunk)
-  if num_segments == 1:
-    num_rows = -(-num_database // db_chunk) * db_chunk
-    # Copied to every device once, not at every step.
-    database = jax.device_put(_database_blocks(
-        db_codes, db_labels, 0, num_database, num_rows=num_rows, block_size=db_chunk,
-        code_length=code_length), replicated)
-    # Dispatched asynchronously, collected below.
-    pending = [ranking_passes.sharded_statistics(
-        *query, *database, device_breakpoints, bucket_of_rank, mesh=mesh,
-        code_length=code_length, num_database=num_database, algorithm=algorithm)
-               for query in query_steps]
+  if algorithm == "host":
+    pending = [_host_statistics(query_packed, query_labels, db_codes, db_labels,
+                                segment_size=segment_size, code_length=code_length,
+                                breakpoints=breakpoints)]
   else:
-    pending = _segmented_statistics(
-        query_steps, functools.partial(
-            _database_blocks, db_codes, db_labels, num_rows=segment_size,
-            block_size=db_chunk, code_length=code_length),
-        num_database=num_database, segment_size=segment_size, mesh=mesh,
-        code_length=code_length, breakpoints=device_breakpoints,
-        bucket_of_rank=bucket_of_rank, algorithm=algorithm)
+    pending = _device_statistics(
+        query_packed, query_labels, db_codes, db_labels, mesh=mesh,
+        query_chunk=query_chunk, db_chunk=db_chunk, num_segments=num_segments,
+        segment_size=segment_size, code_length=code_length, breakpoints=breakpoints,
+        algorithm=algorithm)
   counts, precision_limbs, relevant_counts = (
       [np.asarray(output) for output in outputs] for outputs in zip(*pending))
   counts = np.concatenate(counts)[:num_queries].astype(np.int64)

@@ -7,7 +7,7 @@ the counts and sums returned here into metrics; docs/evaluation.md derives both)
   Hamming distance 0..L;
 - pass 2, the ranking pass, in two forms with the same bits (`ALGORITHMS`): "scan"
   walks the items in index order (fastest on CPUs), "sort" sorts each block per query
-  and has no loop over items (GPUs, TPUs; `default_algorithm`). Each item's exact rank
+  and has no loop over items (GPUs, TPUs). Each item's exact rank
   (ties by database index) gives its precision h / r in float32, summed exactly as
   integer limbs per rank bucket;
 - the same passes without labels keep each query's first k items (`top_k_device`);
@@ -338,12 +338,6 @@ def _sort_ranking_pass(state: tuple[jax.Array, ...], query_packed: jax.Array,
 
 # The forms of pass 2, by name; both give the same bits (the sums are exact).
 ALGORITHMS = {"scan": _scan_ranking_pass, "sort": _sort_ranking_pass}
-
-
-def default_algorithm(mesh: Mesh) -> str:
-  """The default form of the ranking pass on `mesh`'s devices: "scan" on CPUs, "sort"
-  on GPUs and TPUs (docs/benchmarks.md, "Retrieval evaluation", gives the reasons)."""
-  return "scan" if mesh.devices.flat[0].platform == "cpu" else "sort"
 
 
 def _ranking_pass(state: tuple[jax.Array, ...], query_packed: jax.Array,

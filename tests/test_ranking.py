@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from psch_jax import ranking
-from psch_jax import ranking_passes
 from psch_jax import reference
 from psch_jax.errors import UserError
 
@@ -81,12 +80,15 @@ TOPK = (1, 7, 50, 290, 1000, None)  # 290 > database size 263: the whole databas
 TOPN = (1, 5, 100, 400)
 
 
-@pytest.mark.parametrize("algorithm", sorted(ranking_passes.ALGORITHMS))
-@pytest.mark.parametrize("single_label,code_length", [(False, 12), (True, 40)])
+@pytest.mark.parametrize("algorithm", list(ranking.ALGORITHMS))
+# 100 bits and 70 labels: more than one 64-bit word each (the host form's general loop).
+@pytest.mark.parametrize("single_label,code_length,num_labels",
+                         [(False, 12, 6), (True, 40, 6), (False, 100, 70)])
 def test_every_metric_matches_stable_argsort_reference(single_label, code_length,
-                                                       algorithm):
+                                                       num_labels, algorithm):
   case = _random_case(seed=code_length, num_queries=23, num_database=263,
-                      code_length=code_length, num_labels=6, single_label=single_label)
+                      code_length=code_length, num_labels=num_labels,
+                      single_label=single_label)
   ours = ranking.retrieval_metrics_per_query(
       *case, topk=TOPK, topn=TOPN, radius=2, query_chunk=QUERY_CHUNK, db_chunk=DB_CHUNK,
       mesh=jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",)),
@@ -147,7 +149,7 @@ def test_average_precision_is_the_exact_sum_whatever_the_blocks_and_segments():
                                               db_chunk=chunk, db_segment=segment,
                                               algorithm=algorithm)
           for chunk, segment in ((1024, 65_536), (17, 65_536), (100, 700))
-          for algorithm in ranking_passes.ALGORITHMS]
+          for algorithm in ranking.ALGORITHMS]
   for k, name in ((100, "ap@100"), (3000, "ap@all")):
     want = _exact_average_precision(case, k)
     for run in runs:
@@ -194,16 +196,26 @@ def test_tie_aware_matches_reference_when_groups_are_large():
 
 
 @pytest.mark.parametrize("db_chunk,db_segment", [(17, 65_536), (100, 700)])
-def test_both_algorithms_give_the_same_bits(db_chunk, db_segment):
+def test_every_algorithm_gives_the_same_bits(db_chunk, db_segment):
   case = _random_case(seed=3, num_queries=21, num_database=1100, code_length=12,
                       num_labels=5, single_label=False)
-  scan, sort = (ranking.retrieval_metrics_per_query(
+  first, *others = (ranking.retrieval_metrics_per_query(
       *case, topk=(1, 50, None), topn=(10, 1000), db_chunk=db_chunk,
       db_segment=db_segment, query_chunk=QUERY_CHUNK, algorithm=algorithm)
-                for algorithm in ("scan", "sort"))
-  assert scan.keys() == sort.keys()
-  for key in scan:
-    np.testing.assert_array_equal(scan[key], sort[key], err_msg=key)
+                    for algorithm in ranking.ALGORITHMS)
+  for other in others:
+    assert first.keys() == other.keys()
+    for key in first:
+      np.testing.assert_array_equal(first[key], other[key], err_msg=key)
+
+
+def test_the_cpu_default_is_the_host_form():
+  cpu = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+  assert ranking.default_algorithm(cpu) == "host"
+  with pytest.raises(UserError, match="algorithm must be one of"):
+    ranking.retrieval_metrics_per_query(*_random_case(
+        seed=0, num_queries=2, num_database=10, code_length=8, num_labels=2,
+        single_label=True), algorithm="gpu")
 
 
 # ------------------------------------------------------------- hand-computed cases
