@@ -11,8 +11,8 @@ installed by requirements-test.txt) and, up to 200,000 items, the NumPy referenc
 timed on a subset of the queries and extrapolated linearly, agreeing to 1e-6).
 
 Run from the repository root:  python -m benchmarks.bench_evaluation
-      (--sizes=10000x50000,... to choose rows; --quick for a seconds-long smoke run
-      at 512 x 5,000).
+      (--sizes=10000x50000,... to choose rows, --algorithms=host,scan the forms;
+      --quick for a seconds-long smoke run at 512 x 5,000).
 With --per-pair it instead prints the CPU time per query-item pair of the ranking
 (one device, 256 queries against the same database) and of the formulations it was
 chosen over; docs/benchmarks.md holds the figures.
@@ -215,8 +215,8 @@ def distances_alone_seconds(query_codes, db_codes, *, db_chunk: int, repeats: in
 
 
 def benchmark_row(num_queries: int, num_database: int, *, num_bits: int, k: int,
-                  numpy_queries: int, query_chunk: int, db_chunk: int, repeats: int
-                  ) -> None:
+                  numpy_queries: int, query_chunk: int, db_chunk: int, repeats: int,
+                  algorithms: Sequence[str] = ranking.ALGORITHMS) -> None:
   """Times every metric by each form of the ranking pass, the distances alone, faiss
   and (below NUMPY_LIMIT items) the NumPy reference at one size, and prints the
   table; exits if the forms' bits or the reference disagree."""
@@ -228,7 +228,7 @@ def benchmark_row(num_queries: int, num_database: int, *, num_bits: int, k: int,
   chunks = {"query_chunk": query_chunk, "db_chunk": db_chunk}
   warm_up = slice(0, query_chunk * len(jax.local_devices()))  # same shapes: compile
   rows, results = [], {}
-  for algorithm in ranking.ALGORITHMS:
+  for algorithm in algorithms:
     every_metric = lambda queries, a=algorithm: ranking.retrieval_metrics_per_query(
         query_codes[queries], query_labels[queries], db_codes, db_labels, topk=(k,),
         topn=(), algorithm=a, **chunks)
@@ -242,15 +242,17 @@ def benchmark_row(num_queries: int, num_database: int, *, num_bits: int, k: int,
     else:
       note = "compiled loops on the host, every core"
     rows.append((f"psch_jax, every metric, algorithm={algorithm!r}", seconds, note))
-  first = results[ranking.ALGORITHMS[0]]
+  first = results[algorithms[0]]
   if any(first[key].tobytes() != results[a][key].tobytes()
-         for a in ranking.ALGORITHMS[1:] for key in first):
+         for a in algorithms[1:] for key in first):
     raise SystemExit("the forms of the ranking gave different bits")
   default = ranking.default_algorithm(sharding.make_mesh(jax.local_devices()))
+  if default not in results:
+    default = algorithms[0]
   ours = results[default]
   print(f"mAP@{k} = {ours[f'ap@{k}'].mean():.8f}, mAP@all = {ours['ap@all'].mean():.6f}, "
         f"tie-aware mAP@all = {ours['ap@all_tie_aware'].mean():.6f}; "
-        f"{', '.join(ranking.ALGORITHMS)} give the same bits", flush=True)
+        f"{', '.join(algorithms)} give the same bits", flush=True)
   rows.append(("distances alone (XOR + popcount, summed)", distances_alone_seconds(
       query_codes, db_codes, db_chunk=db_chunk, repeats=repeats), "the popcount limit"))
   faiss_seconds = faiss_search_seconds(query_codes, db_codes, k, repeats)
@@ -268,7 +270,7 @@ def benchmark_row(num_queries: int, num_database: int, *, num_bits: int, k: int,
                  numpy_seconds * num_queries / numpy_queries,
                  f"extrapolated from {numpy_queries} queries; |diff| {difference:.0e}"))
   reference_seconds = rows[0][1]
-  print(f"{'':<48s} {'seconds':>9s} {'/ ' + ranking.ALGORITHMS[0]:>8s}  note (best of "
+  print(f"{'':<48s} {'seconds':>9s} {'/ ' + algorithms[0]:>8s}  note (best of "
         f"{repeats})")
   for name, seconds, note in rows:
     if seconds is None:
@@ -282,7 +284,7 @@ def benchmark_row(num_queries: int, num_database: int, *, num_bits: int, k: int,
   if faiss_seconds is not None:
     goals.append(f"{default_seconds / faiss_seconds:.2f}x faiss's top-1000 search "
                  "(goal <= 0.5x)")
-  print(f"every metric, the default form ({default!r}): " + ", ".join(goals))
+  print(f"every metric, {default!r}: " + ", ".join(goals))
   print(f"load average at end {os.getloadavg()[0]:.1f}", flush=True)
 
 
@@ -290,6 +292,9 @@ def define_flags() -> None:
   """The benchmark's flags (the module docstring has the commands)."""
   flags.DEFINE_list("sizes", None, "QUERIESxITEMS rows to run, e.g. 10000x50000 "
                     "(default: the three of SIZES)")
+  flags.DEFINE_list("algorithms", list(ranking.ALGORITHMS), "forms of the ranking to "
+                    "time and compare bit for bit, e.g. host,scan (without the slow "
+                    "CPU sort)")
   flags.DEFINE_integer("num-bits", 64, "code length")
   flags.DEFINE_integer("numpy-queries", 500,
                        "queries timed for the NumPy loop (extrapolated linearly)")
@@ -315,6 +320,10 @@ def main(argv: Sequence[str]) -> None:
   query_chunk, db_chunk = FLAGS["query-chunk"].value, FLAGS["db-chunk"].value
   repeats, k = FLAGS.repeats, 1000
   sizes = [_parse_size(text) for text in FLAGS.sizes] if FLAGS.sizes else SIZES
+  unknown = [a for a in FLAGS.algorithms if a not in ranking.ALGORITHMS]
+  if unknown or not FLAGS.algorithms:
+    raise UserError(f"--algorithms={','.join(FLAGS.algorithms)}: name some of "
+                    f"{','.join(ranking.ALGORITHMS)}.")
   if FLAGS.quick:
     sizes, numpy_queries, repeats = [(512, 5_000)], 100, 1
     query_chunk = min(query_chunk, 64)
@@ -325,7 +334,8 @@ def main(argv: Sequence[str]) -> None:
   for num_queries, num_database in sizes:
     benchmark_row(num_queries, num_database, num_bits=num_bits, k=k,
                   numpy_queries=min(numpy_queries, num_queries),
-                  query_chunk=query_chunk, db_chunk=db_chunk, repeats=repeats)
+                  query_chunk=query_chunk, db_chunk=db_chunk, repeats=repeats,
+                  algorithms=FLAGS.algorithms)
 
 
 if __name__ == "__main__":

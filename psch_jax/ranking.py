@@ -494,10 +494,11 @@ def _host_statistics(query_packed: np.ndarray, query_labels: np.ndarray, db_code
   """Both passes on the host (`ranking_host`): the database is read, checked and
   packed `segment_size` items at a time, and ranked packed, whole."""
   num_database = db_codes.shape[0]
-  segments = [(_packed_codes(db_codes[start:start + segment_size], "db_codes",
-                             code_length=code_length),
-               _packed_labels(db_labels[start:start + segment_size], "db_labels"))
-              for start in range(0, num_database, segment_size)]
+  stops = {start: min(start + segment_size, num_database)
+           for start in range(0, num_database, segment_size)}
+  segments = [(_packed_codes(db_codes[start:stop], "db_codes", code_length=code_length),
+               _packed_labels(db_labels[start:stop], "db_labels"))
+              for start, stop in stops.items()]
   return ranking_host.statistics(
       query_packed, query_labels, np.concatenate([codes for codes, _ in segments]),
       np.concatenate([labels for _, labels in segments]), code_length=code_length,
