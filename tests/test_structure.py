@@ -37,16 +37,22 @@ def _is_command_line(name: str) -> bool:
 LIBRARY = sorted(n for n in _modules() if not _is_command_line(n))
 
 
-def test_no_library_module_loads_the_command_line():
-  code = ("import importlib, sys\n"
-          f"for name in {LIBRARY!r}:\n"
-          "  importlib.import_module(name)\n"
-          "print(sorted(m for m in sys.modules if m == 'psch_jax.cli' or "
-          "m.startswith('psch_jax.commands')))\n")
+def _python(code: str) -> str:
+  """Runs `code` in a fresh interpreter (nothing imported yet) from the repository
+  root; asserts it succeeded and returns its stdout."""
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.strip() == "[]", result.stdout
+  return result.stdout
+
+
+def test_no_library_module_loads_the_command_line():
+  output = _python("import importlib, sys\n"
+                   f"for name in {LIBRARY!r}:\n"
+                   "  importlib.import_module(name)\n"
+                   "print(sorted(m for m in sys.modules if m == 'psch_jax.cli' or "
+                   "m.startswith('psch_jax.commands')))\n")
+  assert output.strip() == "[]", output
 
 
 def _imports(path: str, package: str) -> set[str]:
@@ -96,20 +102,13 @@ def test_no_import_circle():
 
 def test_train_imports_without_the_command_line():
   # The acceptance line of issue 21, as a user would run it.
-  result = subprocess.run(
-      [sys.executable, "-c", "import psch_jax.train, sys; "
-       "assert 'psch_jax.cli' not in sys.modules"], cwd=ROOT, capture_output=True,
-      text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
+  _python("import psch_jax.train, sys; assert 'psch_jax.cli' not in sys.modules")
 
 
 def test_config_rules_load_without_jax():
   # A config that breaks a rule is refused before JAX's 1.5 s of imports.
-  result = subprocess.run(
-      [sys.executable, "-c", "import psch_jax.config_schema, sys; "
-       "assert 'jax' not in sys.modules, 'config_schema imports jax'"], cwd=ROOT,
-      capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
+  _python("import psch_jax.config_schema, sys; "
+          "assert 'jax' not in sys.modules, 'config_schema imports jax'")
 
 
 COMMAND_MODULES = sorted(
@@ -121,13 +120,10 @@ COMMAND_MODULES = sorted(
 def test_every_command_defines_its_flags_without_jax(command):
   # `--help` and flag errors answer before JAX's imports (the experiments command
   # lists its --methods from psch_jax.table_rows, not from psch_jax.experiments).
-  script = (f"import sys, psch_jax.commands.{command} as command; "
-            "command.define_flags(); "
-            "loaded = [m for m in ('jax', 'tensorflow') if m in sys.modules]; "
-            "assert not loaded, loaded")
-  result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
+  _python(f"import sys, psch_jax.commands.{command} as command; "
+          "command.define_flags(); "
+          "loaded = [m for m in ('jax', 'tensorflow') if m in sys.modules]; "
+          "assert not loaded, loaded")
 
 
 # ----------------------------------------------------------------- docs and code
