@@ -8,7 +8,8 @@
 #   3. the same :tiny run twice with train.deterministic on (the default) and twice
 #      with it off: are the codes bitwise equal within each pair?
 #   4. bench_evaluation (10,000 x 50,000 and NUS-WIDE's 2,100 x 193,734 at 64 bits:
-#      both forms of the ranking pass on the GPU; faiss only if installed there);
+#      the device forms of the ranking on the GPU, the host form on its CPU; faiss
+#      only if installed there);
 #   5. preset "modern" in the time left.
 # Writes $OUT/run.log, $OUT/util.csv (GPU utilisation every 0.5 s) and $OUT/work.tar.gz
 # (every log, and the small files of every work directory: metrics.jsonl holds each

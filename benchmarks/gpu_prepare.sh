@@ -22,6 +22,7 @@ pin312() {
 }
 want=("$(pin312 flax)" "$(pin312 optax)" "$(pin312 orbax-checkpoint)" "$(pin312 etils)"
       "$(pin312 ml-collections)" "$(pin312 tensorflow-datasets)" "$(pin312 array-record)"
+      "$(pin312 numba)" "$(pin312 llvmlite)"
       dm-tree immutabledict simple-parsing docstring-parser tensorflow-metadata
       googleapis-common-protos termcolor toml importlib-resources protobuf)
 if [ "${1:-}" = "--list" ]; then
