@@ -20,10 +20,10 @@ code 2, `errors.EXIT_BAD_INPUT`, never with a traceback. Whatever else `main` re
 is the exit code (`commands.reports` returns 1 when a metric disagrees).
 
 SIGINT (Ctrl-C) and SIGTERM stop a command with one line, after its cleanup has run
-(a checkpoint save in flight completes, `interrupts.deferred`; the lock is released): what the work
-directory keeps and how to resume; the exit code is 128 + the signal's number (130,
-143). A full disk (ENOSPC, EDQUOT) is an "error:" line naming the path, exit code 2:
-every file is written aside and renamed, so nothing is half-written.
+(a checkpoint save in flight completes, `interrupts.deferred`; the lock is released):
+what the work directory keeps and how to resume; the exit code is 128 + the signal's
+number (130, 143). A full disk (ENOSPC, EDQUOT) is an "error:" line naming the path,
+exit code 2: every file is written aside and renamed, so nothing is half-written.
 """
 from __future__ import annotations
 

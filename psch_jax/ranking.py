@@ -209,17 +209,31 @@ def _in_blocks(packed: np.ndarray, *, num_rows: int, block_size: int) -> np.ndar
   return padded.reshape(num_rows // block_size, block_size, -1)
 
 
+def _segments(num_database: int, segment_size: int) -> list[tuple[int, int]]:
+  """(start, stop) of the database segments, in index order."""
+  return [(start, min(start + segment_size, num_database))
+          for start in range(0, num_database, segment_size)]
+
+
+def _packed_segment(db_codes: Any, db_labels: Any, start: int, stop: int, *,
+                    code_length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Database items start..stop-1, read (from disk for a memmap), checked and packed:
+  uint32 (stop - start, W) codes and (stop - start, Wl) labels."""
+  return (_packed_codes(db_codes[start:stop], "db_codes", code_length=code_length),
+          _packed_labels(db_labels[start:stop], "db_labels"))
+
+
 def _database_blocks(db_codes: Any, db_labels: Any, start: int, stop: int, *,
                      num_rows: int, block_size: int, code_length: int
                      ) -> tuple[np.ndarray, np.ndarray]:
-  """Database items start..stop-1, read (from disk for a memmap), checked and packed.
+  """`_packed_segment` in blocks.
 
   Returns:
     uint32 (num_rows / block_size, block_size, W) codes and (..., Wl) labels, rows
     past stop - start zero (padding).
   """
-  codes = _packed_codes(db_codes[start:stop], "db_codes", code_length=code_length)
-  labels = _packed_labels(db_labels[start:stop], "db_labels")
+  codes, labels = _packed_segment(db_codes, db_labels, start, stop,
+                                  code_length=code_length)
   return (_in_blocks(codes, num_rows=num_rows, block_size=block_size),
           _in_blocks(labels, num_rows=num_rows, block_size=block_size))
 
@@ -262,9 +276,8 @@ def _sweep_segments(states: list, query_steps: list, update, read_segment, *,
   """
   replicated = sharding.replicated(mesh)
   in_flight = None
-  for start in range(0, num_database, segment_size):
-    segment = jax.device_put(
-        read_segment(start, min(start + segment_size, num_database)), replicated)
+  for start, stop in _segments(num_database, segment_size):
+    segment = jax.device_put(read_segment(start, stop), replicated)
     states = [update(state, query, segment, start)
               for state, query in zip(states, query_steps)]
     # Dispatch is asynchronous: wait for the previous segment's work, so the host
@@ -493,12 +506,8 @@ def _host_statistics(query_packed: np.ndarray, query_labels: np.ndarray, db_code
                      breakpoints: np.ndarray) -> tuple[np.ndarray, ...]:
   """Both passes on the host (`ranking_host`): the database is read, checked and
   packed `segment_size` items at a time, and ranked packed, whole."""
-  num_database = db_codes.shape[0]
-  stops = {start: min(start + segment_size, num_database)
-           for start in range(0, num_database, segment_size)}
-  segments = [(_packed_codes(db_codes[start:stop], "db_codes", code_length=code_length),
-               _packed_labels(db_labels[start:stop], "db_labels"))
-              for start, stop in stops.items()]
+  segments = [_packed_segment(db_codes, db_labels, start, stop, code_length=code_length)
+              for start, stop in _segments(db_codes.shape[0], segment_size)]
   return ranking_host.statistics(
       query_packed, query_labels, np.concatenate([codes for codes, _ in segments]),
       np.concatenate([labels for _, labels in segments]), code_length=code_length,
@@ -568,8 +577,9 @@ def retrieval_metrics_per_query(query_codes: Any, query_labels: Any, db_codes: A
     db_segment: at most this many database items are read, checked, packed and sent
       to the devices at a time (equal segments of whole `db_chunk` blocks). A
       database of at most this many items stays on the devices for all queries; a
-      larger one is read twice, segment by segment (once per pass), so memory does
-      not grow with ndb.
+      larger one is read twice, segment by segment (once per pass), so device memory
+      does not grow with ndb. The "host" form reads it once, segment by segment, and
+      ranks it packed (L / 8 bytes and the packed labels per item).
     code_length: L, needed only when query and database codes are both packed and
       L is not a multiple of 32 (default: 32 W).
     mesh: the devices that share the queries: this process's devices of `mesh` (a
