@@ -56,7 +56,7 @@ def _items(query_code, query_label, db_codes, db_labels, items):
     code, label = query_code[0], query_label[0]
     for i in range(db_codes.shape[0]):
       relevant = np.uint16((label & db_labels[i, 0]) != 0)
-      items[i] = np.uint16(_popcount(code ^ db_codes[i, 0])) | (relevant << 15)
+      items[i] = np.uint16(_popcount(code ^ db_codes[i, 0])) | (relevant << _RELEVANT_BIT)
     return
   for i in range(db_codes.shape[0]):
     distance = 0
